@@ -1,0 +1,1 @@
+"""distill: compress transformer models."""
