@@ -1,1 +1,49 @@
-"""distill: compress transformer models."""
+"""distill: compress transformer models.
+
+The Python API does everything the CLI does:
+
+    import distill
+    recipe = distill.load_recipe("recipes/minilm-rotten-tomatoes.yaml",
+                                 overrides=["stages.1.loss.alpha=0.7"])
+    report = distill.run_recipe(recipe, output="runs/alpha07")
+"""
+
+from __future__ import annotations
+
+from distill.errors import DistillError, RecipeError
+from distill.recipe import Recipe, load_recipe, recipe_from_dict
+
+__version__ = "0.1.0"
+
+
+def run_recipe(recipe: Recipe, output: str | None = None, force: bool = False,
+               console: object | None = None) -> dict:
+    """Run a validated recipe; see `distill.pipeline.run_recipe`."""
+    from distill.pipeline import run_recipe as _run
+
+    return _run(recipe, output=output, force=force, console=console)
+
+
+def __getattr__(name: str) -> object:
+    # Stage functions and helpers load lazily: `import distill` stays fast for the CLI.
+    lazy = {
+        "finetune": ("distill.stages.finetune", "run"),
+        "distill_student": ("distill.stages.distill", "run"),
+        "evaluate": ("distill.stages.evaluate", "run"),
+        "evaluate_saved_model": ("distill.stages.evaluate", "evaluate_saved_model"),
+        "describe_model": ("distill.inspection", "describe_model"),
+        "load_report": ("distill.report", "load_report"),
+        "print_report": ("distill.report", "print_report"),
+        "keep_layers": ("distill.shrinking", "keep_layers"),
+    }
+    if name in lazy:
+        import importlib
+
+        module, attr = lazy[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'distill' has no attribute {name!r}")
+
+
+__all__ = ["DistillError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
+           "run_recipe", "finetune", "distill_student", "evaluate", "evaluate_saved_model",
+           "describe_model", "load_report", "print_report", "keep_layers"]

@@ -1,0 +1,167 @@
+"""The `distill` command line: parse, call the library, print with rich.
+
+Every user error is printed in one or two lines and exits with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill.errors import DistillError
+
+app = typer.Typer(
+    name="distill", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Compress transformer models: distill a teacher into a smaller student, shrink it "
+         "from the teacher's weights, attach PEFT adapters; all from YAML recipes.")
+console = Console()
+err_console = Console(stderr=True)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn `DistillError` into a short message on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DistillError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (`minilm-rotten-tomatoes`)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml")))
+    raise DistillError(f"recipe not found: {recipe} (not a file, nor a shipped recipe: {shipped})")
+
+
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a recipe key: --set stages.1.loss.alpha=0.7 (repeatable).")]
+
+
+@app.command()
+@_user_errors
+def run(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
+        output: Annotated[Path | None, typer.Option(
+            "--output", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
+        overrides: SetOpt = None,
+        force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+        ) -> None:
+    """Run a recipe: every stage in order, then print the results table."""
+    from distill.pipeline import run_recipe
+    from distill.recipe import load_recipe
+    from distill.report import print_report
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    report = run_recipe(loaded, output=output, force=force, console=console)
+    print_report(report, console)
+
+
+@app.command()
+@_user_errors
+def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped name.")],
+             overrides: SetOpt = None) -> None:
+    """Check a recipe without running it; report every problem at once."""
+    from distill.recipe import load_recipe
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    kinds = " -> ".join(s.kind for s in loaded.stages)
+    console.print(f"[green]ok[/]: {loaded.name}: {kinds}")
+
+
+@app.command("recipes")
+@_user_errors
+def list_recipes() -> None:
+    """List the shipped recipes with one line each."""
+    from distill.recipe import read_yaml
+
+    table = Table("recipe", "stages", "description")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        data = read_yaml(path) or {}
+        kinds = " -> ".join(str(s.get("kind")) for s in data.get("stages", [])
+                            if isinstance(s, dict))
+        table.add_row(path.stem, kinds, str(data.get("description", "")).strip())
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def inspect(model: Annotated[str, typer.Argument(
+        help="builtin:NAME, a local HF directory or a hub id.")]) -> None:
+    """Show a model's layers, widths, parameters and size."""
+    from distill.inspection import describe_model
+
+    table = Table("property", "value", title=model)
+    for key, value in describe_model(model).items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+
+
+@app.command("eval")
+@_user_errors
+def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier directory.")],
+             data: Annotated[str, typer.Option(help="Dataset: builtin:NAME, file or folder.")]
+             = "builtin:rotten_tomatoes",
+             split: Annotated[str, typer.Option(help="test or validation.")] = "test",
+             text_column: str = "text", label_column: str = "label",
+             max_length: int = 128,
+             max_examples: Annotated[int | None, typer.Option(
+                 help="Evaluate on the first N examples only.")] = None,
+             latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
+             ) -> None:
+    """Evaluate a saved classifier on a dataset split: accuracy, F1, size, latency."""
+    from distill.recipe import DataConfig
+    from distill.stages.evaluate import evaluate_saved_model
+
+    if split not in ("test", "validation"):
+        raise DistillError(f"--split: {split!r} is not allowed; allowed: test, validation")
+    cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
+                     max_length=max_length, max_eval_examples=max_examples)
+    rec = evaluate_saved_model(model, cfg, split=split, latency=latency)
+    table = Table("metric", "value", title=f"{model} on {data} ({split})")
+    table.add_row(rec["metric"]["name"], f"{rec['metric']['value']:.4f}")
+    table.add_row("f1_macro", f"{rec['f1_macro']:.4f}")
+    table.add_row("params", f"{rec['params']:,}")
+    table.add_row("size_mb", f"{rec['size_mb']:.1f}")
+    for k, v in rec.get("latency_ms", {}).items():
+        table.add_row(f"latency {k} (ms)", f"{v:.1f}")
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Print a finished run's tables and re-render report.md and the plots."""
+    from distill.report import load_report, print_report, write_report
+
+    data = load_report(run_dir)
+    write_report(run_dir, data)
+    print_report(data, console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

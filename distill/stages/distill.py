@@ -1,0 +1,111 @@
+"""`distill`: a student from a subset of the teacher's layers, trained with soft-label KD.
+
+Loss (METHODS.md §1): `α·CE + (1−α)·T²·KL(teacher‖student)` plus optional hidden-state MSE,
+attention KL and cosine terms over a layer map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from distill import teacher_cache
+from distill.arch import num_layers
+from distill.context import RunContext, StageResult
+from distill.errors import DistillError
+from distill.losses import DistillationLoss, LossWeights, default_layer_map
+from distill.models import load_classifier, save_model
+from distill.recipe import DistillStage, StudentSpec
+from distill.shrinking import check_layers, evenly_spaced, keep_layers
+from distill.stages.finetune import validation_metric
+from distill.training import train_loop
+
+
+class DistillUnit(nn.Module):
+    """Student + loss (+ projections); the teacher is held outside the module tree so that it
+    is neither optimized nor wrapped by DDP."""
+
+    def __init__(self, student: nn.Module, loss: DistillationLoss, teacher: nn.Module,
+                 cached_logits: Tensor | None) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self._teacher = [teacher]  # a list hides it from nn.Module registration
+        self.cached_logits = cached_logits
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        want_hidden, want_attn = self.loss.needs_hidden, self.loss.needs_attentions
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        s_out = self.student(**inputs, output_hidden_states=want_hidden,
+                             output_attentions=want_attn)
+        t_out, t_logits = None, None
+        if self.cached_logits is not None:
+            t_logits = self.cached_logits[batch["idx"].cpu()].to(s_out.logits.device)
+        elif self.loss.needs_teacher_logits or want_hidden or want_attn:
+            with torch.no_grad():
+                t_out = self._teacher[0](**inputs, output_hidden_states=want_hidden,
+                                         output_attentions=want_attn)
+        return self.loss(s_out, t_out, batch["labels"], batch["attention_mask"], t_logits)
+
+
+def student_layers(spec: StudentSpec, teacher_layers: int) -> list[int]:
+    """The teacher layers the student keeps, checked against the teacher's depth."""
+    if spec.layers is not None:
+        check_layers(spec.layers, teacher_layers, "student.layers")
+        return list(spec.layers)
+    assert spec.num_layers is not None
+    return evenly_spaced(spec.num_layers, teacher_layers)
+
+
+def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
+    """Build the student from the teacher's layers and distill it; save it in HF format."""
+    teacher, _ = load_classifier(ctx.teacher_source, ctx.data.label_names,
+                                 ctx.recipe.teacher.trust_remote_code)
+    depth = num_layers(teacher)
+    layers = student_layers(cfg.student, depth)
+    layer_map = cfg.loss.layer_map or default_layer_map(len(layers), depth)
+    if len(layer_map) != len(layers) or any(not 0 <= j < depth for j in layer_map):
+        raise DistillError(f"loss.layer_map: {layer_map} must give one teacher layer "
+                           f"(0..{depth - 1}) for each of the {len(layers)} student layers")
+    weights = LossWeights(cfg.loss.alpha, cfg.loss.temperature, cfg.loss.hidden_mse,
+                          cfg.loss.attention_kl, cfg.loss.cosine)
+    if weights.attention_kl > 0:
+        # Fused attention kernels do not return attention maps.
+        teacher.set_attn_implementation("eager")
+    student = keep_layers(teacher, layers)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval().to(ctx.accelerator.device)
+
+    seed = ctx.stage_seed(cfg.seed)
+    loss = DistillationLoss(weights, layer_map, student.config.hidden_size,
+                            teacher.config.hidden_size)
+    cached = None
+    if cfg.cache_teacher and loss.needs_teacher_logits and not (
+            loss.needs_hidden or loss.needs_attentions):
+        train = ctx.tokenized("train")
+        key = teacher_cache.fingerprint(ctx.teacher_source, len(train),
+                                        ctx.recipe.data.max_length, train[0]["input_ids"])
+        cached = teacher_cache.load_or_compute(
+            stage_dir / "teacher_cache", key, teacher,
+            ctx.loader("train", cfg.eval_batch_size), len(train), ctx.accelerator.device,
+            write=ctx.is_main)
+    student.train()
+    result = train_loop(
+        DistillUnit(student, loss, teacher, cached),
+        ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed), cfg,
+        accelerator=ctx.accelerator, keep=student,
+        evaluate=lambda: validation_metric(ctx, student, cfg.eval_batch_size),
+        log_path=stage_dir / "log.jsonl", desc="distill", console=ctx.console)
+    out = stage_dir / "model"
+    if ctx.is_main:
+        save_model(ctx.accelerator.unwrap_model(student), ctx.tokenizer, out)
+    ctx.accelerator.wait_for_everyone()
+    return StageResult("done", out, {
+        "layers": layers, "layer_map": layer_map, "loss": vars(weights),
+        "teacher": ctx.teacher_source, "teacher_cache": cached is not None,
+        "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
+        "history": result.history, "seed": seed})

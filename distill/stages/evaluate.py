@@ -1,0 +1,116 @@
+"""`evaluate`: test metrics, size and CPU latency of every model of the run.
+
+Each model is reloaded from its saved directory (what a user would ship), evaluated on the
+chosen split, timed at batch 1 and 32 with full-length inputs, and compared to the teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from distill.context import ModelRef, RunContext, StageResult
+from distill.data import Split
+from distill.errors import DistillError
+from distill.metrics import classification_metrics, latency_ms
+from distill.models import count_params, dir_size_mb, resolve_model_path
+from distill.recipe import DataConfig, EvaluateStage
+
+
+def load_saved_classifier(path: str, trust_remote_code: bool = False) -> nn.Module:
+    """A saved sequence classifier, weights from safetensors only."""
+    resolved = resolve_model_path(path)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolved, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+    except OSError as exc:
+        raise DistillError(f"could not load {path} as a classifier: {exc}".splitlines()[0]
+                           ) from None
+
+
+def latency_inputs(tokenizer: PreTrainedTokenizerBase, split: Split, batch: int,
+                   max_length: int) -> dict[str, torch.Tensor]:
+    """`batch` real texts padded/truncated to `max_length` (the worst case the model serves)."""
+    texts = [split.texts[i % len(split.texts)] for i in range(batch)]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: str,
+                  batch_size: int, latency: bool, runs: int) -> dict:
+    """The DESIGN.md model-metrics record of one model (without retention)."""
+    params, non_emb = count_params(model)
+    scores = classification_metrics(model, ctx.loader(split, batch_size), ctx.num_labels)
+    record: dict = {
+        "params": params, "params_non_embedding": non_emb,
+        "size_mb": round(dir_size_mb(Path(resolve_model_path(model_dir))), 3),
+        "metric": {"name": "accuracy", "value": scores["accuracy"], "split": split},
+        "f1_macro": scores["f1_macro"],
+    }
+    if latency:
+        record["latency_ms"] = {}
+        for b in (1, 32):
+            inputs = latency_inputs(ctx.tokenizer, getattr(ctx.data, split), b,
+                                    ctx.recipe.data.max_length)
+            record["latency_ms"][f"batch{b}"] = round(latency_ms(model, **inputs, runs=runs), 3)
+    return record
+
+
+def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
+                    ) -> dict[str, dict]:
+    """Metrics of each model in `refs`, keyed by label; `retention` vs the "teacher" entry."""
+    results: dict[str, dict] = {}
+    for ref in refs:
+        ctx.console.print(f"  evaluating {ref.label} ({ref.path}) on {cfg.split}")
+        model = load_saved_classifier(ref.path, ctx.recipe.teacher.trust_remote_code)
+        results[ref.label] = model_metrics(model, ref.path, ctx=ctx, split=cfg.split,
+                                           batch_size=cfg.batch_size, latency=cfg.latency,
+                                           runs=cfg.latency_runs)
+    base = results.get("teacher", {}).get("metric", {}).get("value")
+    for rec in results.values():
+        value = rec["metric"]["value"]
+        rec["retention"] = value / base if base else None
+    return results
+
+
+def run(ctx: RunContext, cfg: EvaluateStage, stage_dir: Path) -> StageResult:
+    """Evaluate the teacher and every model the run has made so far."""
+    refs = [ModelRef("teacher", ctx.teacher_source)] + ctx.models
+    return StageResult("done", None, {"split": cfg.split,
+                                      "models": evaluate_models(ctx, refs, cfg)})
+
+
+def check_label_names(model: nn.Module, label_names: list[str], model_path: str) -> None:
+    """The model's head must fit the data's labels (same count; same names when named)."""
+    id2label = getattr(model.config, "id2label", {}) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if len(names) != len(label_names):
+        raise DistillError(f"{model_path} predicts {len(names)} labels {names} but the data "
+                           f"has {len(label_names)}: {label_names}")
+    generic = all(n.startswith("LABEL_") for n in names)
+    if not generic and names != label_names:
+        raise DistillError(f"{model_path} was trained for labels {names}, the data has "
+                           f"{label_names}")
+
+
+def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "test",
+                         latency: bool = True, batch_size: int = 64, runs: int = 10) -> dict:
+    """Evaluate one saved classifier on a dataset, outside any recipe (`distill eval`)."""
+    from distill.data import load_task_data
+    from distill.models import load_tokenizer
+    from distill.recipe import ModelSpec, Recipe
+    from distill.training import make_accelerator
+
+    data = load_task_data(data_cfg)
+    model = load_saved_classifier(model_path)
+    check_label_names(model, data.label_names, model_path)
+    ctx = RunContext(recipe=Recipe(name="eval", teacher=ModelSpec(model=model_path),
+                                   data=data_cfg),
+                     run_dir=Path("."), data=data, tokenizer=load_tokenizer(model_path),
+                     accelerator=make_accelerator(), teacher_source=model_path)
+    return model_metrics(model, model_path, ctx=ctx, split=split, batch_size=batch_size,
+                         latency=latency, runs=runs)

@@ -1,0 +1,61 @@
+"""`finetune`: full fine-tuning of the teacher on the task (hard labels only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from distill.context import RunContext, StageResult
+from distill.losses import hard_ce_loss
+from distill.metrics import classification_metrics
+from distill.models import load_classifier, save_model
+from distill.recipe import FinetuneStage
+from distill.training import train_loop
+
+
+class SupervisedUnit(nn.Module):
+    """Cross-entropy on the hard labels: `forward(batch) -> (loss, parts)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = hard_ce_loss(out.logits, batch["labels"])
+        return loss, {"loss_ce": float(loss.detach())}
+
+
+def validation_metric(ctx: RunContext, model: nn.Module, batch_size: int) -> float:
+    """Validation accuracy of `model` (used to keep the best epoch)."""
+    loader = ctx.loader("validation", batch_size)
+    device = ctx.accelerator.device
+    return classification_metrics(ctx.accelerator.unwrap_model(model), loader, ctx.num_labels,
+                                   device)["accuracy"]
+
+
+def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
+    """Tune the current teacher on the task; it becomes the teacher of later stages."""
+    model, head_trained = load_classifier(ctx.teacher_source, ctx.data.label_names,
+                                          ctx.recipe.teacher.trust_remote_code)
+    if head_trained and cfg.skip_if_tuned:
+        ctx.console.print(f"  finetune skipped: {ctx.teacher_source} already has a trained "
+                          f"head for {ctx.data.label_names}")
+        return StageResult("skipped", metrics={"reason": "teacher already tuned"})
+    seed = ctx.stage_seed(cfg.seed)
+    model.train()
+    result = train_loop(
+        SupervisedUnit(model), ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed),
+        cfg, accelerator=ctx.accelerator, keep=model,
+        evaluate=lambda: validation_metric(ctx, model, cfg.eval_batch_size),
+        log_path=stage_dir / "log.jsonl", desc="finetune", console=ctx.console)
+    out = stage_dir / "model"
+    if ctx.is_main:
+        save_model(ctx.accelerator.unwrap_model(model), ctx.tokenizer, out)
+    ctx.accelerator.wait_for_everyone()
+    ctx.teacher_source = str(out)
+    return StageResult("done", out, {
+        "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
+        "history": result.history, "seed": seed})
