@@ -21,8 +21,9 @@ app = typer.Typer(
     name="distill", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Compress transformer models: distill a teacher into a smaller student, shrink it "
          "from the teacher's weights, attach PEFT adapters; all from YAML recipes.")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| tee`) gets a wide console so the tables are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

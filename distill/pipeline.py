@@ -28,6 +28,14 @@ from distill.training import make_accelerator
 _RUN_MARKERS = ("recipe.yaml", "report.json", "stages")
 
 
+def quiet_transformers() -> None:
+    """Our own progress and tables say what happens; silence per-file load/save chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def stage_dir_name(index: int, kind: str) -> str:
     return f"{index:02d}-{kind}"
 
@@ -71,6 +79,8 @@ def static_metrics(path: str) -> dict:
 def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]) -> None:
     """Put each model's metrics into `teacher`, the stage records and `final`."""
     def metrics_for(label: str, path: str) -> dict:
+        if path == ctx.teacher_source and "teacher" in evaluated:
+            label = "teacher"  # the tuned teacher was evaluated once, under that name
         return evaluated.get(label) or static_metrics(path)
 
     report["teacher"] = metrics_for("teacher", ctx.teacher_source)
@@ -92,6 +102,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         force: replace an existing run directory.
     """
     console = console or Console()
+    quiet_transformers()
     run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
     accelerator = make_accelerator()
     main = accelerator.is_main_process

@@ -241,6 +241,12 @@ class _Converter:
             return self.dataclass(value, tp, path)
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if tp is float and isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `2e-5` as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if tp is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if tp in (bool, str) and isinstance(value, tp):

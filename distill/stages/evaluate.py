@@ -79,7 +79,9 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
 
 def run(ctx: RunContext, cfg: EvaluateStage, stage_dir: Path) -> StageResult:
     """Evaluate the teacher and every model the run has made so far."""
-    refs = [ModelRef("teacher", ctx.teacher_source)] + ctx.models
+    # The finetune stage's model *is* the teacher: evaluate it once, as "teacher".
+    refs = [ModelRef("teacher", ctx.teacher_source)] + [
+        m for m in ctx.models if m.path != ctx.teacher_source]
     return StageResult("done", None, {"split": cfg.split,
                                       "models": evaluate_models(ctx, refs, cfg)})
 

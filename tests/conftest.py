@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random BERT with its own tokenizer, and a tiny separable dataset.
+
+Nothing here downloads anything: the vocabulary is written to disk and the model is built
+from a config with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = "good great fine superb lovely brilliant charming moving funny smart".split()
+NEGATIVE = "bad awful dull boring weak messy tedious clumsy flat lame".split()
+NEUTRAL = "the film movie story plot actor scene script is was a an and of it".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tiny_bert(path: Path, layers: int = 4, hidden: int = 32, heads: int = 4,
+                    seed: int = 0) -> Path:
+    """A random BERT encoder (no head) + WordPiece tokenizer saved in HF format."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    words = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(words),
+                        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_tiny_dataset(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """A csv of short 'reviews' whose label follows the majority of sentiment words."""
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        main, other = (POSITIVE, NEGATIVE) if label == "pos" else (NEGATIVE, POSITIVE)
+        words = rng.sample(NEUTRAL, 4) + rng.sample(main, 2) + rng.sample(other, 1)
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny-data") / "reviews.csv")
+
+
+def tiny_recipe(model: Path, data: Path, **overrides: object) -> dict:
+    """A complete recipe for the tiny model and data: finetune -> distill -> evaluate."""
+    recipe = {
+        "name": "tiny",
+        "seed": 0,
+        "teacher": {"model": str(model)},
+        "data": {"dataset": str(data), "max_length": 16},
+        "stages": [
+            {"kind": "finetune", "epochs": 10, "batch_size": 16, "learning_rate": 2e-3,
+             "log_every": 2},
+            {"kind": "distill", "epochs": 6, "batch_size": 16, "learning_rate": 1e-3,
+             "log_every": 2, "student": {"layers": [0, 2]},
+             "loss": {"alpha": 0.5, "temperature": 2.0, "hidden_mse": 1.0}},
+            {"kind": "evaluate", "latency_runs": 2},
+        ],
+    }
+    recipe.update(overrides)
+    return recipe
