@@ -1,0 +1,83 @@
+"""CLI behaviour: help, listing, inspection, and user errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from distill.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "validate", "recipes", "inspect", "eval", "report"):
+        assert command in result.output
+
+
+def test_recipes_lists_the_shipped_ones() -> None:
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0 and "minilm-rotten-tomatoes" in result.output
+
+
+def test_validate_shipped_recipe_by_name() -> None:
+    result = runner.invoke(app, ["validate", "minilm-rotten-tomatoes"])
+    assert result.exit_code == 0 and "finetune -> distill -> evaluate" in result.output
+
+
+def test_inspect_tiny_model(tiny_bert: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(tiny_bert)])
+    assert result.exit_code == 0, result.output
+    assert "num_hidden_layers" not in result.output and "layers" in result.output
+    assert "bert" in result.output
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_bad_recipe_exit_2_all_problems_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "stages": [
+        {"kind": "distill", "loss": {"alpah": 0.5, "temperature": -1}}]}))
+    out = run_cli("validate", str(bad))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "stages.0.loss.alpah: unknown key; did you mean `alpha`?" in out.stderr
+    assert "stages.0.loss.temperature: -1.0 is out of range" in out.stderr
+
+
+def test_user_errors_exit_2_without_traceback(tiny_bert: Path, tiny_csv: Path,
+                                              tmp_path: Path) -> None:
+    cases = {
+        "missing data file": ({"data": {"dataset": str(tmp_path / "nope.csv")}}, "nope.csv"),
+        "missing column": ({"data": {"dataset": str(tiny_csv), "text_column": "review"}},
+                           "review"),
+        "missing model": ({"teacher": {"model": str(tmp_path / "no-model")}}, "not found"),
+        "layer out of range": ({"stages": [{"kind": "distill", "student": {"layers": [0, 9]}}]},
+                               "out of range; the teacher has 4 layers"),
+    }
+    for name, (patch, needle) in cases.items():
+        recipe = tiny_recipe(tiny_bert, tiny_csv)
+        for key, value in patch.items():
+            recipe[key] = recipe[key] | value if isinstance(value, dict) else value
+        path = tmp_path / f"{name.replace(' ', '-')}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        out = run_cli("run", str(path), "--output", str(tmp_path / "runs" / path.stem))
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, (name, out.stderr[-2000:])
+        assert needle in out.stderr, (name, out.stderr)
+        assert len(out.stderr.strip().splitlines()) <= 3, (name, out.stderr)
+
+
+def test_unknown_recipe_name() -> None:
+    result = runner.invoke(app, ["run", "no-such-recipe"])
+    assert result.exit_code == 2 and "recipe not found" in result.output
