@@ -128,11 +128,18 @@ def _models(report: dict) -> list[tuple[str, dict, dict]]:
     end, so a run that failed midway would otherwise show a teacher row of dashes only.
     """
     rows = []
-    if _dict(report.get("teacher")):
+    teacher = _dict(report.get("teacher"))
+    if teacher:
         rows.append(("teacher", report["teacher"], {}))
     for stage in _stages(report):
-        if _dict(stage.get("model")):
-            rows.append((_stage_label(stage), stage["model"], stage))
+        model = _dict(stage.get("model"))
+        if not model:
+            continue
+        if model == teacher:
+            # A finetune stage's model *is* the teacher: one row, labelled as both.
+            rows[0] = (f"teacher ({_stage_label(stage)})", report["teacher"], stage)
+            continue
+        rows.append((_stage_label(stage), stage["model"], stage))
     return rows
 
 
@@ -395,7 +402,7 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
     # A faint line in pipeline order shows the path the compression took.
     ax.plot([p[1] for p in points], [p[2] for p in points], color="0.75", lw=1, ls=":", zorder=1)
     for label, x, y in points:
-        teacher = label == "teacher"
+        teacher = label.startswith("teacher")
         ax.scatter([x], [y], s=90 if teacher else 50, marker="*" if teacher else "o",
                    color="C3" if teacher else "C0", zorder=2)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize="small")

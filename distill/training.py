@@ -10,7 +10,6 @@ and one JSON line per logged step in `log.jsonl`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -178,9 +177,3 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     return result
 
 
-def copy_frozen(model: nn.Module) -> nn.Module:
-    """A frozen eval-mode copy (for teachers that must not change)."""
-    clone = copy.deepcopy(model).eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    return clone

@@ -246,3 +246,13 @@ def test_failed_run_with_empty_teacher_has_no_model_rows(tmp_path: Path) -> None
     assert _row(md, "0") == ["0", "distill", "failed", "3.2", "—"]
     assert "![Training loss 00-distill](loss_00-distill.png)" in md
     assert "tradeoff.png" not in md and not (tmp_path / "tradeoff.png").exists()
+
+
+def test_finetune_stage_model_is_the_teacher_row() -> None:
+    teacher = _model(22_713_986, 0.82)
+    data = {"recipe": "r", "teacher": teacher, "final": teacher,
+            "stages": [{"index": 0, "kind": "finetune", "status": "done", "seconds": 1.0,
+                        "model": dict(teacher), "artifact": "stages/00-finetune/model"}]}
+    markdown = render_markdown(data)
+    assert _row(markdown, "teacher (00-finetune)")
+    assert "| 00-finetune |" not in markdown
