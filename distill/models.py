@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from distill.errors import DistillError
 
@@ -59,6 +59,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise _hub_error(name, exc) from None
 
 
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A model's config alone (cheap: no weights)."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name),
+                                          trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+
+
+def config_num_layers(config: PretrainedConfig) -> int | None:
+    """Number of transformer blocks according to the config (None if it does not say)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False
                     ) -> tuple[PreTrainedModel, bool]:
     """A sequence classifier with a head for `label_names`.
@@ -72,10 +90,7 @@ def load_classifier(name: str, label_names: list[str], trust_remote_code: bool =
     path = resolve_model_path(name)
     id2label = dict(enumerate(label_names))
     label2id = {v: k for k, v in id2label.items()}
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise _hub_error(name, exc) from None
+    config = load_config(name, trust_remote_code)
     old = getattr(config, "id2label", None) or {}
     same_labels = [old.get(i, old.get(str(i))) for i in range(len(old))] == label_names
     config.num_labels = len(label_names)

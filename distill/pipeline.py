@@ -19,7 +19,8 @@ from rich.console import Console
 from distill.context import ModelRef, RunContext, StageResult
 from distill.data import load_task_data
 from distill.errors import DistillError
-from distill.models import count_params, dir_size_mb, load_tokenizer, resolve_model_path
+from distill.models import (config_num_layers, count_params, dir_size_mb, load_config,
+                            load_tokenizer, resolve_model_path)
 from distill.recipe import Recipe, dump_recipe
 from distill.report import write_report
 from distill.stages import RUNNERS
@@ -92,6 +93,17 @@ def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]
     report["final"] = last
 
 
+def preflight(recipe: Recipe) -> None:
+    """Checks that need the teacher's config (layer indices, layer maps), before any work."""
+    from distill.stages.distill import plan_layers
+
+    config = load_config(recipe.teacher.model, recipe.teacher.trust_remote_code)
+    depth = config_num_layers(config)
+    for index, stage in enumerate(recipe.stages):
+        if stage.kind == "distill" and depth is not None:
+            plan_layers(stage, depth, f"stages.{index}")
+
+
 def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = False,
                console: Console | None = None) -> dict:
     """Run every stage of `recipe`; return the report (also written to the run folder).
@@ -109,6 +121,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
     # Everything that can be checked before hours of training is checked first.
     data = load_task_data(recipe.data)
     tokenizer = load_tokenizer(recipe.teacher.model, recipe.teacher.trust_remote_code)
+    preflight(recipe)
     if main:
         prepare_run_dir(run_dir, force)
         dump_recipe(recipe, run_dir / "recipe.yaml")

@@ -76,6 +76,8 @@ def test_user_errors_exit_2_without_traceback(tiny_bert: Path, tiny_csv: Path,
         assert "Traceback" not in out.stderr, (name, out.stderr[-2000:])
         assert needle in out.stderr, (name, out.stderr)
         assert len(out.stderr.strip().splitlines()) <= 3, (name, out.stderr)
+        # every one of these is caught before any work: no run directory is created
+        assert not (tmp_path / "runs" / path.stem).exists(), name
 
 
 def test_unknown_recipe_name() -> None:

@@ -59,16 +59,31 @@ def student_layers(spec: StudentSpec, teacher_layers: int) -> list[int]:
     return evenly_spaced(spec.num_layers, teacher_layers)
 
 
+def plan_layers(cfg: DistillStage, depth: int, key: str = "") -> tuple[list[int], list[int]]:
+    """(kept teacher layers, layer map) for a teacher of `depth` layers, or a clear error.
+
+    Called by the pipeline before any training, from the teacher's config alone, so a bad
+    index fails in seconds rather than after the teacher has been tuned.
+    """
+    prefix = f"{key}." if key else ""
+    try:
+        layers = student_layers(cfg.student, depth)
+    except DistillError as exc:
+        raise DistillError(f"{prefix}student.{exc}".replace("student.student.", "student.")
+                           ) from None
+    layer_map = cfg.loss.layer_map or default_layer_map(len(layers), depth)
+    if len(layer_map) != len(layers) or any(not 0 <= j < depth for j in layer_map):
+        raise DistillError(f"{prefix}loss.layer_map: {layer_map} must give one teacher layer "
+                           f"(0..{depth - 1}) for each of the {len(layers)} student layers")
+    return layers, layer_map
+
+
 def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
     """Build the student from the teacher's layers and distill it; save it in HF format."""
     teacher, _ = load_classifier(ctx.teacher_source, ctx.data.label_names,
                                  ctx.recipe.teacher.trust_remote_code)
     depth = num_layers(teacher)
-    layers = student_layers(cfg.student, depth)
-    layer_map = cfg.loss.layer_map or default_layer_map(len(layers), depth)
-    if len(layer_map) != len(layers) or any(not 0 <= j < depth for j in layer_map):
-        raise DistillError(f"loss.layer_map: {layer_map} must give one teacher layer "
-                           f"(0..{depth - 1}) for each of the {len(layers)} student layers")
+    layers, layer_map = plan_layers(cfg, depth)
     weights = LossWeights(cfg.loss.alpha, cfg.loss.temperature, cfg.loss.hidden_mse,
                           cfg.loss.attention_kl, cfg.loss.cosine)
     if weights.attention_kl > 0:

@@ -1,0 +1,349 @@
+"""Architecture map and depth cuts for every supported family, on tiny random models.
+
+Each family is built from its config (3–4 layers, hidden 32, vocab 100) with its usual head;
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification, BertConfig,
+                          BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, ElectraConfig,
+                          ElectraForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, RobertaConfig,
+                          RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration,
+                          XLMRobertaConfig, XLMRobertaForSequenceClassification)
+
+from distill.arch import (arch_info, dims, embeddings_tied, find, head_modules, mlp_names,
+                          num_layers, present_stacks, stack_depths, supported_families)
+from distill.errors import DistillError
+from distill.shrinking import keep_layers
+
+VOCAB, HIDDEN, DEPTH = 100, 32, 4
+ENC = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+           intermediate_size=64, max_position_embeddings=64, num_labels=3)
+DEC = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+           bos_token_id=0, eos_token_id=1, pad_token_id=0)
+
+BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
+    "bert": lambda: BertForSequenceClassification(BertConfig(**ENC)),
+    "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(**ENC, pad_token_id=1)),
+    "xlm-roberta": lambda: XLMRobertaForSequenceClassification(
+        XLMRobertaConfig(**ENC, pad_token_id=1)),
+    # embedding_size != hidden_size, so ELECTRA's embeddings_project exists
+    "electra": lambda: ElectraForSequenceClassification(ElectraConfig(**ENC, embedding_size=16)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=DEPTH,
+                                               n_head=4, n_positions=64, bos_token_id=0,
+                                               eos_token_id=1)),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**DEC, tie_word_embeddings=True)),
+    # layers 2, 3 slide over a window of 4 tokens: layer_types is mixed
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DEC, use_sliding_window=True,
+                                                  sliding_window=4, max_window_layers=2)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**DEC, sliding_window=4)),
+    "t5": lambda: T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=DEPTH, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+}
+ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral")
+AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
+        "xlm-roberta": AutoModelForSequenceClassification,
+        "electra": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM,
+        "llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM,
+        "mistral": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
+
+
+def build(family: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return BUILDERS[family]().eval()
+
+
+@pytest.fixture(scope="module")
+def teachers() -> dict[str, PreTrainedModel]:
+    return {family: build(family) for family in BUILDERS}
+
+
+def inputs(family: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=g)
+    if family in DECODERS:
+        return {"input_ids": ids}
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # one padded row: the attention mask must survive the cut too
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        batch["decoder_input_ids"] = torch.randint(2, VOCAB, (2, 5), generator=g)
+    return batch
+
+
+@torch.no_grad()
+def logits(model: nn.Module, family: str) -> torch.Tensor:
+    return model(**inputs(family), use_cache=False).logits
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, use_cache: bool = True):
+    prompt = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    # 9 new tokens: longer than the sliding window (4), so the sliding cache layers wrap
+    return model.generate(prompt, max_new_tokens=9, min_new_tokens=9, do_sample=False,
+                          use_cache=use_cache, pad_token_id=0, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+def params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def stacks(model: nn.Module) -> list[nn.ModuleList]:
+    return [blocks for _, blocks in present_stacks(model)]
+
+
+def relative_table(block: nn.Module) -> nn.Embedding | None:
+    return find(block, "layer.0.SelfAttention.relative_attention_bias")
+
+
+# --- the map -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_every_name_in_the_map_exists(teachers, family: str) -> None:
+    model = teachers[family]
+    info = arch_info(model)
+    assert info.family == family and family in supported_families()
+    base = model.base_model
+    emb = info.embeddings
+    for path in (emb.token, emb.position, emb.token_type, emb.norm, emb.projection):
+        if path is not None:
+            assert find(base, path) is not None, path
+    assert head_modules(model), "no head found"
+    if info.lm_head and family in DECODERS + ("t5",):
+        assert find(model, info.lm_head).weight.shape == (VOCAB, HIDDEN)
+    for stack, blocks in present_stacks(model):
+        assert len(blocks) == DEPTH
+        if stack.final_norm:
+            assert find(base, stack.final_norm) is not None
+        block = blocks[0]
+        attn = stack.attention
+        for name in (attn.module, attn.q, attn.k, attn.v, attn.o, attn.fused):
+            if name is not None:
+                assert find(block, name) is not None, (stack.name, name)
+        assert isinstance(find(block, attn.module).layer_idx, int)
+        if stack.cross_attention is not None and find(block, stack.cross_attention.module):
+            assert stack.name == "decoder"  # enabled only in T5's decoder among these configs
+        mlp = mlp_names(stack, block)
+        for name in (mlp.up, mlp.down, mlp.gate):
+            if name is not None:
+                assert find(block, name) is not None, name
+        assert sum(find(block, n) is not None for n in stack.norms) >= 2
+    d = dims(model)
+    assert d.hidden_size == HIDDEN and d.num_heads == 4
+    assert d.num_kv_heads == (2 if family in ("llama", "qwen2", "mistral") else 4)
+    assert d.head_dim == 8 and d.intermediate_size == (4 * HIDDEN if family == "gpt2" else 64)
+
+
+def test_fused_conv1d_and_gated_layouts(teachers) -> None:
+    gpt2 = teachers["gpt2"]
+    stack, blocks = present_stacks(gpt2)[0]
+    # Conv1D stores (in, out): Q, K, V are stacked along the *last* axis.
+    assert find(blocks[0], stack.attention.fused).weight.shape == (HIDDEN, 3 * HIDDEN)
+    assert stack.attention.conv1d and stack.attention.fused_parts == "qkv"
+    llama = teachers["llama"]
+    stack, blocks = present_stacks(llama)[0]
+    assert find(blocks[0], stack.attention.k).weight.shape == (2 * 8, HIDDEN)  # 2 KV heads
+    assert mlp_names(stack, blocks[0]).gate == "mlp.gate_proj"
+    torch.manual_seed(0)
+    gated = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8,
+                                                d_ff=64, num_layers=2, num_heads=4,
+                                                feed_forward_proj="gated-gelu"))
+    stack, blocks = present_stacks(gated)[1]
+    assert mlp_names(stack, blocks[0]).gate == "layer.2.DenseReluDense.wi_0"
+    assert embeddings_tied(llama) and embeddings_tied(gpt2)
+    assert not embeddings_tied(teachers["qwen2"]) and not embeddings_tied(teachers["bert"])
+    assert stack_depths(gated) == {"encoder": 2, "decoder": 2} and num_layers(gated) == 2
+
+
+def test_unsupported_architecture_is_a_clear_error() -> None:
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=64))
+    with pytest.raises(DistillError, match=r"'distilbert' is not supported.*supported: bert, "
+                                           r"electra, gpt2, llama, mistral, qwen2, roberta, t5, "
+                                           r"xlm-roberta"):
+        keep_layers(model, [0])
+    with pytest.raises(DistillError, match="not supported"):
+        num_layers(model)
+
+
+# --- depth cuts --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_keeping_all_layers_reproduces_the_teacher(teachers, family: str) -> None:
+    teacher = teachers[family]
+    student = keep_layers(teacher, list(range(DEPTH))).eval()
+    torch.testing.assert_close(logits(student, family), logits(teacher, family), rtol=0, atol=0)
+    if family not in ENCODERS:
+        expected, got = generate(teacher), generate(student)
+        assert torch.equal(got.sequences, expected.sequences)
+        torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS + ("t5",))
+def test_generate_with_kv_cache_after_a_cut(teachers, family: str) -> None:
+    student = keep_layers(teachers[family], [0, 3]).eval()
+    for stack, blocks in present_stacks(student):
+        assert [find(b, stack.attention.module).layer_idx for b in blocks] == [0, 1]
+    cached, uncached = generate(student, use_cache=True), generate(student, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-5, atol=1e-5)
+
+
+CUTS = {"t5": ([1, 3], [0, 2])}  # encoder drops block 0 (moves the table), decoder keeps it
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_cut_saves_and_reloads_with_plain_transformers(teachers, family: str,
+                                                       tmp_path: Path) -> None:
+    layers, decoder_layers = CUTS.get(family, ([1, 3], None))
+    student = keep_layers(teachers[family], layers, decoder_layers).eval()
+    student.save_pretrained(tmp_path)
+    again, info = AUTO[family].from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    torch.testing.assert_close(logits(again.eval(), family), logits(student, family),
+                               rtol=0, atol=0)
+    assert stack_depths(again) == stack_depths(student)
+    assert again.config.num_hidden_layers == 2
+    if family == "t5":
+        assert (again.config.num_layers, again.config.num_decoder_layers) == (2, 2)
+    if family == "llama":
+        assert embeddings_tied(again)
+    if family == "qwen2":  # teacher: [full, full, sliding, sliding]
+        assert again.config.layer_types == ["full_attention", "sliding_attention"]
+        assert again.config.max_window_layers == 1
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_params_drop_by_the_removed_blocks_and_kept_blocks_are_copies(teachers,
+                                                                      family: str) -> None:
+    teacher = teachers[family]
+    picks = [[1, 3], [0, 2]] if family == "t5" else [[1, 3]]
+    student = keep_layers(teacher, *picks)
+    removed = 0
+    for t_blocks, s_blocks, pick in zip(stacks(teacher), stacks(student), picks):
+        removed += sum(params(t_blocks[i]) for i in range(DEPTH) if i not in pick)
+        if family == "t5" and 0 not in pick:
+            # Block 0's relative-position table is the stack's, not the block's: it moves to
+            # the new first block instead of leaving with block 0.
+            removed -= relative_table(t_blocks[0]).weight.numel()
+        for position, i in enumerate(pick):
+            expected = dict(t_blocks[i].named_parameters())
+            if family == "t5":
+                expected.pop("layer.0.SelfAttention.relative_attention_bias.weight", None)
+                if position == 0:
+                    expected["layer.0.SelfAttention.relative_attention_bias.weight"] = (
+                        relative_table(t_blocks[0]).weight)
+            got = dict(s_blocks[position].named_parameters())
+            assert got.keys() == expected.keys()
+            for name, p in got.items():
+                assert torch.equal(p, expected[name]), name
+                assert p.data_ptr() != expected[name].data_ptr()  # copied, not shared
+    assert params(teacher) - params(student) == removed > 0
+    assert params(teacher) == sum(p.numel() for p in teacher.parameters())  # teacher untouched
+
+
+def test_t5_without_block_0_equals_the_teacher_skipping_block_0(teachers) -> None:
+    """Expected: the teacher run with block 0 of each stack skipped, i.e. its residual updates
+    not applied, while it still computes the relative-position bias that every later block
+    reads. That is what dropping a block means for the blocks that remain (they see exactly the
+    positions they were trained with). The student must match it bit for bit."""
+
+    class SkipBlock(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden_states, *args, **kwargs):
+            _, bias, cross_bias = self.block(hidden_states, *args, **kwargs)
+            return hidden_states, bias, cross_bias
+
+    teacher = teachers["t5"]
+    reference = copy.deepcopy(teacher)
+    for stack in (reference.encoder, reference.decoder):
+        stack.block[0] = SkipBlock(stack.block[0])
+    student = keep_layers(teacher, [1, 2, 3]).eval()
+    expected = logits(reference, "t5")
+    torch.testing.assert_close(logits(student, "t5"), expected, rtol=0, atol=0)
+    for blocks in stacks(student):
+        assert relative_table(blocks[0]) is not None
+        assert all(relative_table(b) is None for b in blocks[1:])
+    # Control: without the table the cut stack has no position information at all.
+    naive = copy.deepcopy(student)
+    for blocks in stacks(naive):
+        attention = find(blocks[0], "layer.0.SelfAttention")
+        del attention.relative_attention_bias
+        attention.has_relative_attention_bias = False
+    assert not torch.allclose(logits(naive, "t5"), expected, atol=1e-3)
+
+
+def test_t5_reordered_blocks_keep_one_table_in_front(teachers) -> None:
+    teacher = teachers["t5"]
+    student = keep_layers(teacher, [2, 0])
+    encoder = student.encoder.block
+    assert relative_table(encoder[1]) is None
+    assert torch.equal(relative_table(encoder[0]).weight,
+                       relative_table(teacher.encoder.block[0]).weight)
+
+
+def test_t5_with_unequal_stacks_needs_decoder_layers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=3,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    with pytest.raises(DistillError, match="decoder_layers: required.*encoder has 4 layers and "
+                                           r"the decoder 3; allowed indices 0\.\.2"):
+        keep_layers(teacher, [0, 2])
+    with pytest.raises(DistillError, match=r"decoder_layers: \[3\] out of range"):
+        keep_layers(teacher, [0, 2], decoder_layers=[3])
+    student = keep_layers(teacher, [0, 3], decoder_layers=[2]).eval()
+    assert stack_depths(student) == {"encoder": 2, "decoder": 1}
+    assert student.decoder.config.num_layers == 1 and student.encoder.config.num_layers == 2
+    cached, uncached = generate(student, True), generate(student, False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    student.save_pretrained(tmp_path)
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert (again.config.num_layers, again.config.num_decoder_layers) == (2, 1)
+    torch.testing.assert_close(logits(again, "t5"), logits(student, "t5"), rtol=0, atol=0)
+
+
+def test_bad_selections_are_clear_errors(teachers) -> None:
+    llama = teachers["llama"]
+    with pytest.raises(DistillError, match="decoder_layers: only encoder–decoder models"):
+        keep_layers(llama, [0], decoder_layers=[0])
+    with pytest.raises(DistillError, match=r"layers: \[1\] repeated"):
+        keep_layers(llama, [1, 1])
+    with pytest.raises(DistillError, match="layers: empty"):
+        keep_layers(llama, [])
+    with pytest.raises(DistillError, match=r"\[4\] out of range; the teacher has 4 layers"):
+        keep_layers(llama, [0, 4])
+
+
+def test_gpt2_layer_scaled_attention_allows_only_prefix_cuts() -> None:
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=DEPTH, n_head=4,
+                                         n_positions=64, scale_attn_by_inverse_layer_idx=True,
+                                         bos_token_id=0, eos_token_id=1)).eval()
+    with pytest.raises(DistillError, match=r"allowed: a prefix such as \[0, 1\]"):
+        keep_layers(teacher, [0, 2])
+    student = keep_layers(teacher, [0, 1]).eval()
+    fresh = copy.deepcopy(student.config)
+    rebuilt = GPT2LMHeadModel(fresh).eval()
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(logits(rebuilt, "gpt2"), logits(student, "gpt2"), rtol=0, atol=0)
