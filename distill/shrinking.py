@@ -8,7 +8,7 @@ from collections import Counter
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.arch import Stack, arch_info, find, present_stacks
+from distill.arch import Stack, find, present_stacks
 from distill.errors import DistillError
 
 # T5Attention's flag: the block holding the relative-position table computes the bias that
@@ -76,7 +76,7 @@ def _selections(model: nn.Module, stacks: list[tuple[Stack, nn.ModuleList]], lay
     if len(stacks) == 1:
         if decoder_layers is not None:
             raise DistillError(f"decoder_layers: only encoder–decoder models (t5) have a "
-                               f"decoder stack; {arch_info(model).family} has one stack, "
+                               f"decoder stack; {type(model).__name__} has one stack, "
                                f"cut it with layers")
         picks, keys = [list(layers)], ["layers"]
     else:

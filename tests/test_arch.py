@@ -29,11 +29,12 @@ from distill.errors import DistillError
 from distill.shrinking import keep_layers
 
 VOCAB, HIDDEN, DEPTH = 100, 32, 4
-ENC = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-           intermediate_size=64, max_position_embeddings=64, num_labels=3)
-DEC = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-           bos_token_id=0, eos_token_id=1, pad_token_id=0)
+ENC = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": DEPTH,
+       "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
+       "num_labels": 3}
+DEC = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": DEPTH,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+       "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
 
 BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "bert": lambda: BertForSequenceClassification(BertConfig(**ENC)),
@@ -67,6 +68,16 @@ AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSeque
 def build(family: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     return BUILDERS[family]().eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy machine the thread pool's
+    spin-waiting makes them ~100x slower; restore the setting for other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
