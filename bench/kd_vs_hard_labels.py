@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-kd-vs-hard")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra recipe overrides, e.g. data.max_train_examples=2000")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse runs of an earlier invocation that finished")
     args = ap.parse_args()
     console = Console()
 
@@ -51,7 +53,12 @@ def main() -> None:
             recipe = load_recipe(RECIPE, [
                 f"teacher.model={args.teacher}", f"stages.1.seed={seed}",
                 f"stages.1.loss.alpha={alpha}", "stages.2.latency=false", *args.overrides])
-            report = run_recipe(recipe, output=args.out / name, force=True, console=console)
+            done = args.out / name / "report.json"
+            if args.reuse and done.is_file() and json.loads(done.read_text())["final"]:
+                report = json.loads(done.read_text())  # finished earlier: reuse, don't rerun
+            else:
+                report = run_recipe(recipe, output=args.out / name, force=True,
+                                    console=console)
             rows.append({"alpha": alpha, "seed": seed,
                          "teacher_accuracy": report["teacher"]["metric"]["value"],
                          "student_accuracy": report["final"]["metric"]["value"],

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -21,12 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from distill.errors import DistillError, RecipeError
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False) -> dict[str, Any]:
-    """Field metadata: the allowed numeric range (checked by the loader)."""
-    return {"range": (lo, hi, lo_open, hi_open)}
+from distill.schema import Converter, value_range
 
 
 # ----------------------------------------------------------------------------- sections
@@ -52,10 +44,10 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     # Tokens per example; longer texts are truncated.
-    max_length: int = field(default=128, metadata=_range(8, 4096))
+    max_length: int = field(default=128, metadata=value_range(8, 4096))
     # Keep only the first N training / evaluation examples (after the deterministic shuffle).
-    max_train_examples: int | None = field(default=None, metadata=_range(1))
-    max_eval_examples: int | None = field(default=None, metadata=_range(1))
+    max_train_examples: int | None = field(default=None, metadata=value_range(1))
+    max_eval_examples: int | None = field(default=None, metadata=value_range(1))
     # Seed of the train/validation/test split of a single file (fixed so numbers compare).
     split_seed: int = 0
 
@@ -64,20 +56,20 @@ class DataConfig:
 class TrainArgs:
     """The shared training loop's settings (every training stage has these keys)."""
 
-    epochs: float = field(default=3, metadata=_range(0, lo_open=True))
-    batch_size: int = field(default=32, metadata=_range(1))
-    eval_batch_size: int = field(default=64, metadata=_range(1))
-    learning_rate: float = field(default=5e-5, metadata=_range(0, lo_open=True))
-    weight_decay: float = field(default=0.01, metadata=_range(0))
+    epochs: float = field(default=3, metadata=value_range(0, lo_open=True))
+    batch_size: int = field(default=32, metadata=value_range(1))
+    eval_batch_size: int = field(default=64, metadata=value_range(1))
+    learning_rate: float = field(default=5e-5, metadata=value_range(0, lo_open=True))
+    weight_decay: float = field(default=0.01, metadata=value_range(0))
     # Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
-    warmup_ratio: float = field(default=0.1, metadata=_range(0, 1))
+    warmup_ratio: float = field(default=0.1, metadata=value_range(0, 1))
     # Micro-batches per optimizer step.
-    grad_accum_steps: int = field(default=1, metadata=_range(1))
-    max_grad_norm: float | None = field(default=1.0, metadata=_range(0, lo_open=True))
+    grad_accum_steps: int = field(default=1, metadata=value_range(1))
+    max_grad_norm: float | None = field(default=1.0, metadata=value_range(0, lo_open=True))
     # bfloat16 autocast (on CPU too: much faster where the CPU has AMX).
     bf16: bool = False
     # Write a log line every N optimizer steps.
-    log_every: int = field(default=10, metadata=_range(1))
+    log_every: int = field(default=10, metadata=value_range(1))
     # Evaluate on the validation split every epoch and keep the best weights.
     keep_best: bool = True
     # Seed of this stage (data order, dropout, fresh weights); default: the recipe's seed.
@@ -91,7 +83,7 @@ class StudentSpec:
     # Explicit teacher layer indices, e.g. [0, 2, 4].
     layers: list[int] | None = None
     # Or: this many layers, evenly spaced over the teacher's.
-    num_layers: int | None = field(default=None, metadata=_range(1))
+    num_layers: int | None = field(default=None, metadata=value_range(1))
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -115,15 +107,15 @@ class LossConfig:
     """`alpha·CE + (1−alpha)·T²·KL(teacher‖student)` plus weighted intermediate losses."""
 
     # Weight of the hard-label cross-entropy; 1 = plain fine-tuning, 0 = pure distillation.
-    alpha: float = field(default=0.5, metadata=_range(0, 1))
+    alpha: float = field(default=0.5, metadata=value_range(0, 1))
     # Softmax temperature T of the soft labels.
-    temperature: float = field(default=2.0, metadata=_range(0, lo_open=True))
+    temperature: float = field(default=2.0, metadata=value_range(0, lo_open=True))
     # Weight of the hidden-state MSE (student layer i vs teacher layer layer_map[i]).
-    hidden_mse: float = field(default=0.0, metadata=_range(0))
+    hidden_mse: float = field(default=0.0, metadata=value_range(0))
     # Weight of the attention-map KL (same layer map; heads averaged if counts differ).
-    attention_kl: float = field(default=0.0, metadata=_range(0))
+    attention_kl: float = field(default=0.0, metadata=value_range(0))
     # Weight of the cosine loss between the final hidden states.
-    cosine: float = field(default=0.0, metadata=_range(0))
+    cosine: float = field(default=0.0, metadata=value_range(0))
     # Teacher layer (0-based) each student layer learns from; default: evenly spaced block ends.
     layer_map: list[int] | None = None
 
@@ -154,10 +146,10 @@ class EvaluateStage:
 
     kind: Literal["evaluate"] = "evaluate"
     split: Literal["test", "validation"] = "test"
-    batch_size: int = field(default=64, metadata=_range(1))
+    batch_size: int = field(default=64, metadata=value_range(1))
     # Measure CPU latency at batch 1 and 32 (median of `latency_runs` timed runs).
     latency: bool = True
-    latency_runs: int = field(default=10, metadata=_range(1))
+    latency_runs: int = field(default=10, metadata=value_range(1))
 
 
 Stage = Union[FinetuneStage, DistillStage, EvaluateStage]
@@ -176,7 +168,7 @@ class Recipe:
     output_dir: str = "runs"
     teacher: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: list[Stage] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list, metadata={"kinds": STAGE_KINDS})
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -187,140 +179,6 @@ class Recipe:
             problems.append(f"name: {self.name!r} must be a plain folder name "
                             "(no '/', '\\' or leading '.')")
         return problems
-
-
-# ----------------------------------------------------------------------------- conversion
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-class _Converter:
-    """Turns plain YAML data into dataclasses, collecting every problem on the way."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def fail(self, path: str, msg: str) -> None:
-        self.problems.append(f"{path}: {msg}" if path else msg)
-
-    def convert(self, value: Any, tp: Any, path: str) -> Any:
-        origin = typing.get_origin(tp)
-        if origin in (Union, types.UnionType):
-            args = typing.get_args(tp)
-            if value is None and type(None) in args:
-                return None
-            non_null = [a for a in args if a is not type(None)]
-            if len(non_null) == 1:
-                return self.convert(value, non_null[0], path)
-            raise AssertionError(f"unsupported union {tp}")  # stages are handled by the caller
-        if origin is Literal:
-            allowed = typing.get_args(tp)
-            if value not in allowed:
-                self.fail(path, f"{value!r} is not allowed; allowed: "
-                          + ", ".join(repr(a) for a in allowed))
-            return value
-        if origin is list:
-            if not isinstance(value, list):
-                self.fail(path, f"{value!r} should be {_type_name(tp)}")
-                return None
-            (item_tp,) = typing.get_args(tp)
-            return [self.convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
-        if dataclasses.is_dataclass(tp):
-            return self.dataclass(value, tp, path)
-        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if tp is float and isinstance(value, str):
-            # PyYAML (YAML 1.1) reads `2e-5` as a string; accept it as the number it means.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if tp is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if tp in (bool, str) and isinstance(value, tp):
-            return value
-        if tp is Any:
-            return value
-        self.fail(path, f"{value!r} should be {_type_name(tp)}")
-        return None
-
-    def dataclass(self, value: Any, cls: type, path: str) -> Any:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            self.fail(path, f"{value!r} should be a mapping of keys to values")
-            return None
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, raw in value.items():
-            key_path = f"{path}.{key}" if path else str(key)
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-                hint = f"did you mean `{close[0]}`? " if close else ""
-                self.fail(key_path, f"unknown key; {hint}allowed: {', '.join(fields)}")
-                continue
-            if key == "stages" and cls is Recipe:
-                kwargs[key] = self.stages(raw, key_path)
-                continue
-            before = len(self.problems)
-            converted = self.convert(raw, hints[key], key_path)
-            if len(self.problems) == before:
-                self.check_range(converted, fields[key], key_path)
-                kwargs[key] = converted
-        obj = cls(**kwargs)
-        check = getattr(obj, "check", None)
-        if check is not None:
-            self.problems.extend(check(path or "recipe"))
-        return obj
-
-    def check_range(self, value: Any, f: dataclasses.Field, path: str) -> None:
-        rng = f.metadata.get("range")
-        if rng is None or value is None:
-            return
-        values = value if isinstance(value, list) else [value]
-        lo, hi, lo_open, hi_open = rng
-        for v in values:
-            bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (
-                hi is not None and (v >= hi if hi_open else v > hi))
-            if bad:
-                lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-                hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-                self.fail(path, f"{v!r} is out of range; allowed: "
-                          + " and ".join(s for s in (lo_s, hi_s) if s))
-                return
-
-    def stages(self, raw: Any, path: str) -> list[Any]:
-        if not isinstance(raw, list):
-            self.fail(path, "should be a list of stages, each a mapping with a `kind`")
-            return []
-        out = []
-        for i, st in enumerate(raw):
-            st_path = f"{path}.{i}"
-            if not isinstance(st, dict) or "kind" not in st:
-                self.fail(st_path, "each stage needs a `kind`; allowed: " + ", ".join(STAGE_KINDS))
-                continue
-            kind = st["kind"]
-            if kind not in STAGE_KINDS:
-                close = difflib.get_close_matches(str(kind), list(STAGE_KINDS), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                self.fail(f"{st_path}.kind", f"unknown stage kind {kind!r}; {hint}allowed: "
-                          + ", ".join(STAGE_KINDS))
-                continue
-            out.append(self.dataclass(st, STAGE_KINDS[kind], st_path))
-        return out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -373,7 +231,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Validate raw recipe data; raise `RecipeError` listing every problem."""
-    conv = _Converter()
+    conv = Converter()
     recipe = conv.dataclass(data, Recipe, "")
     if conv.problems:
         raise RecipeError(conv.problems, source)
