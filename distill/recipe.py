@@ -152,9 +152,65 @@ class EvaluateStage:
     latency_runs: int = field(default=10, metadata=value_range(1))
 
 
-Stage = Union[FinetuneStage, DistillStage, EvaluateStage]
+@dataclass
+class ShrinkStep:
+    """One cut of a progressive shrink: any of depth and the widths, from the current model."""
+
+    # Keep this many of the current model's layers (chosen by the stage's `depth_strategy`).
+    layers: int | None = field(default=None, metadata=value_range(1))
+    # Width targets (units ranked by activation importance on the calibration batch).
+    hidden: int | None = field(default=None, metadata=value_range(1))
+    heads: int | None = field(default=None, metadata=value_range(1))
+    intermediate: int | None = field(default=None, metadata=value_range(1))
+
+    def check(self, path: str) -> list[str]:
+        if all(v is None for v in (self.layers, self.hidden, self.heads, self.intermediate)):
+            return [f"{path}: a step needs at least one of layers, hidden, heads, intermediate"]
+        return []
+
+    def describe(self) -> str:
+        """A short name for the step, e.g. `layers4` or `hidden256-heads8`."""
+        parts = [f"{k}{v}" for k, v in vars(self).items() if v is not None]
+        return "-".join(parts)
+
+
+@dataclass
+class HealConfig(TrainArgs):
+    """KD from the teacher after each cut (the shared loop's keys plus the loss)."""
+
+    epochs: float = field(default=1, metadata=value_range(0, lo_open=True))
+    learning_rate: float = field(default=1e-4, metadata=value_range(0, lo_open=True))
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Reuse the teacher's cached logits across steps (logit losses only).
+    cache_teacher: bool = True
+
+
+@dataclass
+class ShrinkStage:
+    """Progressive shrinking: cut, heal with KD, measure; step by step (METHODS.md §2)."""
+
+    kind: Literal["shrink"] = "shrink"
+    schedule: list[ShrinkStep] = field(default_factory=list)
+    # Start from the latest model of the run ("previous") or from the teacher.
+    start: Literal["previous", "teacher"] = "previous"
+    # How a depth cut picks the layers to keep.
+    depth_strategy: Literal["importance", "uniform", "top"] = "importance"
+    # Depth importance: block influence 1 − cos(h_in, h_out), or the loss increase on skipping.
+    importance_score: Literal["influence", "loss"] = "influence"
+    # Training examples in the calibration batch (importance of layers, heads, neurons).
+    calibration_examples: int = field(default=256, metadata=value_range(1))
+    heal: HealConfig = field(default_factory=HealConfig)
+
+    def check(self, path: str) -> list[str]:
+        if not self.schedule:
+            return [f"{path}.schedule: list at least one step, e.g. [{{layers: 4}}, "
+                    "{hidden: 256, heads: 8}]"]
+        return []
+
+
+Stage = Union[FinetuneStage, DistillStage, ShrinkStage, EvaluateStage]
 STAGE_KINDS: dict[str, type] = {"finetune": FinetuneStage, "distill": DistillStage,
-                                "evaluate": EvaluateStage}
+                                "shrink": ShrinkStage, "evaluate": EvaluateStage}
 
 
 @dataclass

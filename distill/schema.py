@@ -93,6 +93,7 @@ class Converter:
         if not isinstance(value, dict):
             self.fail(path, f"{value!r} should be a mapping of keys to values")
             return None
+        start = len(self.problems)
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -114,7 +115,10 @@ class Converter:
                 kwargs[key] = converted
         obj = cls(**kwargs)
         check = getattr(obj, "check", None)
-        if check is not None:
+        # Cross-field rules only run on fields that converted cleanly: a field with an error
+        # falls back to its default, and checking that default would report a second,
+        # misleading problem.
+        if check is not None and len(self.problems) == start:
             self.problems.extend(check(path or "recipe"))
         return obj
 

@@ -6,10 +6,12 @@ attention KL and cosine terms over a layer map.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from distill import teacher_cache
 from distill.arch import num_layers
@@ -17,10 +19,10 @@ from distill.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, LossWeights, default_layer_map
 from distill.models import load_classifier, save_model
-from distill.recipe import DistillStage, StudentSpec
+from distill.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
 from distill.shrinking import check_layers, evenly_spaced, keep_layers
 from distill.stages.finetune import validation_metric
-from distill.training import train_loop
+from distill.training import LoopResult, train_loop
 
 
 class DistillUnit(nn.Module):
@@ -78,49 +80,82 @@ def plan_layers(cfg: DistillStage, depth: int, key: str = "") -> tuple[list[int]
     return layers, layer_map
 
 
-def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
-    """Build the student from the teacher's layers and distill it; save it in HF format."""
+def load_frozen_teacher(ctx: RunContext, eager_attention: bool = False) -> PreTrainedModel:
+    """The run's task teacher, frozen, in eval mode, on the run's device."""
     teacher, _ = load_classifier(ctx.teacher_source, ctx.data.label_names,
                                  ctx.recipe.teacher.trust_remote_code)
-    depth = num_layers(teacher)
-    layers, layer_map = plan_layers(cfg, depth)
-    weights = LossWeights(cfg.loss.alpha, cfg.loss.temperature, cfg.loss.hidden_mse,
-                          cfg.loss.attention_kl, cfg.loss.cosine)
-    if weights.attention_kl > 0:
+    if eager_attention:
         # Fused attention kernels do not return attention maps.
         teacher.set_attn_implementation("eager")
-    student = keep_layers(teacher, layers)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    teacher.eval().to(ctx.accelerator.device)
+    return teacher.eval().to(ctx.accelerator.device)
 
-    seed = ctx.stage_seed(cfg.seed)
+
+def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel,
+             args: TrainArgs, loss_cfg: LossConfig, *, cache_teacher: bool, cache_dir: Path,
+             log_path: Path, desc: str) -> tuple[LoopResult, dict]:
+    """Distill `teacher` into `student` in place (best validation weights kept).
+
+    Shared by the `distill` stage and the heal phases of `shrink`. With logit losses only,
+    the teacher's logits come from a cache in `cache_dir` (computed once, reused by every
+    epoch and every later call with the same teacher and data).
+
+    Returns:
+        (the loop's result, a summary for metrics.json).
+    """
+    depth_s, depth_t = num_layers(student), num_layers(teacher)
+    layer_map = loss_cfg.layer_map or default_layer_map(depth_s, depth_t)
+    if len(layer_map) != depth_s or any(not 0 <= j < depth_t for j in layer_map):
+        raise DistillError(f"loss.layer_map: {layer_map} must give one teacher layer "
+                           f"(0..{depth_t - 1}) for each of the {depth_s} student layers")
+    weights = LossWeights(loss_cfg.alpha, loss_cfg.temperature, loss_cfg.hidden_mse,
+                          loss_cfg.attention_kl, loss_cfg.cosine)
+    seed = ctx.stage_seed(args.seed)
     loss = DistillationLoss(weights, layer_map, student.config.hidden_size,
                             teacher.config.hidden_size)
     cached = None
-    if cfg.cache_teacher and loss.needs_teacher_logits and not (
+    if cache_teacher and loss.needs_teacher_logits and not (
             loss.needs_hidden or loss.needs_attentions):
         train = ctx.tokenized("train")
         key = teacher_cache.fingerprint(ctx.teacher_source, len(train),
                                         ctx.recipe.data.max_length, train[0]["input_ids"])
         cached = teacher_cache.load_or_compute(
-            stage_dir / "teacher_cache", key, teacher,
-            ctx.loader("train", cfg.eval_batch_size), len(train), ctx.accelerator.device,
-            write=ctx.is_main)
+            cache_dir, key, teacher, ctx.loader("train", args.eval_batch_size), len(train),
+            ctx.accelerator.device, write=ctx.is_main)
     student.train()
     result = train_loop(
         DistillUnit(student, loss, teacher, cached),
-        ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed), cfg,
+        ctx.loader("train", args.batch_size, shuffle=True, seed=seed), args,
         accelerator=ctx.accelerator, keep=student,
-        evaluate=lambda: validation_metric(ctx, student, cfg.eval_batch_size),
-        log_path=stage_dir / "log.jsonl", desc="distill", console=ctx.console)
-    out = stage_dir / "model"
+        evaluate=lambda: validation_metric(ctx, student, args.eval_batch_size),
+        log_path=log_path, desc=desc, console=ctx.console)
+    return result, {
+        "layer_map": layer_map, "loss": vars(weights), "teacher": ctx.teacher_source,
+        "teacher_cache": cached is not None, "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
+        "history": result.history, "seed": seed}
+
+
+def save_student(ctx: RunContext, student: PreTrainedModel, out: Path) -> Path:
+    """Save in HF format from the main process; every process waits for it."""
     if ctx.is_main:
         save_model(ctx.accelerator.unwrap_model(student), ctx.tokenizer, out)
     ctx.accelerator.wait_for_everyone()
-    return StageResult("done", out, {
-        "layers": layers, "layer_map": layer_map, "loss": vars(weights),
-        "teacher": ctx.teacher_source, "teacher_cache": cached is not None,
-        "steps": result.steps, "train_seconds": round(result.seconds, 2),
-        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
-        "history": result.history, "seed": seed})
+    return out
+
+
+def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
+    """Build the student from the teacher's layers and distill it; save it in HF format."""
+    teacher = load_frozen_teacher(ctx, eager_attention=cfg.loss.attention_kl > 0)
+    layers, layer_map = plan_layers(cfg, num_layers(teacher))
+    student = keep_layers(teacher, layers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    loss_cfg = dataclasses.replace(cfg.loss, layer_map=layer_map)
+    _, summary = kd_train(ctx, student, teacher, cfg, loss_cfg,
+                          cache_teacher=cfg.cache_teacher, cache_dir=stage_dir / "teacher_cache",
+                          log_path=stage_dir / "log.jsonl", desc="distill")
+    out = save_student(ctx, student, stage_dir / "model")
+    return StageResult("done", out, {"layers": layers, **summary})
