@@ -12,10 +12,12 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.data import TaskData, TokenizedSplit, make_loader, tokenize_split
+from distill.metrics import classification_metrics
 from distill.recipe import Recipe
 
 
@@ -26,6 +28,7 @@ class ModelRef:
     label: str  # "teacher" or "NN-kind"
     path: str  # HF directory, built-in name or hub id
     stage_index: int | None = None
+    step_index: int | None = None  # for models made by the steps of a shrink stage
 
 
 @dataclass
@@ -35,6 +38,9 @@ class StageResult:
     status: str  # "done" | "skipped"
     model_dir: Path | None = None
     metrics: dict = field(default_factory=dict)  # written to the stage's metrics.json
+    # Stages that make several models (shrink steps): (step name, model dir), in order;
+    # `model_dir` is then the last of them.
+    step_models: list[tuple[str, Path]] = field(default_factory=list)
 
 
 @dataclass
@@ -75,3 +81,9 @@ class RunContext:
     @property
     def num_labels(self) -> int:
         return len(self.data.label_names)
+
+    def validation_accuracy(self, model: nn.Module, batch_size: int) -> float:
+        """Validation accuracy of `model` (the metric that picks the best epoch)."""
+        loader = self.loader("validation", batch_size)
+        return classification_metrics(self.accelerator.unwrap_model(model), loader,
+                                      self.num_labels, self.accelerator.device)["accuracy"]

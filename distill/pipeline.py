@@ -88,8 +88,11 @@ def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]
     last = report["teacher"]
     for ref in ctx.models:
         rec = report["stages"][ref.stage_index]
-        rec["model"] = metrics_for(ref.label, ref.path)
-        last = rec["model"]
+        metrics = metrics_for(ref.label, ref.path)
+        if ref.step_index is not None:
+            rec["steps"][ref.step_index]["model"] = metrics
+        rec["model"] = metrics  # a stage's model is its last one
+        last = metrics
     report["final"] = last
 
 
@@ -151,9 +154,16 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
                 write_report(run_dir, report)
             raise
         record.update(status=result.status, seconds=round(time.perf_counter() - start, 2))
+        if result.step_models:
+            record["steps"] = []
+            for k, (step_name, path) in enumerate(result.step_models):
+                record["steps"].append({"index": k, "name": step_name,
+                                        "artifact": str(path.relative_to(run_dir))})
+                ctx.models.append(ModelRef(f"{name}/{step_name}", str(path), index, k))
         if result.model_dir is not None:
             record["artifact"] = str(result.model_dir.relative_to(run_dir))
-            ctx.models.append(ModelRef(name, str(result.model_dir), index))
+            if not result.step_models:
+                ctx.models.append(ModelRef(name, str(result.model_dir), index))
         if stage.kind == "evaluate":
             evaluated.update(result.metrics["models"])
         if main:

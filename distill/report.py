@@ -139,6 +139,13 @@ def _models(report: dict) -> list[tuple[str, dict, dict]]:
             # A finetune stage's model *is* the teacher: one row, labelled as both.
             rows[0] = (f"teacher ({_stage_label(stage)})", report["teacher"], stage)
             continue
+        steps = [st for st in stage.get("steps") or [] if _dict(st.get("model"))]
+        if steps:
+            # A shrink stage: one row per step; the stage's own model is its last step's.
+            for st in steps:
+                rows.append((f"{_stage_label(stage)}/{st.get('name', st.get('index'))}",
+                             st["model"], stage))
+            continue
         rows.append((_stage_label(stage), stage["model"], stage))
     return rows
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models gain nothing from a second thread, and when another process shares the two
+# cores, OpenMP threads spin-waiting on each other make them ~100x slower. The integration
+# tests (real models) raise the count again for themselves.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 POSITIVE = "good great fine superb lovely brilliant charming moving funny smart".split()
@@ -51,6 +55,19 @@ def write_tiny_dataset(path: Path, n: int = 240, seed: int = 0) -> Path:
         rows.append(f"{' '.join(words)},{label}")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest):
+    """One thread for tests on tiny models; all cores for `integration` tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    integration = request.node.get_closest_marker("integration") is not None
+    wanted = (os.cpu_count() or 1) if integration else 1
+    torch.set_num_threads(wanted)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

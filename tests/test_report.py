@@ -256,3 +256,16 @@ def test_finetune_stage_model_is_the_teacher_row() -> None:
     markdown = render_markdown(data)
     assert _row(markdown, "teacher (00-finetune)")
     assert "| 00-finetune |" not in markdown
+
+
+def test_shrink_steps_get_one_row_each() -> None:
+    teacher = _model(22_000_000, 0.82)
+    step_models = [_model(18_000_000, 0.81), _model(15_000_000, 0.79)]
+    data = {"recipe": "r", "teacher": teacher, "final": step_models[-1],
+            "stages": [{"index": 0, "kind": "shrink", "status": "done", "seconds": 1.0,
+                        "model": step_models[-1], "artifact": "stages/00-shrink/steps/1/model",
+                        "steps": [{"index": k, "name": f"{k}-layers{4 - k}", "model": m}
+                                  for k, m in enumerate(step_models)]}]}
+    markdown = render_markdown(data)
+    assert _row(markdown, "00-shrink/0-layers4") and _row(markdown, "00-shrink/1-layers3")
+    assert "| 00-shrink |" not in markdown

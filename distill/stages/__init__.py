@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distill.stages import distill, evaluate, finetune
+from distill.stages import distill, evaluate, finetune, shrink
 
 RUNNERS: dict[str, Callable] = {
     "finetune": finetune.run,
     "distill": distill.run,
+    "shrink": shrink.run,
     "evaluate": evaluate.run,
 }

@@ -21,7 +21,6 @@ from distill.losses import DistillationLoss, LossWeights, default_layer_map
 from distill.models import load_classifier, save_model
 from distill.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
 from distill.shrinking import check_layers, evenly_spaced, keep_layers
-from distill.stages.finetune import validation_metric
 from distill.training import LoopResult, train_loop
 
 
@@ -128,7 +127,7 @@ def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel
         DistillUnit(student, loss, teacher, cached),
         ctx.loader("train", args.batch_size, shuffle=True, seed=seed), args,
         accelerator=ctx.accelerator, keep=student,
-        evaluate=lambda: validation_metric(ctx, student, args.eval_batch_size),
+        evaluate=lambda: ctx.validation_accuracy(student, args.eval_batch_size),
         log_path=log_path, desc=desc, console=ctx.console)
     return result, {
         "layer_map": layer_map, "loss": vars(weights), "teacher": ctx.teacher_source,

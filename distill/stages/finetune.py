@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from distill.context import RunContext, StageResult
 from distill.losses import hard_ce_loss
-from distill.metrics import classification_metrics
 from distill.models import load_classifier, save_model
 from distill.recipe import FinetuneStage
 from distill.training import train_loop
@@ -27,14 +26,6 @@ class SupervisedUnit(nn.Module):
         return loss, {"loss_ce": float(loss.detach())}
 
 
-def validation_metric(ctx: RunContext, model: nn.Module, batch_size: int) -> float:
-    """Validation accuracy of `model` (used to keep the best epoch)."""
-    loader = ctx.loader("validation", batch_size)
-    device = ctx.accelerator.device
-    return classification_metrics(ctx.accelerator.unwrap_model(model), loader, ctx.num_labels,
-                                   device)["accuracy"]
-
-
 def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
     """Tune the current teacher on the task; it becomes the teacher of later stages."""
     model, head_trained = load_classifier(ctx.teacher_source, ctx.data.label_names,
@@ -48,7 +39,7 @@ def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
     result = train_loop(
         SupervisedUnit(model), ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed),
         cfg, accelerator=ctx.accelerator, keep=model,
-        evaluate=lambda: validation_metric(ctx, model, cfg.eval_batch_size),
+        evaluate=lambda: ctx.validation_accuracy(model, cfg.eval_batch_size),
         log_path=stage_dir / "log.jsonl", desc="finetune", console=ctx.console)
     out = stage_dir / "model"
     if ctx.is_main:

@@ -1,0 +1,96 @@
+"""`shrink`: progressive shrinking — cut, heal with KD from the teacher, measure; repeat.
+
+Each step of the schedule cuts the current model (fewer layers and/or narrower widths, units
+ranked on a calibration batch of training examples), then heals it by distillation from the
+run's teacher, then saves it under `steps/<k>-<desc>/model`. Every step is a model of the
+run: the evaluate stage measures each one, so the user sees where quality falls off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.arch import num_layers
+from distill.context import RunContext, StageResult
+from distill.errors import DistillError
+from distill.importance import select_layers
+from distill.models import count_params, load_classifier
+from distill.recipe import ShrinkStage, ShrinkStep
+from distill.shrinking import keep_layers
+from distill.stages.distill import kd_train, load_frozen_teacher, save_student
+from distill.width import shrink_width, width_importance
+
+
+def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
+                        ) -> list[dict[str, torch.Tensor]]:
+    """The first `examples` training examples (a fixed set: the split is already shuffled)."""
+    batches, seen = [], 0
+    for batch in ctx.loader("train", batch_size):
+        batches.append({k: v for k, v in batch.items() if k != "idx"})
+        seen += len(batch["labels"])
+        if seen >= examples:
+            break
+    return batches
+
+
+def cut(model: PreTrainedModel, step: ShrinkStep, cfg: ShrinkStage,
+        batches: list[dict[str, torch.Tensor]]) -> tuple[PreTrainedModel, dict]:
+    """Apply one schedule step to `model` (depth first, then width); returns the new model."""
+    info: dict = {}
+    model.eval()
+    if step.layers is not None:
+        depth = num_layers(model)
+        if step.layers > depth:
+            raise DistillError(f"shrink step {step.describe()}: the model has only {depth} "
+                               f"layers; allowed: 1..{depth}")
+        kept = select_layers(model, step.layers, cfg.depth_strategy, batches,
+                             cfg.importance_score)
+        info["kept_layers"] = kept
+        model = keep_layers(model, kept)
+    if any(v is not None for v in (step.hidden, step.heads, step.intermediate)):
+        importance = width_importance(model, batches)
+        model = shrink_width(model, hidden=step.hidden, heads=step.heads,
+                             intermediate=step.intermediate, importance=importance)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, info
+
+
+def start_model(ctx: RunContext, cfg: ShrinkStage) -> tuple[PreTrainedModel, str]:
+    """The model the first cut starts from: the run's latest model, or the teacher."""
+    source = ctx.models[-1].path if cfg.start == "previous" and ctx.models else ctx.teacher_source
+    model, _ = load_classifier(source, ctx.data.label_names,
+                               ctx.recipe.teacher.trust_remote_code)
+    return model, source
+
+
+def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
+    """Run every step of the schedule; each step's model becomes a model of the run."""
+    model, source = start_model(ctx, cfg)
+    teacher = load_frozen_teacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
+    batches = calibration_batches(ctx, cfg.calibration_examples)
+    steps, outputs = [], []
+    for k, step in enumerate(cfg.schedule):
+        name = f"{k}-{step.describe()}"
+        ctx.console.print(f"  shrink step {name}: cutting")
+        model, info = cut(model, step, cfg, batches)
+        params, non_emb = count_params(model)
+        before = ctx.validation_accuracy(model, cfg.heal.eval_batch_size)
+        _, summary = kd_train(ctx, model, teacher, cfg.heal, cfg.heal.loss,
+                              cache_teacher=cfg.heal.cache_teacher,
+                              cache_dir=stage_dir / "teacher_cache",
+                              log_path=stage_dir / "steps" / name / "log.jsonl",
+                              desc=f"heal {name}")
+        out = save_student(ctx, model, stage_dir / "steps" / name / "model")
+        outputs.append((name, out))
+        steps.append({"step": k, "name": name, "target": {k2: v for k2, v in vars(step).items()
+                                                          if v is not None},
+                      **info, "layers": num_layers(model),
+                      "hidden_size": model.config.hidden_size,
+                      "params": params, "params_non_embedding": non_emb,
+                      "validation_before_heal": before, **summary})
+    return StageResult("done", outputs[-1][1], {"start": source, "steps": steps},
+                       step_models=outputs)
