@@ -29,6 +29,14 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+@app.callback()
+def _setup() -> None:
+    """Compress transformer models (see `distill COMMAND --help`)."""
+    from distill.models import quiet_transformers
+
+    quiet_transformers()
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn `DistillError` into a short message on stderr and exit code 2."""
     @functools.wraps(fn)
@@ -117,6 +125,45 @@ def inspect(model: Annotated[str, typer.Argument(
     for key, value in describe_model(model).items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)
+
+
+@app.command()
+@_user_errors
+def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory or .gguf.")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="Where to save the result.")],
+           layers: Annotated[int | None, typer.Option(help="Keep this many layers.")] = None,
+           hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = None,
+           heads: Annotated[int | None, typer.Option(help="Attention heads per layer.")] = None,
+           intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
+           strategy: Annotated[str, typer.Option(
+               help="Depth: importance, uniform or top.")] = "importance",
+           score: Annotated[str, typer.Option(help="Depth importance: influence or loss.")]
+           = "influence",
+           data: Annotated[str | None, typer.Option(
+               help="Calibration data (default: the task data for classifiers, "
+                    "Shakespeare for language models).")] = None,
+           examples: Annotated[int, typer.Option(help="Calibration examples.")] = 64,
+           max_length: int = 128) -> None:
+    """Cut a model once — fewer layers and/or narrower — from its own weights; no training."""
+    from distill.oneoff import shrink_model
+    from distill.recipe import ShrinkStep
+
+    step = ShrinkStep(layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
+    problems = step.check("shrink")
+    if problems:
+        raise DistillError(problems[0].replace("a step needs", "pass").replace(
+            "layers, hidden, heads, intermediate", "--layers, --hidden, --heads, --intermediate"))
+    result = shrink_model(model, out, step, strategy=strategy, score=score, data=data,
+                          examples=examples, max_length=max_length)
+    table = Table("", "layers", "hidden", "params", "non-embedding params",
+                  title=f"{model} -> {out}")
+    for row in ("before", "after"):
+        r = result[row]
+        table.add_row(row, str(r["layers"]), str(r["hidden_size"]), f"{r['params']:,}",
+                      f"{r['params_non_embedding']:,}")
+    console.print(table)
+    if "kept_layers" in result:
+        console.print(f"kept layers ({strategy}): {result['kept_layers']}")
 
 
 @app.command("eval")

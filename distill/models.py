@@ -29,6 +29,14 @@ BUILTIN_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def quiet_transformers() -> None:
+    """Our own progress and tables say what happens; silence per-file load/save chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def resolve_model_path(name: str) -> str:
     """A local HF directory for `builtin:NAME` or a path; hub ids are passed through unchanged.
 

@@ -20,21 +20,13 @@ from distill.context import ModelRef, RunContext, StageResult
 from distill.data import load_task_data
 from distill.errors import DistillError
 from distill.models import (config_num_layers, count_params, dir_size_mb, load_config,
-                            load_tokenizer, resolve_model_path)
+                            load_tokenizer, quiet_transformers, resolve_model_path)
 from distill.recipe import Recipe, dump_recipe
 from distill.report import write_report
 from distill.stages import RUNNERS
 from distill.training import make_accelerator
 
 _RUN_MARKERS = ("recipe.yaml", "report.json", "stages")
-
-
-def quiet_transformers() -> None:
-    """Our own progress and tables say what happens; silence per-file load/save chatter."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def stage_dir_name(index: int, kind: str) -> str:

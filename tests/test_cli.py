@@ -83,3 +83,26 @@ def test_user_errors_exit_2_without_traceback(tiny_bert: Path, tiny_csv: Path,
 def test_unknown_recipe_name() -> None:
     result = runner.invoke(app, ["run", "no-such-recipe"])
     assert result.exit_code == 2 and "recipe not found" in result.output
+
+
+def test_shrink_command_cuts_depth_and_width(tiny_bert: Path, tiny_csv: Path,
+                                             tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    result = runner.invoke(app, ["shrink", str(tiny_bert), "--out", str(tmp_path / "a"),
+                                 "--layers", "2", "--strategy", "uniform"])
+    assert result.exit_code == 0, result.output
+    assert "kept layers (uniform): [0, 2]" in result.output
+    assert AutoModel.from_pretrained(tmp_path / "a").config.num_hidden_layers == 2
+    # a classifier, cut in depth by importance and in width, calibrated on its task data
+    clf = tmp_path / "clf"
+    from distill.models import load_classifier, save_model
+    save_model(load_classifier(str(tiny_bert), ["neg", "pos"])[0], None, clf)
+    result = runner.invoke(app, ["shrink", str(clf), "--out", str(tmp_path / "b"),
+                                 "--layers", "3", "--hidden", "16", "--heads", "2",
+                                 "--data", str(tiny_csv), "--max-length", "16"])
+    assert result.exit_code == 0, result.output
+    config = AutoModel.from_pretrained(tmp_path / "b").config
+    assert (config.num_hidden_layers, config.hidden_size) == (3, 16)
+    result = runner.invoke(app, ["shrink", str(tiny_bert), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "pass at least one of --layers" in result.output

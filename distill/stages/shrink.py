@@ -36,9 +36,16 @@ def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
     return batches
 
 
-def cut(model: PreTrainedModel, step: ShrinkStep, cfg: ShrinkStage,
-        batches: list[dict[str, torch.Tensor]]) -> tuple[PreTrainedModel, dict]:
-    """Apply one schedule step to `model` (depth first, then width); returns the new model."""
+def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.Tensor]],
+        strategy: str = "importance", score: str = "influence"
+        ) -> tuple[PreTrainedModel, dict]:
+    """Apply one schedule step to `model` (depth first, then width); returns a new model.
+
+    Args:
+        step: the targets (layers and/or hidden, heads, intermediate).
+        batches: calibration batches (model inputs; `labels` for the loss-based score).
+        strategy / score: how a depth cut picks its layers (see `distill.importance`).
+    """
     info: dict = {}
     model.eval()
     if step.layers is not None:
@@ -46,8 +53,7 @@ def cut(model: PreTrainedModel, step: ShrinkStep, cfg: ShrinkStage,
         if step.layers > depth:
             raise DistillError(f"shrink step {step.describe()}: the model has only {depth} "
                                f"layers; allowed: 1..{depth}")
-        kept = select_layers(model, step.layers, cfg.depth_strategy, batches,
-                             cfg.importance_score)
+        kept = select_layers(model, step.layers, strategy, batches, score)
         info["kept_layers"] = kept
         model = keep_layers(model, kept)
     if any(v is not None for v in (step.hidden, step.heads, step.intermediate)):
@@ -76,7 +82,7 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     for k, step in enumerate(cfg.schedule):
         name = f"{k}-{step.describe()}"
         ctx.console.print(f"  shrink step {name}: cutting")
-        model, info = cut(model, step, cfg, batches)
+        model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score)
         params, non_emb = count_params(model)
         before = ctx.validation_accuracy(model, cfg.heal.eval_batch_size)
         _, summary = kd_train(ctx, model, teacher, cfg.heal, cfg.heal.loss,

@@ -1,0 +1,91 @@
+"""`distill shrink`: one cut of any supported model, outside a recipe, over the stage's code.
+
+The model keeps its head (classifier, LM head, or none). Calibration data for importance
+scores: the task data for classifiers (with labels), held-out-free Shakespeare training text
+for causal LMs, and the same text for models without a task head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+
+from distill.arch import num_layers
+from distill.data import load_task_data, make_loader, tokenize_split
+from distill.errors import DistillError
+from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
+from distill.models import count_params, load_tokenizer, resolve_model_path, save_model
+from distill.recipe import DataConfig, ShrinkStep
+from distill.stages.shrink import cut
+
+
+def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A saved model with the head its config names (safetensors only)."""
+    path = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                               dtype=torch.float32).eval()
+
+
+def is_classifier(model: PreTrainedModel) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: int,
+                max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches for `model`: labelled task data for classifiers, else LM text."""
+    if is_classifier(model):
+        task = load_task_data(DataConfig(dataset=data or "builtin:rotten_tomatoes",
+                                          max_length=max_length))
+        labels = [str(v) for v in model.config.id2label.values()]
+        if len(labels) != len(task.label_names):
+            raise DistillError(f"--data has {len(task.label_names)} labels "
+                               f"{task.label_names}; the model predicts {len(labels)}")
+        loader = make_loader(tokenize_split(task.train, tokenizer, max_length), tokenizer,
+                             32, shuffle=False, seed=0)
+        batches, seen = [], 0
+        for batch in loader:
+            batches.append({k: v for k, v in batch.items() if k != "idx"})
+            seen += len(batch["labels"])
+            if seen >= examples:
+                break
+        return batches
+    blocks = lm_blocks(tokenizer, "train", max_length, source=data or SHAKESPEARE,
+                       max_blocks=max(1, examples), seed=0)
+    batches = list(lm_batches(blocks, batch_size=8))
+    if not type(model).__name__.endswith("ForCausalLM"):
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    return batches
+
+
+def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str = "importance",
+                 score: str = "influence", data: str | None = None, examples: int = 64,
+                 max_length: int = 128, trust_remote_code: bool = False) -> dict:
+    """Cut `name` once by `step` and save the result (HF format) to `out`.
+
+    Returns:
+        {"before": {...}, "after": {...}, "kept_layers": [...]} with layers, hidden size and
+        parameter counts.
+    """
+    model = load_any(name, trust_remote_code)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    needs_data = strategy == "importance" and step.layers is not None or any(
+        v is not None for v in (step.hidden, step.heads, step.intermediate))
+    batches = calibration(model, tokenizer, data, examples, max_length) if needs_data else []
+
+    def shape(m: PreTrainedModel) -> dict:
+        params, non_emb = count_params(m)
+        return {"layers": num_layers(m), "hidden_size": m.config.hidden_size,
+                "params": params, "params_non_embedding": non_emb}
+
+    before = shape(model)
+    small, info = cut(model, step, batches, strategy, score)
+    save_model(small, tokenizer, Path(out))
+    return {"before": before, "after": shape(small), **info}
