@@ -43,6 +43,8 @@ def main() -> None:
     console = Console()
     progressive = json.loads((args.run / "report.json").read_text())
     teacher = args.run / "stages/00-finetune/model"
+    if not teacher.is_dir():  # the run started from an already tuned teacher
+        teacher = Path(load_recipe(args.run / "recipe.yaml").teacher.model)
     cases = [("2 layers", "2-layers2", "[{layers: 2}]", 3),
              ("2 layers, hidden 256", "3-hidden256-heads8",
               "[{layers: 2, hidden: 256, heads: 8}]", 4)]

@@ -13,7 +13,8 @@ Cache layout: `$DISTILL_CACHE` (default `~/.cache/distill`) / `gguf` / `<stem>-<
 The key changes whenever the file is replaced or touched, so a stale conversion is never used
 (old folders are left for the user to delete). A conversion is written into a temp folder beside
 its target and renamed into place with `os.replace`, so an interrupted conversion leaves at most
-a hidden `.tmp-*` folder, never a half-filled cache entry that later loads would trust.
+a hidden `.tmp-*` folder (removed by the next conversion of the file once an hour old), never a
+half-filled cache entry that later loads would trust.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ CACHE_ENV = "DISTILL_CACHE"
 # Written last into a conversion: its presence is what marks a cache entry as complete (the
 # rename is atomic already; this also guards against folders created by other means).
 _DONE_MARKER = ".distill-gguf-complete"
+_STALE_SECONDS = 3600
 
 
 def cache_root() -> Path:
@@ -77,11 +80,15 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
     if is_converted(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache entry is an ordinary folder
     try:
         _convert(path.resolve(), tmp)
         (tmp / _DONE_MARKER).write_text(f"{path.resolve()}\n")
+        if out_dir.exists() and not is_converted(out_dir):
+            # Not made by this code (ours appear complete, by rename): not to be trusted.
+            shutil.rmtree(out_dir)
         try:
             os.replace(tmp, out_dir)
         except OSError:
@@ -93,6 +100,18 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Delete temp folders of this entry left by killed conversions (a live conversion takes
+    seconds to a minute; anything untouched for an hour is dead, and is ~4 bytes per weight)."""
+    cutoff = time.time() - _STALE_SECONDS
+    for old in out_dir.parent.glob(f".tmp-{out_dir.name}-*"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it first
+            pass
 
 
 def _convert(path: Path, out_dir: Path) -> None:
