@@ -137,8 +137,8 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
            intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
            strategy: Annotated[str, typer.Option(
                help="Depth: importance, uniform or top.")] = "importance",
-           score: Annotated[str, typer.Option(help="Depth importance: influence or loss.")]
-           = "influence",
+           score: Annotated[str, typer.Option(help="Depth importance: loss or influence.")]
+           = "loss",
            data: Annotated[str | None, typer.Option(
                help="Calibration data (default: the task data for classifiers, "
                     "Shakespeare for language models).")] = None,

@@ -66,7 +66,7 @@ def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: i
 
 
 def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str = "importance",
-                 score: str = "influence", data: str | None = None, examples: int = 64,
+                 score: str = "loss", data: str | None = None, examples: int = 64,
                  max_length: int = 128, trust_remote_code: bool = False) -> dict:
     """Cut `name` once by `step` and save the result (HF format) to `out`.
 
