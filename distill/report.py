@@ -418,5 +418,11 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
     better = "lower" if names[0].lower() in ("perplexity", "ppl", "loss") else "higher"
     ax.set_ylabel(f"{names[0]} ({better} is better)")
     ax.set_title(f"{report.get('recipe') or 'run'} — {names[0]} vs size")
+    base = _num(_dict(_dict(report.get("teacher")).get("metric")).get("value"))
+    if base and better == "higher":
+        # Retention (metric / teacher's metric) is the same picture on a second scale.
+        ret = ax.secondary_yaxis("right", functions=(lambda y: 100 * y / base,
+                                                     lambda r: r * base / 100))
+        ret.set_ylabel("retention vs teacher (%)")
     ax.grid(alpha=0.3)
     return _save(fig, Path(run_dir) / "tradeoff.png")
