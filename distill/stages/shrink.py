@@ -78,11 +78,16 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     model, source = start_model(ctx, cfg)
     teacher = load_frozen_teacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
     batches = calibration_batches(ctx, cfg.calibration_examples)
+    # Which layers of the starting model survive, so each step can say so in its terms.
+    origin = list(range(num_layers(model)))
     steps, outputs = [], []
     for k, step in enumerate(cfg.schedule):
         name = f"{k}-{step.describe()}"
         ctx.console.print(f"  shrink step {name}: cutting")
         model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score)
+        if "kept_layers" in info:
+            origin = [origin[i] for i in info["kept_layers"]]
+        info["start_layers"] = list(origin)
         params, non_emb = count_params(model)
         before = ctx.validation_accuracy(model, cfg.heal.eval_batch_size)
         _, summary = kd_train(ctx, model, teacher, cfg.heal, cfg.heal.loss,
