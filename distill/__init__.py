@@ -38,7 +38,6 @@ def __getattr__(name: str) -> object:
         "select_layers": ("distill.importance", "select_layers"),
         "depth_importance": ("distill.importance", "depth_importance"),
         "shrink_width": ("distill.width", "shrink_width"),
-        "width_importance": ("distill.width_importance", "width_importance"),
         "shrink_model": ("distill.oneoff", "shrink_model"),
         "shrink": ("distill.stages.shrink", "run"),
     }
@@ -53,4 +52,4 @@ def __getattr__(name: str) -> object:
 __all__ = ["DistillError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
            "run_recipe", "finetune", "distill_student", "evaluate", "evaluate_saved_model",
            "describe_model", "load_report", "print_report", "keep_layers", "select_layers",
-           "depth_importance", "shrink_width", "width_importance", "shrink_model", "shrink"]
+           "depth_importance", "shrink_width", "shrink_model", "shrink"]
