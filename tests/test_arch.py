@@ -70,16 +70,6 @@ def build(family: str, seed: int = 0) -> PreTrainedModel:
     return BUILDERS[family]().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine the thread pool's
-    spin-waiting makes them ~100x slower; restore the setting for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teachers() -> dict[str, PreTrainedModel]:
     return {family: build(family) for family in BUILDERS}

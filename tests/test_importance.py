@@ -26,15 +26,6 @@ from distill.importance import (calibration_loss, depth_importance, most_importa
 from distill.shrinking import evenly_spaced, keep_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # With other processes on the cores, 2 threads make tiny matmuls ~100x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 DEPTH, VOCAB = 4, 100
 
 

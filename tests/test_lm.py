@@ -29,15 +29,6 @@ from distill.models import resolve_model_path
 from distill.perplexity import perplexity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # With other processes on the cores, 2 threads make tiny matmuls ~100x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --- a tiny GGUF --------------------------------------------------------------------------------
 
 HEADS, KV_HEADS = 4, 2

@@ -67,16 +67,6 @@ def auto(family: str):
             AutoModelForCausalLM if family in DECODERS else AutoModelForSeq2SeqLM)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine the thread pool's
-    spin-waiting makes them ~100x slower; restore the setting for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(family: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     return BUILDERS[family]().eval()
