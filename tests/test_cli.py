@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -106,3 +107,30 @@ def test_shrink_command_cuts_depth_and_width(tiny_bert: Path, tiny_csv: Path,
     assert (config.num_hidden_layers, config.hidden_size) == (3, 16)
     result = runner.invoke(app, ["shrink", str(tiny_bert), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "pass at least one of --layers" in result.output
+
+
+@pytest.mark.integration
+def test_shrink_command_on_a_causal_lm_calibrates_on_shakespeare(tmp_path: Path) -> None:
+    """A tiny random Llama with SmolLM2's tokenizer: depth by importance and a width cut."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from distill.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+    src = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    result = runner.invoke(app, ["shrink", str(src), "--out", str(tmp_path / "small"),
+                                 "--layers", "3", "--intermediate", "32", "--examples", "4",
+                                 "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert "kept layers (importance):" in result.output
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert (small.config.num_hidden_layers, small.config.intermediate_size) == (3, 32)
+    out = small.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
