@@ -19,7 +19,7 @@ from distill.errors import DistillError
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
 from distill.models import count_params, load_tokenizer, resolve_model_path, save_model
 from distill.recipe import DataConfig, ShrinkStep
-from distill.stages.shrink import cut
+from distill.stages.shrink import cut, first_batches
 
 
 def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -50,13 +50,7 @@ def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: i
                                f"{task.label_names}; the model predicts {len(labels)}")
         loader = make_loader(tokenize_split(task.train, tokenizer, max_length), tokenizer,
                              32, shuffle=False, seed=0)
-        batches, seen = [], 0
-        for batch in loader:
-            batches.append({k: v for k, v in batch.items() if k != "idx"})
-            seen += len(batch["labels"])
-            if seen >= examples:
-                break
-        return batches
+        return first_batches(loader, examples)
     blocks = lm_blocks(tokenizer, "train", max_length, source=data or SHAKESPEARE,
                        max_blocks=max(1, examples), seed=0)
     batches = list(lm_batches(blocks, batch_size=8))

@@ -8,6 +8,7 @@ run: the evaluate stage measures each one, so the user sees where quality falls 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,16 +25,22 @@ from distill.stages.distill import kd_train, load_frozen_teacher, save_student
 from distill.width import shrink_width, width_importance
 
 
-def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
-                        ) -> list[dict[str, torch.Tensor]]:
-    """The first `examples` training examples (a fixed set: the split is already shuffled)."""
+def first_batches(loader: Iterable[dict[str, torch.Tensor]], examples: int
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Batches of an unshuffled loader until `examples` examples are in (without `idx`)."""
     batches, seen = [], 0
-    for batch in ctx.loader("train", batch_size):
+    for batch in loader:
         batches.append({k: v for k, v in batch.items() if k != "idx"})
         seen += len(batch["labels"])
         if seen >= examples:
             break
     return batches
+
+
+def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
+                        ) -> list[dict[str, torch.Tensor]]:
+    """The first `examples` training examples (a fixed set: the split is already shuffled)."""
+    return first_batches(ctx.loader("train", batch_size), examples)
 
 
 def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.Tensor]],
