@@ -1,1 +1,41 @@
-"""PEFT methods."""
+"""Parameter-efficient fine-tuning methods whose adapters Hugging Face PEFT can load.
+
+    import peft_methods as pm
+    model = pm.apply(hf_model, "lora", r=8, lora_alpha=16, target_modules=["query", "value"])
+    pm.trainable_report(model)        # {"trainable_params": ..., "trainable_percent": ...}
+    pm.save_adapter(model, "adapter/")  # adapter_config.json + adapter_model.safetensors
+    model = pm.load_adapter(fresh_hf_model, "adapter/")   # also loads adapters PEFT saved
+
+This package imports torch and transformers only (never `distill`). Each method is one module
+that registers itself; importing the package registers them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from peft_methods.base import (REGISTRY, AdaptedModel, Method, MethodConfig, PeftMethodError,
+                               adapter_state_dict, apply, get_method, load_adapter, merge,
+                               read_adapter_config, save_adapter, trainable_report, unmerge)
+
+# One line per method module; each registers its method(s) on import.
+_METHOD_MODULES = (
+    "full", "lora", "qlora", "adalora", "adapter", "bitfit", "ia3", "prompt_tuning",
+    "p_tuning", "prefix_tuning", "unipelt", "diff_tuning",
+)
+for _name in _METHOD_MODULES:
+    try:
+        importlib.import_module(f"peft_methods.{_name}")
+    except ModuleNotFoundError as _exc:  # a method not written yet
+        if _exc.name != f"peft_methods.{_name}":
+            raise
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(REGISTRY)
+
+
+__all__ = ["AdaptedModel", "Method", "MethodConfig", "PeftMethodError", "adapter_state_dict",
+           "apply", "available", "get_method", "load_adapter", "merge", "read_adapter_config",
+           "save_adapter", "trainable_report", "unmerge"]

@@ -1,0 +1,580 @@
+"""What every PEFT method shares: config base, the wrapped model, module matching, file IO.
+
+A method is one subclass of `Method` (one file per method) registered with `@register`. It
+changes the Hugging Face model in place (wrapping the layers it adapts, like PEFT does, so the
+tensor names match PEFT's) and may own extra modules (a prompt encoder) that live on the
+`AdaptedModel` wrapper. Everything else — freezing, `modules_to_save`, the trainable report,
+merge/unmerge, the two-file save format — is done here once.
+
+On disk (METHODS.md §4) an adapter is a folder with `adapter_config.json` and
+`adapter_model.safetensors`, the layout and tensor names of Hugging Face PEFT:
+- layer methods: `base_model.model.<module path>.<tensor>` (e.g. `...query.lora_A.weight`);
+- prompt-learning methods: `prompt_embeddings` plus `base_model.<path>` for saved modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+# The task heads PEFT saves for a classification task (PeftModelForSequenceClassification).
+HEAD_NAMES = ("classifier", "score")
+
+
+class PeftMethodError(ValueError):
+    """A user-facing mistake: bad config value, a pattern matching nothing, a method that does
+    not fit the model, an adapter folder that is not one. The message says what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses add theirs (each documented) and check them in
+    `__post_init__` (call `super().__post_init__()`)."""
+
+    # Modules that train fully and are saved with the adapter (PEFT's `modules_to_save`).
+    # None = automatic: for a classifier its head (`classifier`/`score`) and pooler, which a
+    # new task needs (METHODS.md §3); nothing for language models. Names match a module whose
+    # path equals the name or ends with `.name`.
+    modules_to_save: list[str] | None = None
+    # PEFT task type: SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM, FEATURE_EXTRACTION. None = from the
+    # model class.
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise PeftMethodError(f"Unsupported `task_type` {self.task_type!r}. Supported values "
+                                  f"are {', '.join(repr(t) for t in TASK_TYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "TOKEN_CLS",
+              "QUESTION_ANS")
+
+
+def infer_task_type(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    if name.endswith("ForQuestionAnswering"):
+        return "QUESTION_ANS"
+    if name.endswith("ForConditionalGeneration") and getattr(
+            getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    return "FEATURE_EXTRACTION"
+
+
+def make_config(config_cls: type[MethodConfig], options: dict[str, Any], method: str
+                ) -> MethodConfig:
+    """`config_cls(**options)` with unknown keys reported by name with a "did you mean"."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = [k for k in options if k not in names]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise PeftMethodError(f"{method}: unknown option {', '.join(hints)}; allowed: "
+                              f"{', '.join(names)}")
+    return config_cls(**options)
+
+
+# --------------------------------------------------------------------------------------------
+# module matching
+
+
+def module_matches(name: str, pattern: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regular expression over the full module path (fullmatch);
+    a list matches a module whose path equals an entry or ends with `.entry`."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == key or name.endswith("." + key) for key in pattern)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D (weight stored transposed: [in, out])."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) for nn.Linear and Conv1D alike."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # Conv1D: [in, out]
+    return w.shape[0], w.shape[1]
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Paths of the final projection(s) that `all-linear` leaves alone (lm_head, task head)."""
+    names: set[str] = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+        if name.split(".")[-1] in HEAD_NAMES or name.split(".")[0] in HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def find_targets(model: nn.Module, target: str | list[str], *, method: str,
+                 accept: Callable[[nn.Module], bool] = is_linear,
+                 exclude: Iterable[str] = ()) -> list[str]:
+    """Paths of the modules `target` selects (`"all-linear"` = every linear layer except the
+    output layer and task head). A pattern that selects nothing is an error listing close
+    names, and so is a selected module of a kind the method cannot wrap."""
+    excluded = set(exclude)
+    names = [n for n, _ in model.named_modules() if n and n not in excluded]
+    modules = dict(model.named_modules())
+    if target == "all-linear":
+        skip = output_layer_names(model)
+        found = [n for n in names if is_linear(modules[n]) and n not in skip]
+    else:
+        found = [n for n in names if module_matches(n, target)]
+    if not found:
+        leaves = sorted({n.split(".")[-1] for n in names if accept(modules[n])})
+        wanted = [target] if isinstance(target, str) else list(target)
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(
+            str(w).split(".")[-1], leaves, n=3, cutoff=0.4)})
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise PeftMethodError(f"{method}: target_modules {target!r} match no module of "
+                              f"{type(model).__name__}{hint}; its adaptable modules are "
+                              f"{', '.join(leaves[:20])}")
+    bad = [n for n in found if not accept(modules[n])]
+    if bad:
+        raise PeftMethodError(f"{method}: cannot adapt {bad[0]} ({type(modules[bad[0]]).__name__}); "
+                              f"target_modules must select linear layers")
+    return found
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def resolve_modules_to_save(model: nn.Module, config: MethodConfig, task_type: str
+                            ) -> list[str]:
+    """The module paths that train fully and are saved with the adapter."""
+    keys = config.modules_to_save
+    auto = keys is None
+    if auto:
+        keys = list(HEAD_NAMES) + ["pooler"] if task_type == "SEQ_CLS" else []
+    found = [n for n, _ in model.named_modules() if n and module_matches(n, keys)]
+    # keep outermost matches only (`classifier` and `classifier.dense` both match otherwise)
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    if not auto:
+        for key in keys:
+            if not any(module_matches(n, [key]) for n in found):
+                leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
+                close = difflib.get_close_matches(key, leaves, n=3)
+                raise PeftMethodError(
+                    f"modules_to_save: {key!r} matches no module"
+                    + (f"; close names: {', '.join(close)}" if close else ""))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# the wrapped model
+
+
+class AdaptedModel(nn.Module):
+    """A Hugging Face model with one PEFT method applied.
+
+    `model` is the (in-place modified) Hugging Face model; `extra` holds modules the method
+    owns outside it (prompt encoders). `forward`/`generate` go through the method, so prompt
+    methods can prepend their tokens; everything else passes straight through.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, config: MethodConfig, task_type: str,
+                 modules_to_save: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = nn.ModuleDict()
+        self.method = method
+        self.peft_config = config
+        self.task_type = task_type
+        self.modules_to_save = modules_to_save
+        self.merged = False
+
+    # HF-like conveniences used by training/evaluation code
+    @property
+    def config(self):  # noqa: D401 - the base model's config
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, *args, **kwargs):
+        return self.method.forward(self, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.method.generate(self, *args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser the method adds to the task loss (AdaLoRA orthogonality,
+        diff-tuning's λ‖Δ‖), or None."""
+        return self.method.extra_loss(self)
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
+        """Optimizer parameter groups when the method needs its own (LoRA+), else None."""
+        return self.method.optimizer_groups(self, lr, weight_decay)
+
+    def on_step(self, step: int) -> None:
+        """Called after each optimizer step, before gradients are cleared (AdaLoRA's budget)."""
+        self.method.on_step(self, step)
+
+
+# --------------------------------------------------------------------------------------------
+# methods and the registry
+
+
+class Method:
+    """One PEFT method. Subclasses set the class attributes and implement `inject`."""
+
+    name: ClassVar[str]                      # registry key, e.g. "lora"
+    peft_type: ClassVar[str]                 # adapter_config.json `peft_type`, e.g. "LORA"
+    config_cls: ClassVar[type[MethodConfig]]
+    prompt_learning: ClassVar[bool] = False  # PEFT's prompt-learning key layout
+    mergeable: ClassVar[bool] = False        # merge()/unmerge() supported
+    identity_at_init: ClassVar[bool] = True  # outputs unchanged right after apply()
+    # Parameter/buffer name parts that mark the method's own tensors inside the HF model
+    # (e.g. ("lora_A", "lora_B")); used by the default state-dict IO.
+    markers: ClassVar[tuple[str, ...]] = ()
+
+    # -- to implement ------------------------------------------------------------------------
+    def inject(self, adapted: AdaptedModel) -> None:
+        """Add the method's modules to `adapted.model` (and/or `adapted.extra`). Called after
+        every base parameter was frozen; new parameters train by default."""
+        raise NotImplementedError
+
+    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+        """Raise PeftMethodError when the method cannot fit this model."""
+
+    # -- optional hooks ----------------------------------------------------------------------
+    def forward(self, adapted: AdaptedModel, *args, **kwargs):
+        return adapted.model(*args, **kwargs)
+
+    def generate(self, adapted: AdaptedModel, *args, **kwargs):
+        return adapted.model.generate(*args, **kwargs)
+
+    def extra_loss(self, adapted: AdaptedModel) -> torch.Tensor | None:
+        return None
+
+    def optimizer_groups(self, adapted: AdaptedModel, lr: float, weight_decay: float
+                         ) -> list[dict] | None:
+        return None
+
+    def on_step(self, adapted: AdaptedModel, step: int) -> None:
+        return None
+
+    def merge(self, adapted: AdaptedModel) -> None:
+        """Default: every injected layer with a `merge()` merges."""
+        self._require_mergeable()
+        for module in adapted.model.modules():
+            if module is not adapted.model and hasattr(module, "merge") and \
+                    callable(module.merge) and getattr(module, "is_peft_layer", False):
+                module.merge()
+
+    def unmerge(self, adapted: AdaptedModel) -> None:
+        self._require_mergeable()
+        for module in adapted.model.modules():
+            if getattr(module, "is_peft_layer", False) and hasattr(module, "unmerge"):
+                module.unmerge()
+
+    def _require_mergeable(self) -> None:
+        if not self.mergeable:
+            raise PeftMethodError(f"{self.name} cannot be merged into the base weights; "
+                                  f"mergeable methods: {', '.join(mergeable_methods())}")
+
+    # -- file format -------------------------------------------------------------------------
+    def peft_config_dict(self, adapted: AdaptedModel) -> dict[str, Any]:
+        """adapter_config.json. Default: the config's fields plus the PEFT bookkeeping."""
+        out = {k: v for k, v in adapted.peft_config.to_dict().items()}
+        out.update(peft_type=self.peft_type, task_type=adapted.task_type,
+                   modules_to_save=adapted.modules_to_save or None, inference_mode=True,
+                   base_model_name_or_path=getattr(adapted.model.config, "_name_or_path", None)
+                   or None)
+        return out
+
+    def config_from_peft(self, data: dict[str, Any]) -> MethodConfig:
+        """Our config from an adapter_config.json (ours or PEFT's): known fields only."""
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        return self.config_cls(**{k: v for k, v in data.items() if k in names})
+
+    def key_prefix(self) -> str:
+        return "base_model." if self.prompt_learning else "base_model.model."
+
+    def adapter_state_dict(self, adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+        """The method's own tensors under PEFT's names (modules_to_save are added by the
+        caller). Default: every parameter of the HF model whose path has a marker part."""
+        prefix = self.key_prefix()
+        return {prefix + n: t for n, t in _marked(adapted.model, self.markers)}
+
+    def load_adapter_state_dict(self, adapted: AdaptedModel, state: dict[str, torch.Tensor]
+                                ) -> None:
+        """Load tensors named as `adapter_state_dict` names them; raises on missing keys."""
+        prefix = self.key_prefix()
+        own = dict(_marked(adapted.model, self.markers))
+        load_named(own, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                   what=self.name)
+
+
+def _marked(model: nn.Module, markers: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    items = list(model.named_parameters()) + list(model.named_buffers())
+    return [(n, t) for n, t in items if any(m in n.split(".") for m in markers)]
+
+
+def load_named(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], *,
+               what: str) -> None:
+    """Copy `source[k]` into `target[k]` for every k in `target`; missing keys and shape
+    mismatches are errors (an adapter for another model), extra keys are ignored here."""
+    missing = [k for k in target if k not in source]
+    if missing:
+        raise PeftMethodError(f"{what}: the adapter lacks {len(missing)} tensor(s) this model "
+                              f"needs, e.g. {missing[0]} — was it saved for another model?")
+    with torch.no_grad():
+        for k, t in target.items():
+            src = source[k]
+            if tuple(src.shape) != tuple(t.shape):
+                raise PeftMethodError(f"{what}: {k} has shape {tuple(src.shape)} in the adapter "
+                                      f"but {tuple(t.shape)} in the model")
+            t.copy_(src.to(dtype=t.dtype, device=t.device))
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: one line registers a method under `cls.name`."""
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        raise PeftMethodError(f"unknown PEFT method {name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def method_for_peft_type(peft_type: str, data: dict[str, Any]) -> Method:
+    """Our method for an adapter_config.json; `distill_method` (ours) wins over peft_type."""
+    ours = data.get("distill_method")
+    if ours:
+        return get_method(ours)
+    for m in REGISTRY.values():
+        if m.peft_type == peft_type:
+            return m
+    raise PeftMethodError(f"adapter peft_type {peft_type!r} is not supported; supported: "
+                          f"{', '.join(sorted({m.peft_type for m in REGISTRY.values()}))}")
+
+
+def mergeable_methods() -> list[str]:
+    return sorted(n for n, m in REGISTRY.items() if m.mergeable)
+
+
+# --------------------------------------------------------------------------------------------
+# the public operations (re-exported by peft_methods/__init__.py)
+
+
+def apply(model: nn.Module, method: str, **options: Any) -> AdaptedModel:
+    """Freeze `model`, add `method` with `options` (its config fields) and return the wrapped
+    model. `model` is changed in place (layers wrapped), as PEFT does."""
+    if isinstance(model, AdaptedModel):
+        raise PeftMethodError("the model already has a PEFT method applied; apply() takes the "
+                              "base Hugging Face model")
+    m = get_method(method)
+    config = make_config(m.config_cls, options, method)
+    return _apply(model, m, config)
+
+
+def _apply(model: nn.Module, m: Method, config: MethodConfig) -> AdaptedModel:
+    task_type = config.task_type or infer_task_type(model)
+    m.check_model(model, config)
+    to_save = resolve_modules_to_save(model, config, task_type)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = AdaptedModel(model, m, config, task_type, to_save)
+    m.inject(adapted)
+    for name in to_save:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return adapted
+
+
+def trainable_report(model: nn.Module) -> dict[str, Any]:
+    """Trainable and total parameter counts (elements; a quantized weight counts its logical
+    elements), the trainable share in percent, and the method name."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "logical_numel", None) or p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    for b in model.buffers():  # quantized frozen weights live in buffers
+        n = getattr(b, "logical_numel", None)
+        if n:
+            total += n
+    return {"method": model.method.name if isinstance(model, AdaptedModel) else "none",
+            "trainable_params": trainable, "total_params": total,
+            "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+
+def merge(model: AdaptedModel) -> AdaptedModel:
+    """Fold the method into the base weights (outputs unchanged); `unmerge` undoes it."""
+    _require_adapted(model)
+    if not model.merged:
+        model.method.merge(model)
+        model.merged = True
+    return model
+
+
+def unmerge(model: AdaptedModel) -> AdaptedModel:
+    _require_adapted(model)
+    if model.merged:
+        model.method.unmerge(model)
+        model.merged = False
+    return model
+
+
+def _require_adapted(model: nn.Module) -> None:
+    if not isinstance(model, AdaptedModel):
+        raise PeftMethodError("expected a model returned by peft_methods.apply()")
+
+
+def adapter_state_dict(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """Everything `save_adapter` writes: the method's tensors and the modules_to_save, under
+    PEFT's names."""
+    _require_adapted(model)
+    m = model.method
+    state = m.adapter_state_dict(model)
+    prefix = m.key_prefix()
+    for name in model.modules_to_save:
+        for n, t in model.model.get_submodule(name).state_dict().items():
+            state[f"{prefix}{name}.{n}"] = t
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_adapter(model: AdaptedModel, directory: str | os.PathLike) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` to `directory` atomically
+    (a temporary sibling folder renamed into place, so a crash never leaves half a folder)."""
+    _require_adapted(model)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = model.method.peft_config_dict(model)
+    state = adapter_state_dict(model)
+    # tied tensors (the same storage under two names) must be saved as separate copies
+    state = {k: v.clone() for k, v in state.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True,
+                                                  default=_json_default) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to adapter_config.json")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise PeftMethodError(f"{directory}: not an adapter folder (no {CONFIG_NAME})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PeftMethodError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if "peft_type" not in data:
+        raise PeftMethodError(f"{path}: no `peft_type`; not a PEFT adapter config")
+    return data
+
+
+def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = False
+                         ) -> dict[str, torch.Tensor]:
+    """The adapter's tensors. Pickled `adapter_model.bin` is refused unless `allow_pickle`,
+    because unpickling can run arbitrary code."""
+    d = Path(directory)
+    if (d / WEIGHTS_NAME).is_file():
+        return load_file(str(d / WEIGHTS_NAME))
+    if (d / PICKLE_NAME).is_file():
+        if not allow_pickle:
+            raise PeftMethodError(f"{d / PICKLE_NAME} is a pickled checkpoint; loading it can "
+                                  f"run arbitrary code. Convert it to safetensors, or pass "
+                                  f"allow_pickle=True if you trust its source")
+        return torch.load(d / PICKLE_NAME, map_location="cpu", weights_only=True)
+    raise PeftMethodError(f"{d}: no {WEIGHTS_NAME}")
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *,
+                 allow_pickle: bool = False) -> AdaptedModel:
+    """Apply the adapter saved in `directory` (by us or by PEFT) to `base_model` (changed in
+    place) and return the wrapped model, frozen except for what the method trains."""
+    data = read_adapter_config(directory)
+    m = method_for_peft_type(data["peft_type"], data)
+    config = m.config_from_peft(data)
+    state = read_adapter_weights(directory, allow_pickle=allow_pickle)
+    adapted = _apply(base_model, m, config)
+    m.load_adapter_state_dict(adapted, state)
+    prefix = m.key_prefix()
+    for name in adapted.modules_to_save:
+        module = adapted.model.get_submodule(name)
+        own = {f"{name}.{n}": t for n, t in module.state_dict().items()}
+        load_named(own, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                   | _peft_modules_to_save_aliases(state, prefix), what="modules_to_save")
+    return adapted
+
+
+def _peft_modules_to_save_aliases(state: dict[str, torch.Tensor], prefix: str
+                                  ) -> dict[str, torch.Tensor]:
+    """Older PEFT files name saved modules `<path>.modules_to_save.<tensor>`; map them back."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix) and ".modules_to_save." in k:
+            out[k[len(prefix):].replace(".modules_to_save.", ".", 1)] = v
+    return out
+
