@@ -40,6 +40,8 @@ def __getattr__(name: str) -> object:
         "shrink_width": ("distill.width", "shrink_width"),
         "shrink_model": ("distill.oneoff", "shrink_model"),
         "shrink": ("distill.stages.shrink", "run"),
+        "adapt": ("distill.stages.adapt", "run"),
+        "attach": ("distill.attaching", "attach"),
     }
     if name in lazy:
         import importlib
@@ -52,4 +54,4 @@ def __getattr__(name: str) -> object:
 __all__ = ["DistillError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
            "run_recipe", "finetune", "distill_student", "evaluate", "evaluate_saved_model",
            "describe_model", "load_report", "print_report", "keep_layers", "select_layers",
-           "depth_importance", "shrink_width", "shrink_model", "shrink"]
+           "depth_importance", "shrink_width", "shrink_model", "shrink", "adapt", "attach"]

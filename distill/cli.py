@@ -37,13 +37,22 @@ def _setup() -> None:
     quiet_transformers()
 
 
+def _is_peft_error(exc: BaseException) -> bool:
+    """A user error raised by `peft_methods` (imported only when a ValueError occurs)."""
+    from peft_methods.base import PeftMethodError
+
+    return isinstance(exc, PeftMethodError)
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn `DistillError` into a short message on stderr and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except DistillError as exc:
+        except (DistillError, ValueError) as exc:
+            if not isinstance(exc, DistillError) and not _is_peft_error(exc):
+                raise
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(2) from None
@@ -164,6 +173,58 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
     console.print(table)
     if "kept_layers" in result:
         console.print(f"kept layers ({strategy}): {result['kept_layers']}")
+
+
+@app.command()
+@_user_errors
+def attach(student: Annotated[str, typer.Argument(help="A saved student (HF directory).")],
+           method: Annotated[str, typer.Option(help="PEFT method (see --list).")] = "lora",
+           data: Annotated[str, typer.Option(help="Dataset: builtin:NAME, file or folder.")]
+           = "builtin:bbc_news",
+           option: Annotated[list[str] | None, typer.Option(
+               "--option", "-O", help="Method option KEY=VALUE, e.g. -O r=8 "
+               "-O 'target_modules=[query, value]' (repeatable).")] = None,
+           epochs: float = 5, learning_rate: Annotated[float, typer.Option(
+               "--lr", help="Learning rate.")] = 1e-3,
+           batch_size: int = 32, max_length: int = 128, seed: int = 0,
+           text_column: str = "text", label_column: str = "label",
+           bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
+           output: Annotated[Path | None, typer.Option(
+               "--output", "-o", help="Run directory (default: runs/attach-<method>).")] = None,
+           force: Annotated[bool, typer.Option(help="Replace an existing run directory.")]
+           = False,
+           list_methods: Annotated[bool, typer.Option(
+               "--list", help="List the methods and exit.")] = False,
+           ) -> None:
+    """Attach a PEFT adapter to a student and train it on a task (a one-stage recipe).
+
+    Reports trainable parameters, their share of the model, test accuracy and seconds per
+    step; the adapter is saved in Hugging Face PEFT's format.
+    """
+    import peft_methods
+    from distill.attaching import attach as attach_fn, parse_options
+    from distill.recipe import DataConfig
+
+    if list_methods:
+        table = Table("method", "PEFT type", "mergeable", "description")
+        for name in peft_methods.available():
+            m = peft_methods.get_method(name)
+            doc = (type(m).__doc__ or "").strip().splitlines()[0] if type(m).__doc__ else ""
+            table.add_row(name, m.peft_type, "yes" if m.mergeable else "no", doc)
+        console.print(table)
+        return
+    cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
+                     max_length=max_length)
+    rec = attach_fn(student, method, cfg, parse_options(option or []), output=output,
+                    force=force, console=console, epochs=epochs, learning_rate=learning_rate,
+                    batch_size=batch_size, seed=seed, bf16=bf16)
+    table = Table("metric", "value", title=f"{method} on {student} for {data}")
+    table.add_row("trainable params", f"{rec['trainable_params']:,}")
+    table.add_row("share of the model", f"{rec['trainable_percent']:.3f} %")
+    table.add_row("test accuracy", f"{rec['metric']['value']:.4f}")
+    table.add_row("seconds per step", f"{rec['seconds_per_step']:.3f}")
+    table.add_row("adapter", f"{rec['run_dir']}/{rec['adapter']}")
+    console.print(table)
 
 
 @app.command("eval")

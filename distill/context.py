@@ -29,6 +29,7 @@ class ModelRef:
     path: str  # HF directory, built-in name or hub id
     stage_index: int | None = None
     step_index: int | None = None  # for models made by the steps of a shrink stage
+    kind: str = "model"  # "model" (an HF directory) or "adapter" (a PEFT adapter folder)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class StageResult:
     # Stages that make several models (shrink steps): (step name, model dir), in order;
     # `model_dir` is then the last of them.
     step_models: list[tuple[str, Path]] = field(default_factory=list)
+    # Metrics the stage measured itself (adapt: on its own task), for the report.
+    model_metrics: dict | None = None
+    artifact_kind: str = "model"  # what `model_dir` holds: "model" or "adapter"
 
 
 @dataclass

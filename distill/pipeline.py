@@ -155,7 +155,10 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         if result.model_dir is not None:
             record["artifact"] = str(result.model_dir.relative_to(run_dir))
             if not result.step_models:
-                ctx.models.append(ModelRef(name, str(result.model_dir), index))
+                ctx.models.append(ModelRef(name, str(result.model_dir), index,
+                                           kind=result.artifact_kind))
+        if result.model_metrics is not None:
+            evaluated[name] = result.model_metrics
         if stage.kind == "evaluate":
             evaluated.update(result.metrics["models"])
         if main:

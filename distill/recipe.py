@@ -209,9 +209,46 @@ class ShrinkStage:
         return []
 
 
-Stage = Union[FinetuneStage, DistillStage, ShrinkStage, EvaluateStage]
+@dataclass
+class AdaptStage(TrainArgs):
+    """PEFT on a model of the run (METHODS.md §3), maybe for another task with a new head.
+
+    The adapter (PEFT format) is saved in the stage folder; the stage evaluates itself on its
+    data's test split, since its task may not be the recipe's.
+    """
+
+    kind: Literal["adapt"] = "adapt"
+    # A method of `peft_methods` (`distill attach --help` lists them), e.g. lora, ia3, houlsby.
+    method: str = "lora"
+    # The method's options, e.g. {r: 8, lora_alpha: 16, target_modules: [query, value]}.
+    config: dict[str, Any] = field(default_factory=dict)
+    # The base model: "previous" (the run's latest model), "teacher", or a path/built-in name.
+    model: str = "previous"
+    # The task data; default: the recipe's `data`. A new label set gets a new head.
+    data: DataConfig | None = None
+    # PEFT methods train few parameters and want larger steps than full fine-tuning.
+    learning_rate: float = field(default=1e-3, metadata=value_range(0, lo_open=True))
+    # A name for the report rows (default: the method).
+    label: str | None = None
+
+    def check(self, path: str) -> list[str]:
+        import peft_methods
+
+        try:
+            peft_methods.base.make_config(peft_methods.get_method(self.method).config_cls,
+                                          self.config, self.method)
+        except peft_methods.PeftMethodError as exc:
+            key = "method" if "unknown PEFT method" in str(exc) else "config"
+            return [f"{path}.{key}: {exc}"]
+        except (TypeError, ValueError) as exc:
+            return [f"{path}.config: {exc}"]
+        return []
+
+
+Stage = Union[FinetuneStage, DistillStage, ShrinkStage, AdaptStage, EvaluateStage]
 STAGE_KINDS: dict[str, type] = {"finetune": FinetuneStage, "distill": DistillStage,
-                                "shrink": ShrinkStage, "evaluate": EvaluateStage}
+                                "shrink": ShrinkStage, "adapt": AdaptStage,
+                                "evaluate": EvaluateStage}
 
 
 @dataclass

@@ -68,6 +68,12 @@ class Converter:
                 return None
             (item_tp,) = typing.get_args(tp)
             return [self.convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                self.fail(path, f"{value!r} should be a mapping of names to values")
+                return None
+            _, value_tp = typing.get_args(tp)
+            return {k: self.convert(v, value_tp, f"{path}.{k}") for k, v in value.items()}
         if dataclasses.is_dataclass(tp):
             return self.dataclass(value, tp, path)
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):

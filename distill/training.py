@@ -84,7 +84,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
 
     Args:
         unit: module whose `forward(batch: dict[str, Tensor]) -> (loss, parts)` computes the
-            stage's loss; its parameters with `requires_grad` are optimized.
+            stage's loss; its parameters with `requires_grad` are optimized. It may define
+            `optimizer_groups(lr, weight_decay) -> list[dict] | None` (its own AdamW groups)
+            and `on_step(step)` (called after each optimizer step, before gradients clear).
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
             `idx` [B].
         keep: the sub-module whose weights are the stage's result (e.g. the student).
@@ -97,7 +99,13 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     params = [p for p in unit.parameters() if p.requires_grad]
     if not params:
         raise DistillError(f"{desc}: nothing to train (no parameter requires a gradient)")
-    optimizer = torch.optim.AdamW(_param_groups(unit, args.weight_decay), lr=args.learning_rate)
+    # A unit may ask for its own parameter groups (LoRA+ gives B a larger learning rate).
+    groups = (unit.optimizer_groups(args.learning_rate, args.weight_decay)
+              if hasattr(unit, "optimizer_groups") else None)
+    optimizer = torch.optim.AdamW(groups or _param_groups(unit, args.weight_decay),
+                                  lr=args.learning_rate)
+    # Called after each optimizer step while the gradients still exist (AdaLoRA's rank budget).
+    on_step = getattr(unit, "on_step", None)
     unit, optimizer, train_loader = accelerator.prepare(unit, optimizer, train_loader)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
@@ -146,8 +154,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
+                if on_step is not None:
+                    on_step(result.steps)
+                optimizer.zero_grad(set_to_none=True)
                 result.last_loss = sum(window) / len(window)
                 progress.update(task, advance=1, loss=f"{result.last_loss:.4f}")
                 if result.steps % args.log_every == 0 or result.steps == total_steps:

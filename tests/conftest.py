@@ -57,6 +57,21 @@ def write_tiny_dataset(path: Path, n: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def write_tiny_topics(path: Path, n: int = 180, seed: int = 1) -> Path:
+    """A csv with a *different* 3-label task: which word group a text is about (a new head)."""
+    rng = random.Random(seed)
+    groups = {"praise": POSITIVE, "complaint": NEGATIVE,
+              "craft": "film movie story plot actor scene script".split()}
+    rows = ["text,label"]
+    for i in range(n):
+        label = list(groups)[i % 3]
+        words = rng.sample(groups[label], 3) + rng.sample("is was a an and of it".split(), 3)
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _threads(request: pytest.FixtureRequest):
     """One thread for tests on tiny models; all cores for `integration` tests."""
@@ -78,6 +93,11 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny-data") / "reviews.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_topics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_topics(tmp_path_factory.mktemp("topics") / "topics.csv")
 
 
 def tiny_recipe(model: Path, data: Path, **overrides: object) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distill.stages import distill, evaluate, finetune, shrink
+from distill.stages import adapt, distill, evaluate, finetune, shrink
 
 RUNNERS: dict[str, Callable] = {
     "finetune": finetune.run,
     "distill": distill.run,
     "shrink": shrink.run,
+    "adapt": adapt.run,
     "evaluate": evaluate.run,
 }

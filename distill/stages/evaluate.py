@@ -80,8 +80,9 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
 def run(ctx: RunContext, cfg: EvaluateStage, stage_dir: Path) -> StageResult:
     """Evaluate the teacher and every model the run has made so far."""
     # The finetune stage's model *is* the teacher: evaluate it once, as "teacher".
+    # Adapters were measured by their own stage, on their own task.
     refs = [ModelRef("teacher", ctx.teacher_source)] + [
-        m for m in ctx.models if m.path != ctx.teacher_source]
+        m for m in ctx.models if m.path != ctx.teacher_source and m.kind == "model"]
     return StageResult("done", None, {"split": cfg.split,
                                       "models": evaluate_models(ctx, refs, cfg)})
 

@@ -1,0 +1,154 @@
+"""`adapt`: a PEFT method on a model of the run, maybe for a new task with a new head.
+
+The base model is frozen; the method's parameters and the `modules_to_save` (the new head and
+the pooler, METHODS.md §3) train in the shared loop. The adapter is saved in PEFT's format in
+`stages/NN-adapt/adapter/`, and the stage evaluates itself on its own data's test split:
+accuracy, trainable parameters and their share, seconds per optimizer step, latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import peft_methods
+from distill.context import RunContext, StageResult
+from distill.data import load_task_data
+from distill.errors import DistillError
+from distill.losses import hard_ce_loss
+from distill.metrics import classification_metrics, latency_ms
+from distill.models import count_params, dir_size_mb, load_classifier
+from distill.recipe import AdaptStage
+from distill.stages.evaluate import latency_inputs
+from distill.training import train_loop
+
+
+class AdaptUnit(nn.Module):
+    """Cross-entropy of the adapted classifier plus the method's regulariser (AdaLoRA's
+    orthogonality, diff-tuning's λ‖Δ‖); passes the method's optimizer groups and per-step
+    hook through to the training loop."""
+
+    def __init__(self, model: peft_methods.AdaptedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = hard_ce_loss(out.logits, batch["labels"])
+        parts = {"loss_ce": float(loss.detach())}
+        extra = self.model.extra_loss()
+        if extra is not None:
+            parts["loss_reg"] = float(extra.detach())
+            loss = loss + extra
+        return loss, parts
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
+        return self.model.optimizer_groups(lr, weight_decay)
+
+    def on_step(self, step: int) -> None:
+        self.model.on_step(step)
+
+
+def base_model_source(ctx: RunContext, choice: str) -> str:
+    """The model the adapter goes on: the run's latest model, the teacher, or a path."""
+    if choice == "teacher":
+        return ctx.teacher_source
+    if choice == "previous":
+        models = [m for m in ctx.models if m.kind == "model"]
+        return models[-1].path if models else ctx.teacher_source
+    return choice
+
+
+def apply_method(model: nn.Module, method: str, options: dict) -> peft_methods.AdaptedModel:
+    """`peft_methods.apply` with its user errors turned into DistillError (exit code 2)."""
+    try:
+        return peft_methods.apply(model, method, **options)
+    except peft_methods.PeftMethodError as exc:
+        raise DistillError(f"{method}: {exc}".replace(f"{method}: {method}: ", f"{method}: ")
+                           ) from None
+
+
+def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter_dir: Path,
+                    *, seconds_per_step: float, batch_size: int) -> dict:
+    """The DESIGN.md model record of an adapted model, plus the adapter fields."""
+    adapted.eval()
+    report = peft_methods.trainable_report(adapted)
+    # Quantized base weights (QLoRA) live in buffers; the report counts their elements.
+    params = report["total_params"]
+    total, non_emb = count_params(adapted)
+    non_emb = params - (total - non_emb)
+    scores = classification_metrics(adapted, ctx.loader("test", batch_size), ctx.num_labels)
+    latency = {}
+    for b in (1, 32):
+        inputs = latency_inputs(ctx.tokenizer, ctx.data.test, b, ctx.recipe.data.max_length)
+        latency[f"batch{b}"] = round(latency_ms(adapted, **inputs, runs=5), 3)
+    return {
+        "params": params, "params_non_embedding": non_emb,
+        "size_mb": round(dir_size_mb(adapter_dir), 3), "latency_ms": latency,
+        "metric": {"name": "accuracy", "value": scores["accuracy"], "split": "test"},
+        "f1_macro": scores["f1_macro"],
+        # A new task has no teacher score to retain; the report leaves it blank.
+        "retention": None,
+        "method": adapted.method.name, "trainable_params": report["trainable_params"],
+        "trainable_percent": round(report["trainable_percent"], 4),
+        "seconds_per_step": round(seconds_per_step, 4),
+    }
+
+
+def task_context(ctx: RunContext, cfg: AdaptStage) -> RunContext:
+    """The run context with the stage's own data (and a fresh tokenization cache)."""
+    if cfg.data is None:
+        return ctx
+    recipe = dataclasses.replace(ctx.recipe, data=cfg.data)
+    return dataclasses.replace(ctx, recipe=recipe, data=load_task_data(cfg.data),
+                               _tokenized={})
+
+
+def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
+    """Attach `cfg.method` to the base model, train it on the stage's task, save, measure."""
+    task = task_context(ctx, cfg)
+    source = base_model_source(ctx, cfg.model)
+    seed = ctx.stage_seed(cfg.seed)  # before loading: a new head is initialised here
+    model, _ = load_classifier(source, task.data.label_names, ctx.recipe.teacher.trust_remote_code)
+    adapted = apply_method(model, cfg.method, cfg.config)
+    share = peft_methods.trainable_report(adapted)
+    ctx.console.print(f"  {cfg.method} on {source}: {share['trainable_params']:,} trainable "
+                      f"parameters ({share['trainable_percent']:.2f} % of "
+                      f"{share['total_params']:,})")
+    eval_seconds = [0.0]
+
+    def validate() -> float:
+        start = time.perf_counter()
+        value = task.validation_accuracy(adapted, cfg.eval_batch_size)
+        eval_seconds[0] += time.perf_counter() - start
+        return value
+
+    adapted.train()
+    result = train_loop(
+        AdaptUnit(adapted), task.loader("train", cfg.batch_size, shuffle=True, seed=seed), cfg,
+        accelerator=ctx.accelerator, keep=adapted, evaluate=validate,
+        log_path=stage_dir / "log.jsonl", desc=f"adapt {cfg.label or cfg.method}",
+        console=ctx.console)
+    seconds_per_step = (result.seconds - eval_seconds[0]) / max(result.steps, 1)
+    out = stage_dir / "adapter"
+    adapted = ctx.accelerator.unwrap_model(adapted)
+    if ctx.is_main:
+        peft_methods.save_adapter(adapted, out)
+    ctx.accelerator.wait_for_everyone()
+    with torch.no_grad():
+        record = adapter_metrics(task, adapted, out, seconds_per_step=seconds_per_step,
+                                 batch_size=cfg.eval_batch_size)
+    record["base_model"] = source
+    ctx.console.print(f"  {cfg.label or cfg.method}: test accuracy "
+                      f"{record['metric']['value']:.4f}, {seconds_per_step:.3f} s/step")
+    return StageResult("done", out, {
+        "method": cfg.method, "label": cfg.label or cfg.method, "base_model": source,
+        "dataset": task.recipe.data.dataset, "labels": task.data.label_names,
+        "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
+        "history": result.history, "seed": seed, "model": record},
+        model_metrics=record, artifact_kind="adapter")
