@@ -193,7 +193,12 @@ def resolve_modules_to_save(model: nn.Module, config: MethodConfig, task_type: s
     # keep outermost matches only (`classifier` and `classifier.dense` both match otherwise)
     found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
     if not auto:
+        heads_found = any(module_matches(n, list(HEAD_NAMES)) for n in found)
         for key in keys:
+            # PEFT's classifier configs list both head names (`classifier`, `score`); a
+            # model has one of them, so the other one missing is not a mistake.
+            if key in HEAD_NAMES and heads_found:
+                continue
             if not any(module_matches(n, [key]) for n in found):
                 leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
                 close = difflib.get_close_matches(key, leaves, n=3)
