@@ -72,6 +72,9 @@ def write_report(run_dir: Path, report: dict) -> None:
     tradeoff = plot_tradeoff(run_dir, report)
     if tradeoff is not None:
         plots.append(tradeoff)
+    adapters = plot_adapters(run_dir, report)
+    if adapters is not None:
+        plots.append(adapters)
     markdown = render_markdown(report, plots=[p.name for p in plots])
     _atomic_write(run_dir / "report.md", markdown.encode("utf-8"))
 
@@ -399,8 +402,10 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
         return None
     # Only models scored with the same metric share a y-axis; accuracy next to perplexity on
     # one scale would mislead. The first named one (the teacher's, when known) wins.
+    # Adapters solve their own task (adapters.png); they are not points on this trade-off.
     points = [(label, _num(m.get("params")), _num(_dict(m.get("metric")).get("value")))
-              for label, m, _ in models if _metric_name(m) == names[0]]
+              for label, m, stage in models
+              if _metric_name(m) == names[0] and not _extra(m, stage, "method")]
     points = [(label, x / 1e6, y) for label, x, y in points if x is not None and y is not None]
     if not points:
         return None
@@ -426,3 +431,33 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
         ret.set_ylabel("retention vs teacher (%)")
     ax.grid(alpha=0.3)
     return _save(fig, Path(run_dir) / "tradeoff.png")
+
+
+def plot_adapters(run_dir: Path, report: dict) -> Path | None:
+    """Task metric (y) vs trainable parameters (x, log scale) of each adapter stage.
+
+    Returns:
+        run_dir/adapters.png, or None when the run has no adapter stage with both numbers.
+    """
+    points, metric = [], "metric"
+    for label, m, stage in _models(report):
+        method = _extra(m, stage, "method")
+        x = _num(_extra(m, stage, "trainable_params"))
+        y = _num(_dict(m.get("metric")).get("value"))
+        if method and x and y is not None:
+            points.append((str(method), x, y))
+            metric = _metric_name(m) or metric
+    if not points:
+        return None
+    fig = _new_figure((7, 4.5))
+    ax = fig.add_subplot()
+    for label, x, y in points:
+        ax.scatter([x], [y], s=50, color="C2" if label == "full" else "C0", zorder=2)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    ax.set_xscale("log")
+    ax.margins(0.12)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{metric} on the adapter task")
+    ax.set_title(f"{report.get('recipe') or 'run'} — adapters: quality vs trainable size")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, Path(run_dir) / "adapters.png")

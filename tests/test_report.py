@@ -195,7 +195,7 @@ def test_report_md_links_only_existing_plots(tmp_path: Path, report: dict) -> No
     write_report(tmp_path, report)
     md = (tmp_path / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert links == ["loss_01-distill.png", "tradeoff.png"]
+    assert links == ["loss_01-distill.png", "tradeoff.png", "adapters.png"]
     assert all(_is_png(tmp_path / link) for link in links)
     assert "loss_02-adapt.png" not in md
 
