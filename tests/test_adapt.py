@@ -86,3 +86,35 @@ def test_attach_cli_lists_methods_and_rejects_bad_options(tiny_bert: Path) -> No
     assert "unknown PEFT method 'nope'" in result.output
     result = runner.invoke(app, ["attach", str(tiny_bert), "-O", "r8"])
     assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+
+
+def test_lora_adapter_from_a_run_loads_in_hugging_face_peft(tiny_bert: Path, tiny_csv: Path,
+                                                            tiny_topics: Path,
+                                                            tmp_path: Path) -> None:
+    """The adapt stage's LoRA adapter is what PEFT reads: same predictions from
+    `peft.PeftModel.from_pretrained` and from our `load_adapter` on the same student."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    raw = adapt_recipe(tiny_bert, tiny_csv, tiny_topics, method="lora",
+                       config={"r": 4, "lora_alpha": 8})
+    report = run_recipe(recipe_from_dict(raw), output=tmp_path / "run")
+    stage = report["stages"][2]
+    assert stage["model"]["method"] == "lora"
+    # LoRA + the new head + the pooler: a small share of the model
+    assert stage["model"]["trainable_params"] < 0.5 * stage["model"]["params"]
+    student = tmp_path / "run/stages/01-distill/model"
+    adapter = tmp_path / "run" / stage["artifact"]
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(
+            student, num_labels=3, ignore_mismatched_sizes=True).eval()
+
+    ids = torch.randint(5, 30, (4, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base(), adapter).eval()(
+            input_ids=ids, attention_mask=mask).logits
+        ours = peft_methods.load_adapter(base(), adapter).eval()(
+            input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs)
