@@ -177,7 +177,8 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
 
 @app.command()
 @_user_errors
-def attach(student: Annotated[str, typer.Argument(help="A saved student (HF directory).")],
+def attach(student: Annotated[str | None, typer.Argument(
+               help="A saved student (HF directory).")] = None,
            method: Annotated[str, typer.Option(help="PEFT method (see --list).")] = "lora",
            data: Annotated[str, typer.Option(help="Dataset: builtin:NAME, file or folder.")]
            = "builtin:bbc_news",
@@ -213,6 +214,9 @@ def attach(student: Annotated[str, typer.Argument(help="A saved student (HF dire
             table.add_row(name, m.peft_type, "yes" if m.mergeable else "no", doc)
         console.print(table)
         return
+    if student is None:
+        raise DistillError("attach: give the student to adapt, e.g. distill attach "
+                           "runs/NAME/stages/01-distill/model --method lora")
     cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
                      max_length=max_length)
     rec = attach_fn(student, method, cfg, parse_options(option or []), output=output,

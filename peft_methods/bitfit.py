@@ -87,6 +87,8 @@ def selected_biases(model: nn.Module, config: BitFitConfig, modules_to_save: lis
 
 @register
 class BitFit(Method):
+    """BitFit: only the bias terms train (all, or those matching `bias_patterns`)."""
+
     name = "bitfit"
     peft_type = "BITFIT"
     config_cls = BitFitConfig

@@ -17,6 +17,8 @@ class FullConfig(MethodConfig):
 
 @register
 class FullFineTune(Method):
+    """Full fine-tuning: every parameter trains (the baseline)."""
+
     name = "full"
     peft_type = "FULL"
     config_cls = FullConfig

@@ -240,6 +240,8 @@ def ia3_targets(model: nn.Module, config: IA3Config, target: list[str] | str,
 
 @register
 class IA3(Method):
+    """IA3: learned vectors (init 1) rescale keys, values and the feed-forward activation; as PEFT."""
+
     name = "ia3"
     peft_type = "IA3"
     config_cls = IA3Config

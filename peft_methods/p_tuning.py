@@ -91,6 +91,8 @@ class PromptEncoder(nn.Module):
 
 @register
 class PTuning(EmbeddingPromptMethod):
+    """P-tuning: a prompt encoder (LSTM or MLP) makes m virtual tokens, prepended to the input."""
+
     name = "p_tuning"
     peft_type = "P_TUNING"
     config_cls = PTuningConfig

@@ -24,13 +24,22 @@ PEFT quirks kept on purpose, so that outputs agree with PEFT's:
   `2i mod L` — half of the table is unused. The encoder gets no prefix.
 - user `position_ids` are shifted by `m` (past the prefix); BERT-like classifiers whose head
   forward takes no cache run backbone -> (dropout) -> head, as PEFT does.
+
+`encoder_prefix=True` (T5 family only; off by default) gives the encoder its own prefixes too,
+as METHODS.md §3 asks: a second table (`extra["encoder_prefix"]`, with its own MLP when
+`prefix_projection` is on) saved collapsed as the extra tensor `encoder_prompt_embeddings`
+next to PEFT's `prompt_embeddings`, with `distill_method` and `"encoder_prefix": true` in the
+config. The decoder part stays PEFT's exactly; PEFT itself loads such a file but ignores the
+encoder part (its outputs then differ from ours). Mechanism: encoder_prefix.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +49,8 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from peft_methods.base import (HEAD_NAMES, AdaptedModel, MethodConfig, PeftMethodError,
                                infer_task_type, register)
-from peft_methods.prompt_tuning import (PromptLearningConfig, PromptLearningMethod,
+from peft_methods.encoder_prefix import encoder_attentions, encoder_dims, encoder_prefixes
+from peft_methods.prompt_tuning import (PromptLearningConfig, PromptLearningMethod, PromptTable,
                                         check_choice, check_int)
 
 INIT_WEIGHTS = (None, "zero")
@@ -58,12 +68,18 @@ class PrefixTuningConfig(PromptLearningConfig):
     # None: random init (N(0, 1), PEFT's). "zero": the prefixes start at zero (the table, or the
     # MLP's last layer) — zero keys still take attention weight, so this is not an identity.
     init_weights: str | None = None
+    # Encoder–decoder (T5 family) only. False: PEFT-compatible, only the decoder's
+    # self-attention gets prefixes. True: METHODS.md §3's separate encoder and decoder
+    # prefixes — every encoder self-attention also gets m learned keys/values of its own
+    # (a separate table; zero position bias for the prefix columns; see encoder_prefix.py).
+    encoder_prefix: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.prefix_projection, bool):
-            raise PeftMethodError(f"Unsupported `prefix_projection` {self.prefix_projection!r}. "
-                                  f"Supported values are true, false")
+        for name in ("prefix_projection", "encoder_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                raise PeftMethodError(f"Unsupported `{name}` {getattr(self, name)!r}. "
+                                      f"Supported values are true, false")
         check_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
         check_choice("init_weights", self.init_weights, INIT_WEIGHTS)
 
@@ -157,6 +173,15 @@ class PrefixTuning(PromptLearningMethod):
         if any(data.get(k) is not None for k in ("per_layer_config", "global_head_dim")):
             raise PeftMethodError(f"{what}: layers with different attention shapes are not "
                                   f"supported; use prompt_tuning or p_tuning")
+        if getattr(config, "encoder_prefix", False):
+            if task != "SEQ_2_SEQ_LM":
+                raise PeftMethodError(f"{what}: encoder_prefix needs an encoder–decoder model "
+                                      f"(task SEQ_2_SEQ_LM, T5 family); this one is {task} — "
+                                      f"leave encoder_prefix false")
+            encoder_attentions(model)  # T5 family, or a clear error
+            if model.config._attn_implementation not in ("eager", "sdpa"):
+                raise PeftMethodError(f"{what}: encoder_prefix supports eager and sdpa "
+                                      f"attention, not {model.config._attn_implementation}")
 
     def inject(self, adapted: AdaptedModel) -> None:
         super().inject(adapted)
@@ -169,6 +194,60 @@ class PrefixTuning(PromptLearningMethod):
         if adapted.task_type == "SEQ_2_SEQ_LM" and decoder and decoder != cfg.num_layers:
             raise PeftMethodError(f"{self.name}: the decoder has {decoder} layers but "
                                   f"num_layers is {cfg.num_layers}; set num_layers={decoder}")
+        if cfg.encoder_prefix:  # the encoder's own table, built after the decoder's
+            enc = self.encoder_table_config(adapted)
+            module = PromptTable(enc.num_virtual_tokens, prefix_width(enc)) \
+                if cfg.inference_mode else PrefixEncoder(enc)
+            adapted.extra["encoder_prefix"] = module.to(adapted.device)
+
+    @staticmethod
+    def encoder_table_config(adapted: AdaptedModel) -> PrefixTuningConfig:
+        """The config of the encoder's table: the encoder's layers and attention width."""
+        layers, heads, head_dim = encoder_dims(adapted.model)
+        return dataclasses.replace(adapted.peft_config, num_layers=layers,
+                                   token_dim=heads * head_dim, num_attention_heads=heads)
+
+    def encoder_context(self, adapted: AdaptedModel):
+        """Encoder prefixes in effect for one model call (a no-op when encoder_prefix is off)."""
+        if not getattr(adapted.peft_config, "encoder_prefix", False):
+            return nullcontext()
+        return encoder_prefixes(adapted.model, adapted.extra["encoder_prefix"]())
+
+    def adapter_state_dict(self, adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+        state = super().adapter_state_dict(adapted)
+        if adapted.peft_config.encoder_prefix:  # collapsed, like prompt_embeddings
+            module = adapted.extra["encoder_prefix"]
+            was_training = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    state["encoder_prompt_embeddings"] = module().detach().clone()
+            finally:
+                module.train(was_training)
+        return state
+
+    def load_adapter_state_dict(self, adapted: AdaptedModel, state: dict[str, torch.Tensor]
+                                ) -> None:
+        super().load_adapter_state_dict(adapted, state)
+        if not adapted.peft_config.encoder_prefix:
+            return
+        if "encoder_prompt_embeddings" not in state:
+            raise PeftMethodError(f"{self.name}: the config says encoder_prefix but the adapter "
+                                  f"has no `encoder_prompt_embeddings` tensor")
+        table, weight = state["encoder_prompt_embeddings"], \
+            adapted.extra["encoder_prefix"].embedding.weight
+        if tuple(table.shape) != tuple(weight.shape):
+            raise PeftMethodError(f"{self.name}: encoder_prompt_embeddings has shape "
+                                  f"{tuple(table.shape)} in the adapter but this model needs "
+                                  f"{tuple(weight.shape)} — was it saved for another model?")
+        with torch.no_grad():
+            weight.copy_(table.to(dtype=weight.dtype, device=weight.device))
+
+    def peft_config_dict(self, adapted: AdaptedModel) -> dict[str, Any]:
+        out = super().peft_config_dict(adapted)
+        if out.pop("encoder_prefix", False):  # off: exactly the PEFT file as before
+            out.update(encoder_prefix=True, distill_method=self.name)
+        return out
 
     def cache(self, adapted: AdaptedModel, batch: int):
         """The prefixes as a pre-filled cache: layer i holds keys and values
@@ -224,7 +303,8 @@ class PrefixTuning(PromptLearningMethod):
             return self.classify_via_backbone(model, labels, kwargs)
         if labels is not None:
             kwargs["labels"] = labels
-        return model(**kwargs)
+        with self.encoder_context(adapted):
+            return model(**kwargs)
 
     @staticmethod
     def classify_via_backbone(model: nn.Module, labels: torch.Tensor | None,
@@ -286,7 +366,7 @@ class PrefixTuning(PromptLearningMethod):
                 return inputs
             return prepare
 
-        with self.generation_hook(model, make):
+        with self.generation_hook(model, make), self.encoder_context(adapted):
             return model.generate(**kwargs)
 
 

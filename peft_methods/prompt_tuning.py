@@ -420,6 +420,8 @@ def text_init_ids(config: PromptTuningConfig, rows: int) -> list[int]:
 
 @register
 class PromptTuning(EmbeddingPromptMethod):
+    """Prompt tuning: m trainable embeddings prepended to the input (random or text init)."""
+
     name = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
     config_cls = PromptTuningConfig

@@ -78,7 +78,7 @@ def test_adapt_recipe_errors_name_the_key(tiny_bert: Path, tiny_csv: Path,
 
 
 def test_attach_cli_lists_methods_and_rejects_bad_options(tiny_bert: Path) -> None:
-    result = runner.invoke(app, ["attach", "--list", str(tiny_bert)])
+    result = runner.invoke(app, ["attach", "--list"])
     assert result.exit_code == 0, result.output
     assert "full" in result.output
     result = runner.invoke(app, ["attach", str(tiny_bert), "--method", "nope"])
