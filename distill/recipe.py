@@ -221,6 +221,7 @@ class AdaptStage(TrainArgs):
     # A method of `peft_methods` (`distill attach --help` lists them), e.g. lora, ia3, houlsby.
     method: str = "lora"
     # The method's options, e.g. {r: 8, lora_alpha: 16, target_modules: [query, value]}.
+    # AdaLoRA's `total_step` defaults to the stage's optimizer steps.
     config: dict[str, Any] = field(default_factory=dict)
     # The base model: "previous" (the run's latest model), "teacher", or a path/built-in name.
     model: str = "previous"
@@ -235,8 +236,12 @@ class AdaptStage(TrainArgs):
         import peft_methods
 
         try:
-            peft_methods.base.make_config(peft_methods.get_method(self.method).config_cls,
-                                          self.config, self.method)
+            config_cls = peft_methods.get_method(self.method).config_cls
+            options = dict(self.config)
+            if "total_step" in {f.name for f in dataclasses.fields(config_cls)}:
+                # The stage fills in the real step count (AdaLoRA's schedule) when absent.
+                options.setdefault("total_step", 10**9)
+            peft_methods.base.make_config(config_cls, options, self.method)
         except peft_methods.PeftMethodError as exc:
             key = "method" if "unknown PEFT method" in str(exc) else "config"
             return [f"{path}.{key}: {exc}"]

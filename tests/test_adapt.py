@@ -118,3 +118,20 @@ def test_lora_adapter_from_a_run_loads_in_hugging_face_peft(tiny_bert: Path, tin
         ours = peft_methods.load_adapter(base(), adapter).eval()(
             input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs)
+
+
+def test_adalora_total_step_defaults_to_the_stage_steps(tiny_bert: Path, tiny_csv: Path,
+                                                        tiny_topics: Path,
+                                                        tmp_path: Path) -> None:
+    raw = adapt_recipe(tiny_bert, tiny_csv, tiny_topics, method="adalora",
+                       config={"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 2})
+    raw["stages"] = raw["stages"][:1] + raw["stages"][2:3]   # finetune -> adapt
+    raw["stages"][1]["epochs"] = 2
+    report = run_recipe(recipe_from_dict(raw), output=tmp_path / "run")
+    adapter = tmp_path / "run" / report["stages"][1]["artifact"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    # 180 examples, 80 % train = 144 -> 9 batches of 16 per epoch, 2 epochs
+    assert config["total_step"] == 18
+    # the budget was spent: on average target_r triplets kept per layer
+    kept = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert sum(kept) == 2 * len(kept)

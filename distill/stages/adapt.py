@@ -9,6 +9,7 @@ accuracy, trainable parameters and their share, seconds per optimizer step, late
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter
     }
 
 
+def with_step_count(cfg: AdaptStage, batches: int, ctx: RunContext) -> dict:
+    """The method options, with `total_step` (AdaLoRA's budget schedule) set to the stage's
+    number of optimizer steps when the method has that option and the recipe left it out."""
+    options = dict(cfg.config)
+    fields = {f.name for f in dataclasses.fields(peft_methods.get_method(cfg.method).config_cls)}
+    if "total_step" in fields and options.get("total_step") is None:
+        per_process = math.ceil(batches / ctx.accelerator.num_processes)
+        options["total_step"] = max(1, math.ceil(
+            math.ceil(cfg.epochs * per_process) / cfg.grad_accum_steps))
+    return options
+
+
 def task_context(ctx: RunContext, cfg: AdaptStage) -> RunContext:
     """The run context with the stage's own data (and a fresh tokenization cache)."""
     if cfg.data is None:
@@ -114,7 +127,8 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
     source = base_model_source(ctx, cfg.model)
     seed = ctx.stage_seed(cfg.seed)  # before loading: a new head is initialised here
     model, _ = load_classifier(source, task.data.label_names, ctx.recipe.teacher.trust_remote_code)
-    adapted = apply_method(model, cfg.method, cfg.config)
+    loader = task.loader("train", cfg.batch_size, shuffle=True, seed=seed)
+    adapted = apply_method(model, cfg.method, with_step_count(cfg, len(loader), ctx))
     share = peft_methods.trainable_report(adapted)
     ctx.console.print(f"  {cfg.method} on {source}: {share['trainable_params']:,} trainable "
                       f"parameters ({share['trainable_percent']:.2f} % of "
@@ -129,7 +143,7 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
 
     adapted.train()
     result = train_loop(
-        AdaptUnit(adapted), task.loader("train", cfg.batch_size, shuffle=True, seed=seed), cfg,
+        AdaptUnit(adapted), loader, cfg,
         accelerator=ctx.accelerator, keep=adapted, evaluate=validate,
         log_path=stage_dir / "log.jsonl", desc=f"adapt {cfg.label or cfg.method}",
         console=ctx.console)
