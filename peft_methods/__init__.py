@@ -24,11 +24,7 @@ _METHOD_MODULES = (
     "p_tuning", "prefix_tuning", "unipelt", "diff_tuning",
 )
 for _name in _METHOD_MODULES:
-    try:
-        importlib.import_module(f"peft_methods.{_name}")
-    except ModuleNotFoundError as _exc:  # a method not written yet
-        if _exc.name != f"peft_methods.{_name}":
-            raise
+    importlib.import_module(f"peft_methods.{_name}")
 
 
 def available() -> list[str]:
