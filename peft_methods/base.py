@@ -1,4 +1,4 @@
-"""What every PEFT method shares: config base, the wrapped model, module matching, file IO.
+"""What every PEFT method shares: config base, the wrapped model, module matching, registry.
 
 A method is one subclass of `Method` (one file per method) registered with `@register`. It
 changes the Hugging Face model in place (wrapping the layers it adapts, like PEFT does, so the
@@ -16,23 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 
 # The task heads PEFT saves for a classification task (PeftModelForSequenceClassification).
 HEAD_NAMES = ("classifier", "score")
@@ -412,174 +403,3 @@ def method_for_peft_type(peft_type: str, data: dict[str, Any]) -> Method:
 
 def mergeable_methods() -> list[str]:
     return sorted(n for n, m in REGISTRY.items() if m.mergeable)
-
-
-# --------------------------------------------------------------------------------------------
-# the public operations (re-exported by peft_methods/__init__.py)
-
-
-def apply(model: nn.Module, method: str, **options: Any) -> AdaptedModel:
-    """Freeze `model`, add `method` with `options` (its config fields) and return the wrapped
-    model. `model` is changed in place (layers wrapped), as PEFT does."""
-    if isinstance(model, AdaptedModel):
-        raise PeftMethodError("the model already has a PEFT method applied; apply() takes the "
-                              "base Hugging Face model")
-    m = get_method(method)
-    config = make_config(m.config_cls, options, method)
-    return _apply(model, m, config)
-
-
-def _apply(model: nn.Module, m: Method, config: MethodConfig) -> AdaptedModel:
-    task_type = config.task_type or infer_task_type(model)
-    m.check_model(model, config)
-    to_save = resolve_modules_to_save(model, config, task_type)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapted = AdaptedModel(model, m, config, task_type, to_save)
-    m.inject(adapted)
-    for name in to_save:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    return adapted
-
-
-def trainable_report(model: nn.Module) -> dict[str, Any]:
-    """Trainable and total parameter counts (elements; a quantized weight counts its logical
-    elements), the trainable share in percent, and the method name."""
-    total = trainable = 0
-    for p in model.parameters():
-        n = getattr(p, "logical_numel", None) or p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    for b in model.buffers():  # quantized frozen weights live in buffers
-        n = getattr(b, "logical_numel", None)
-        if n:
-            total += n
-    return {"method": model.method.name if isinstance(model, AdaptedModel) else "none",
-            "trainable_params": trainable, "total_params": total,
-            "trainable_percent": 100.0 * trainable / max(total, 1)}
-
-
-def merge(model: AdaptedModel) -> AdaptedModel:
-    """Fold the method into the base weights (outputs unchanged); `unmerge` undoes it."""
-    _require_adapted(model)
-    if not model.merged:
-        model.method.merge(model)
-        model.merged = True
-    return model
-
-
-def unmerge(model: AdaptedModel) -> AdaptedModel:
-    _require_adapted(model)
-    if model.merged:
-        model.method.unmerge(model)
-        model.merged = False
-    return model
-
-
-def _require_adapted(model: nn.Module) -> None:
-    if not isinstance(model, AdaptedModel):
-        raise PeftMethodError("expected a model returned by peft_methods.apply()")
-
-
-def adapter_state_dict(model: AdaptedModel) -> dict[str, torch.Tensor]:
-    """Everything `save_adapter` writes: the method's tensors and the modules_to_save, under
-    PEFT's names."""
-    _require_adapted(model)
-    m = model.method
-    state = m.adapter_state_dict(model)
-    prefix = m.key_prefix()
-    for name in model.modules_to_save:
-        for n, t in model.model.get_submodule(name).state_dict().items():
-            state[f"{prefix}{name}.{n}"] = t
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def save_adapter(model: AdaptedModel, directory: str | os.PathLike) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` to `directory` atomically
-    (a temporary sibling folder renamed into place, so a crash never leaves half a folder)."""
-    _require_adapted(model)
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    config = model.method.peft_config_dict(model)
-    state = adapter_state_dict(model)
-    # tied tensors (the same storage under two names) must be saved as separate copies
-    state = {k: v.clone() for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True,
-                                                  default=_json_default) + "\n")
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to adapter_config.json")
-
-
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise PeftMethodError(f"{directory}: not an adapter folder (no {CONFIG_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PeftMethodError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if "peft_type" not in data:
-        raise PeftMethodError(f"{path}: no `peft_type`; not a PEFT adapter config")
-    return data
-
-
-def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = False
-                         ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors. Pickled `adapter_model.bin` is refused unless `allow_pickle`,
-    because unpickling can run arbitrary code."""
-    d = Path(directory)
-    if (d / WEIGHTS_NAME).is_file():
-        return load_file(str(d / WEIGHTS_NAME))
-    if (d / PICKLE_NAME).is_file():
-        if not allow_pickle:
-            raise PeftMethodError(f"{d / PICKLE_NAME} is a pickled checkpoint; loading it can "
-                                  f"run arbitrary code. Convert it to safetensors, or pass "
-                                  f"allow_pickle=True if you trust its source")
-        return torch.load(d / PICKLE_NAME, map_location="cpu", weights_only=True)
-    raise PeftMethodError(f"{d}: no {WEIGHTS_NAME}")
-
-
-def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *,
-                 allow_pickle: bool = False) -> AdaptedModel:
-    """Apply the adapter saved in `directory` (by us or by PEFT) to `base_model` (changed in
-    place) and return the wrapped model, frozen except for what the method trains."""
-    data = read_adapter_config(directory)
-    m = method_for_peft_type(data["peft_type"], data)
-    config = m.config_from_peft(data)
-    state = read_adapter_weights(directory, allow_pickle=allow_pickle)
-    adapted = _apply(base_model, m, config)
-    m.load_adapter_state_dict(adapted, state)
-    prefix = m.key_prefix()
-    for name in adapted.modules_to_save:
-        module = adapted.model.get_submodule(name)
-        own = {f"{name}.{n}": t for n, t in module.state_dict().items()}
-        load_named(own, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                   | _peft_modules_to_save_aliases(state, prefix), what="modules_to_save")
-    return adapted
-
-
-def _peft_modules_to_save_aliases(state: dict[str, torch.Tensor], prefix: str
-                                  ) -> dict[str, torch.Tensor]:
-    """Older PEFT files name saved modules `<path>.modules_to_save.<tensor>`; map them back."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith(prefix) and ".modules_to_save." in k:
-            out[k[len(prefix):].replace(".modules_to_save.", ".", 1)] = v
-    return out
-

@@ -12,7 +12,7 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 
 import peft_methods as pm
 from peft_methods.adalora import SVDLinear
-from peft_methods.base import read_adapter_weights
+from peft_methods.ops import read_adapter_weights
 from tiny_models import FAMILIES, build, inputs, labels_for, logits
 
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}

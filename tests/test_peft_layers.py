@@ -19,7 +19,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 import peft_methods as pm
 from peft_methods.adapter import AdapterLayer
-from peft_methods.base import WEIGHTS_NAME, PeftMethodError
+from peft_methods.base import PeftMethodError
+from peft_methods.ops import WEIGHTS_NAME
 from peft_methods.diff_tuning import DiffLayer
 from tiny_models import DEPTH, FAMILIES, HIDDEN, build, inputs, labels_for, logits
 
