@@ -80,19 +80,32 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 @app.command()
 @_user_errors
-def run(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
+def run(recipe: Annotated[str | None, typer.Argument(
+            help="Recipe file or shipped recipe name.")] = None,
         output: Annotated[Path | None, typer.Option(
             "--output", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
         overrides: SetOpt = None,
         force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+        resume: Annotated[Path | None, typer.Option(
+            "--resume", help="Continue a killed or failed run: its finished stages are kept, "
+            "the running one continues from its last checkpoint.")] = None,
         ) -> None:
     """Run a recipe: every stage in order, then print the results table."""
-    from distill.pipeline import run_recipe
+    from distill.pipeline import resume_recipe, run_recipe
     from distill.recipe import load_recipe
     from distill.report import print_report
 
-    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
-    report = run_recipe(loaded, output=output, force=force, console=console)
+    if resume is not None:
+        if recipe is not None or overrides or output is not None or force:
+            raise DistillError("--resume RUN_DIR continues a run with its own recipe.yaml; "
+                               "give no RECIPE, --set, --output or --force with it")
+        report = resume_recipe(resume, console=console)
+    else:
+        if recipe is None:
+            raise DistillError("give a RECIPE to run (file or shipped name; see `distill "
+                               "recipes`), or --resume RUN_DIR")
+        loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+        report = run_recipe(loaded, output=output, force=force, console=console)
     print_report(report, console)
 
 
@@ -100,10 +113,13 @@ def run(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recip
 @_user_errors
 def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped name.")],
              overrides: SetOpt = None) -> None:
-    """Check a recipe without running it; report every problem at once."""
+    """Check a recipe without running it: its keys, then its data, models and stage plans
+    (what `run` checks before any work); report every problem at once."""
+    from distill.preflight import preflight
     from distill.recipe import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    preflight(loaded)
     kinds = " -> ".join(s.kind for s in loaded.stages)
     console.print(f"[green]ok[/]: {loaded.name}: {kinds}")
 

@@ -6,19 +6,24 @@ teacher and the models made so far are, and caches the tokenized splits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.data import TaskData, TokenizedSplit, make_loader, tokenize_split
-from distill.metrics import classification_metrics
+from distill.metrics import predict
 from distill.recipe import Recipe
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,9 +66,20 @@ class RunContext:
     models: list[ModelRef] = field(default_factory=list)
     _tokenized: dict[str, TokenizedSplit] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        # Under `accelerate launch` every rank runs the same code: only rank 0 talks.
+        if not self.is_main:
+            self.console.quiet = True
+
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value` on every rank (a decision all ranks must share); picklable values."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return broadcast_object_list([value], from_process=0)[0]
 
     def tokenized(self, split: str) -> TokenizedSplit:
         """The split tokenized once per run (all stages share one tokenizer)."""
@@ -88,6 +104,45 @@ class RunContext:
 
     def validation_accuracy(self, model: nn.Module, batch_size: int) -> float:
         """Validation accuracy of `model` (the metric that picks the best epoch)."""
-        loader = self.loader("validation", batch_size)
-        return classification_metrics(self.accelerator.unwrap_model(model), loader,
-                                      self.num_labels, self.accelerator.device)["accuracy"]
+        return self.metrics(model, "validation", batch_size)["accuracy"]
+
+    def metrics(self, model: nn.Module, split: str, batch_size: int) -> dict[str, float]:
+        """{"accuracy", "f1_macro"} of `model` on a split; every rank must call it.
+
+        With N processes rank r predicts batches r, r+N, ... of the same batches one process
+        would see, and the confusion matrices are summed over the ranks: every rank gets the
+        same numbers, equal to the 1-process ones (the predictions are computed on identical
+        batches)."""
+        model = self.accelerator.unwrap_model(model)
+        device = next(model.parameters()).device
+        confusion = torch.zeros(self.num_labels * self.num_labels, dtype=torch.int64)
+        for batch in self._shard(self.loader(split, batch_size)):
+            preds, labels = predict(model, [batch], device)
+            confusion += torch.bincount(labels * self.num_labels + preds,
+                                        minlength=self.num_labels ** 2)
+        if self.accelerator.num_processes > 1:
+            confusion = self.accelerator.reduce(confusion.to(self.accelerator.device),
+                                                reduction="sum").cpu()
+        return confusion_metrics(confusion.view(self.num_labels, self.num_labels))
+
+    def _shard(self, loader: DataLoader) -> Iterator[dict]:
+        """This rank's share of a loader's batches (all of them with one process)."""
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for i, batch in enumerate(loader):
+            if i % n == rank:
+                yield batch
+
+
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, Any]:
+    """Accuracy and macro-F1 from a [true, predicted] count matrix; the same values as
+    `distill.metrics.accuracy` / `f1_macro` on the predictions themselves."""
+    total = int(confusion.sum())
+    tp = confusion.diag()
+    accuracy = (float(torch.tensor(float(tp.sum())) / total)  # float32, as metrics.accuracy
+                if total else float("nan"))
+    scores = []
+    for c in range(confusion.shape[0]):
+        t, fp, fn = int(tp[c]), int(confusion[:, c].sum() - tp[c]), int(confusion[c].sum() - tp[c])
+        denom = 2 * t + fp + fn
+        scores.append(2 * t / denom if denom else 0.0)
+    return {"accuracy": accuracy, "f1_macro": sum(scores) / len(scores)}

@@ -248,6 +248,8 @@ def _read_table(path: Path, cfg: DataConfig) -> _Table:
     if suffix not in _EXTENSIONS:
         raise DistillError(f"data.dataset: {path}: unsupported file type {suffix or '(none)'!r}; "
                            f"{_ALLOWED_FORMS}")
+    if path.stat().st_size == 0:
+        raise DistillError(f"{path}: the dataset is empty (an empty file)")
     try:
         if suffix in (".csv", ".tsv"):
             # Only empty cells are missing: a text that reads "NA" or "null" stays a text.

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
@@ -27,6 +28,11 @@ BUILTIN_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
                      "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32): Llama decoder, "
                      "30 layers, hidden 576, 134.5M params"),
 }
+
+# Weight files transformers would unpickle (torch.load); ours are always safetensors.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Pickled files a training run leaves beside its weights; they hold no model weights.
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
 
 
 def quiet_transformers() -> None:
@@ -63,6 +69,14 @@ def resolve_model_path(name: str) -> str:
     if path.is_file() and path.suffix.lower() == ".gguf":
         from distill.gguf import gguf_to_hf
         return str(gguf_to_hf(path))
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",):
+        pickled = " (a pickled checkpoint)" if path.suffix.lower() in PICKLE_SUFFIXES else ""
+        raise DistillError(f"{name} is a weights file{pickled}, not a model; give the Hugging "
+                           "Face model folder that holds it with its config.json and tokenizer")
+    if path.is_dir() and not (path / "config.json").is_file() \
+            and (path / "adapter_config.json").is_file():
+        raise DistillError(f"{name} is a PEFT adapter folder, not a model; give the model "
+                           "directory (an adapter's base model is in its adapter_config.json)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise DistillError(f"{name}: not a Hugging Face model directory (no config.json) "
@@ -86,6 +100,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(name, exc) from None
+    except ValueError as exc:
+        raise _load_error(name, "tokenizer", exc) from None
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -95,6 +111,55 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
                                           trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(name, exc) from None
+    except ValueError as exc:
+        raise _load_error(name, "config", exc) from None
+
+
+def _load_error(name: str, what: str, exc: ValueError) -> DistillError:
+    """transformers' ValueError on reading a model folder, as a one-line user error."""
+    if "trust_remote_code" in str(exc):
+        # The folder names its own Python code (config `auto_map`, a model_type transformers
+        # does not know): running it is running the author's code on this machine.
+        return DistillError(f"{name} needs its own Python code to load (custom model code, "
+                            "config `auto_map`); that code runs only with "
+                            "`teacher.trust_remote_code: true`: set it only if you trust the "
+                            "model's author, since the code then runs on this machine")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DistillError(f"{name}: cannot read its {what}: {first}")
+
+
+def pickle_refusal(where: str, files: list[str], key: str = "teacher.allow_pickle") -> str:
+    """The message for a model folder that has pickled weights only."""
+    return (f"{where} has only pickled weights ({', '.join(files)}); they are not loaded "
+            "because unpickling can run code. Convert them once, where you trust them: "
+            "`AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` "
+            f"writes model.safetensors; or set `{key}: true` to load them with "
+            "torch.load(weights_only=True)")
+
+
+def check_weights(name: str, allow_pickle: bool = False,
+                  key: str = "teacher.allow_pickle") -> None:
+    """Raise a DistillError unless the local model folder of `name` has loadable weights.
+
+    Safetensors always load; pickled files (`pytorch_model.bin`, `*.pt`) only with
+    `allow_pickle`. Built-ins are ours (safetensors); hub ids are checked when downloaded.
+    """
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickled = [f for f in files if (f.endswith(PICKLE_SUFFIXES) or f.endswith(".bin.index.json"))
+               and not f.startswith(_NOT_WEIGHTS)]
+    if pickled and not allow_pickle:
+        raise DistillError(pickle_refusal(name, pickled, key))
+    if not pickled:
+        other = [f for f in files if f.endswith((".h5", ".msgpack", ".ckpt.index"))]
+        found = f" (found {', '.join(other)}: TensorFlow/Flax weights are not read)" \
+            if other else ""
+        raise DistillError(f"{name}: no model weights in the folder{found}; expected "
+                           "model.safetensors (or model.safetensors.index.json and its shards)")
 
 
 def config_num_layers(config: PretrainedConfig) -> int | None:
@@ -106,12 +171,18 @@ def config_num_layers(config: PretrainedConfig) -> int | None:
     return None
 
 
-def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False
+def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False,
+                    allow_pickle: bool = False, load_options: dict[str, Any] | None = None
                     ) -> tuple[PreTrainedModel, bool]:
     """A sequence classifier with a head for `label_names`.
 
-    Weights are read from safetensors only (never unpickled). When the checkpoint has no
-    head, or one for other labels, a fresh head is initialised.
+    Weights are read from safetensors only, unless `allow_pickle`: then a folder without
+    safetensors may give pickled weights, read with `torch.load(weights_only=True)` (tensors
+    and plain containers only, no arbitrary objects). When the checkpoint has no head, or
+    one for other labels, a fresh head is initialised.
+
+    `load_options` go to `from_pretrained` as they are (`dtype`, `device_map`,
+    `offload_folder`: see `teacher_load_options`).
 
     Returns:
         (model in eval mode, whether the head was already trained for exactly these labels).
@@ -126,16 +197,35 @@ def load_classifier(name: str, label_names: list[str], trust_remote_code: bool =
     config.id2label, config.label2id = id2label, label2id
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
-            ignore_mismatched_sizes=True, output_loading_info=True)
+            path, config=config, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, weights_only=True,
+            ignore_mismatched_sizes=True, output_loading_info=True, **(load_options or {}))
     except OSError as exc:
         if Path(path).is_dir():
-            raise DistillError(f"{name}: no model.safetensors found; pickled weights "
-                               "(.bin/.pt) are not loaded") from None
+            check_weights(name, allow_pickle)  # names the problem: pickled only, or none
+            raise DistillError(f"{name}: cannot load its weights: "
+                               f"{str(exc).splitlines()[0]}") from None
         raise _hub_error(name, exc) from None
     fresh = set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])}
     head_trained = same_labels and not fresh
     return model.eval(), head_trained
+
+
+def teacher_load_options(dtype: str | None = None, device_map: str | None = None,
+                         offload_folder: str | None = None,
+                         max_memory: dict[str, str] | None = None) -> dict[str, Any]:
+    """`from_pretrained` keywords for a frozen teacher (the recipe's `teacher.dtype`,
+    `device_map`, `offload_folder`, `max_memory`); empty when none is set."""
+    options: dict[str, Any] = {}
+    if dtype is not None:
+        options["dtype"] = getattr(torch, dtype)
+    if device_map is not None:
+        options["device_map"] = device_map
+    if offload_folder is not None:
+        options["offload_folder"] = offload_folder
+    if max_memory is not None:  # GPU indices are ints for accelerate; YAML keys are strings
+        options["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in max_memory.items()}
+    return options
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,

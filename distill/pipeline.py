@@ -8,6 +8,7 @@ Run directory (DESIGN.md, fixed):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,10 +18,9 @@ from pathlib import Path
 from rich.console import Console
 
 from distill.context import ModelRef, RunContext, StageResult
-from distill.data import load_task_data
 from distill.errors import DistillError
-from distill.models import (config_num_layers, count_params, dir_size_mb, load_config,
-                            load_tokenizer, quiet_transformers, resolve_model_path)
+from distill.models import count_params, dir_size_mb, quiet_transformers, resolve_model_path
+from distill.preflight import preflight
 from distill.recipe import Recipe, dump_recipe
 from distill.report import write_report
 from distill.stages import RUNNERS
@@ -38,7 +38,8 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise DistillError(f"run directory {run_dir} already exists; pass --force to "
-                               "replace it, or --output DIR for another one")
+                               "replace it, --resume to continue it, or --output DIR for "
+                               "another one")
         if not any((run_dir / m).exists() for m in _RUN_MARKERS):
             raise DistillError(f"{run_dir} is not empty and is not a run directory; "
                                "refusing to delete it: choose another --output")
@@ -60,11 +61,12 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def static_metrics(path: str) -> dict:
+def static_metrics(path: str, trust_remote_code: bool = False, allow_pickle: bool = False
+                   ) -> dict:
     """Params and size of a saved model without evaluating it (for runs with no evaluate)."""
     from distill.stages.evaluate import load_saved_classifier
 
-    params, non_emb = count_params(load_saved_classifier(path))
+    params, non_emb = count_params(load_saved_classifier(path, trust_remote_code, allow_pickle))
     return {"params": params, "params_non_embedding": non_emb,
             "size_mb": round(dir_size_mb(Path(resolve_model_path(path))), 3)}
 
@@ -74,7 +76,8 @@ def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]
     def metrics_for(label: str, path: str) -> dict:
         if path == ctx.teacher_source and "teacher" in evaluated:
             label = "teacher"  # the tuned teacher was evaluated once, under that name
-        return evaluated.get(label) or static_metrics(path)
+        return evaluated.get(label) or static_metrics(
+            path, ctx.recipe.teacher.trust_remote_code, ctx.recipe.teacher.allow_pickle)
 
     report["teacher"] = metrics_for("teacher", ctx.teacher_source)
     last = report["teacher"]
@@ -88,25 +91,51 @@ def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]
     report["final"] = last
 
 
-def preflight(recipe: Recipe) -> None:
-    """Checks that need the teacher's config (layer indices, layer maps), before any work."""
-    from distill.stages.distill import plan_layers
+STATE_NAME = "state.json"
 
-    config = load_config(recipe.teacher.model, recipe.teacher.trust_remote_code)
-    depth = config_num_layers(config)
-    for index, stage in enumerate(recipe.stages):
-        if stage.kind == "distill" and depth is not None:
-            plan_layers(stage, depth, f"stages.{index}")
+
+def save_state(run_dir: Path, completed: int, ctx: RunContext, report: dict,
+               evaluated: dict[str, dict]) -> None:
+    """What `--resume` needs after each finished stage: how many are done, the models made so
+    far, the current teacher and the metrics measured (written atomically)."""
+    _write_json(run_dir / STATE_NAME, {
+        "completed": completed, "teacher_source": ctx.teacher_source,
+        "models": [dataclasses.asdict(m) for m in ctx.models],
+        "evaluated": evaluated, "report": report})
+
+
+def load_state(run_dir: Path) -> dict:
+    path = run_dir / STATE_NAME
+    if not path.is_file():
+        return {"completed": 0}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DistillError(f"{path} is damaged; the run cannot be resumed (start it again with "
+                           "--force)") from None
+
+
+def resume_recipe(run_dir: str | Path, console: Console | None = None) -> dict:
+    """Continue the run in `run_dir` with its own `recipe.yaml`: finished stages are skipped,
+    the stage that was running continues from its last complete checkpoint."""
+    from distill.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise DistillError(f"--resume {run_dir}: not a run directory (no recipe.yaml)")
+    return run_recipe(load_recipe(run_dir / "recipe.yaml"), output=run_dir, console=console,
+                      resume=True)
 
 
 def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = False,
-               console: Console | None = None) -> dict:
+               console: Console | None = None, resume: bool = False) -> dict:
     """Run every stage of `recipe`; return the report (also written to the run folder).
 
     Args:
         recipe: a validated recipe (see `distill.load_recipe`).
         output: the run directory; default `<recipe.output_dir>/<recipe.name>`.
         force: replace an existing run directory.
+        resume: continue the run already in `output` (see `resume_recipe`).
     """
     console = console or Console()
     quiet_transformers()
@@ -114,10 +143,11 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
     accelerator = make_accelerator()
     main = accelerator.is_main_process
     # Everything that can be checked before hours of training is checked first.
-    data = load_task_data(recipe.data)
-    tokenizer = load_tokenizer(recipe.teacher.model, recipe.teacher.trust_remote_code)
-    preflight(recipe)
-    if main:
+    # (distill.preflight: data, models, tokenizers, stage plans), before the run dir exists.
+    checked = preflight(recipe, run_dir)
+    data, tokenizer = checked.data, checked.tokenizer
+    state = load_state(run_dir) if resume else {"completed": 0}
+    if main and not resume:
         prepare_run_dir(run_dir, force)
         dump_recipe(recipe, run_dir / "recipe.yaml")
     accelerator.wait_for_everyone()
@@ -129,9 +159,18 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
                     "data": {"dataset": recipe.data.dataset, "sizes": data.sizes(),
                              "labels": data.label_names}}
     evaluated: dict[str, dict] = {}
+    done = state["completed"]
+    if done:
+        ctx.teacher_source = state["teacher_source"]
+        ctx.models = [ModelRef(**m) for m in state["models"]]
+        evaluated, report = state["evaluated"], state["report"]
     console.print(f"[bold]{recipe.name}[/]: {len(recipe.stages)} stages -> {run_dir}  "
                   f"(data {data.sizes()})")
+    if resume:
+        console.print(f"resuming after {done} finished stage(s)")
     for index, stage in enumerate(recipe.stages):
+        if index < done:
+            continue
         name = stage_dir_name(index, stage.kind)
         stage_dir = run_dir / "stages" / name
         console.rule(f"stage {name}")
@@ -140,8 +179,10 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         report["stages"].append(record)
         try:
             result: StageResult = RUNNERS[stage.kind](ctx, stage, stage_dir)
-        except BaseException:
+        except BaseException as exc:
             record.update(status="failed", seconds=round(time.perf_counter() - start, 2))
+            if isinstance(exc, DistillError):  # the user's problem, as the CLI prints it
+                record["error"] = str(exc)
             if main:
                 write_report(run_dir, report)
             raise
@@ -164,6 +205,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         if main:
             _write_json(stage_dir / "metrics.json", result.metrics)
             write_report(run_dir, report)
+            save_state(run_dir, index + 1, ctx, report, evaluated)
     if main:
         fill_model_metrics(report, ctx, evaluated)
         write_report(run_dir, report)

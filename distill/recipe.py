@@ -32,6 +32,27 @@ class ModelSpec:
     task: Literal["sequence-classification"] = "sequence-classification"
     # Run code shipped with a model repository. Off unless you trust its author.
     trust_remote_code: bool = False
+    # Read pickled weights (pytorch_model.bin, *.pt) when the model folder has no safetensors,
+    # with torch.load(weights_only=True). Off: unpickling can run code; convert them instead.
+    allow_pickle: bool = False
+    # The frozen teacher of `distill` and `shrink` (heal) stages only; `finetune` trains the
+    # teacher as saved. Its weights' dtype: bfloat16 halves the memory of a float32 teacher
+    # (soft labels then carry bf16 rounding, ~3 significant digits); null = as saved.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Spread the frozen teacher over this process's devices ("auto", "balanced",
+    # "sequential", "cpu", "cuda:1", ...) with accelerate's big-model dispatch: layers that do
+    # not fit on the GPUs go to CPU RAM, then to `offload_folder` on disk. One process only.
+    device_map: str | None = None
+    # Memory budget per device for `device_map`, e.g. {"0": 10GiB, cpu: 30GiB}; default: what
+    # the devices have free.
+    max_memory: dict[str, str] | None = None
+    # Folder for the teacher layers offloaded to disk (needs `device_map`).
+    offload_folder: str | None = None
+
+    def check(self, path: str) -> list[str]:
+        return [f"{path}.{key}: needs `device_map` (e.g. auto) to take effect"
+                for key in ("max_memory", "offload_folder")
+                if getattr(self, key) is not None and self.device_map is None]
 
 
 @dataclass
@@ -72,6 +93,9 @@ class TrainArgs:
     log_every: int = field(default=10, metadata=value_range(1))
     # Evaluate on the validation split every epoch and keep the best weights.
     keep_best: bool = True
+    # Save a checkpoint every N optimizer steps (and at each epoch end) so that a killed run
+    # resumes (`distill run --resume RUN_DIR`); null = only at epoch ends.
+    checkpoint_every: int | None = field(default=200, metadata=value_range(1))
     # Seed of this stage (data order, dropout, fresh weights); default: the recipe's seed.
     seed: int | None = None
 
@@ -231,6 +255,9 @@ class AdaptStage(TrainArgs):
     learning_rate: float = field(default=1e-3, metadata=value_range(0, lo_open=True))
     # A name for the report rows (default: the method).
     label: str | None = None
+    # Like `teacher.allow_pickle`, for a `model` path: read its pickled weights (no
+    # safetensors in the folder) with torch.load(weights_only=True).
+    allow_pickle: bool = False
 
     def check(self, path: str) -> list[str]:
         import peft_methods
@@ -347,6 +374,10 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            # safe_load knows no `!!python/...` (or other) tags: a recipe is data, never code.
+            raise DistillError(f"{path}: malformed YAML{where}: YAML tags are not allowed "
+                               f"(a recipe is plain data): {exc.problem}") from None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise DistillError(f"{path}: malformed YAML{where}: {problem}") from None
 
@@ -359,9 +390,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overrides: dotted `KEY=VALUE` strings, applied before validation.
     """
     data = read_yaml(path)
+    if data is None:
+        raise RecipeError(["the recipe file is empty; a recipe is a mapping with `name`, "
+                           "`teacher`, `data`, `stages`"], str(path))
     if not isinstance(data, dict):
-        raise RecipeError(["the recipe should be a mapping with `name`, `teacher`, `data`, "
-                           "`stages`"], str(path))
+        found = {list: "a list", str: "a string"}.get(type(data), type(data).__name__)
+        raise RecipeError([f"the recipe should be a mapping with `name`, `teacher`, `data`, "
+                           f"`stages`; found {found}"], str(path))
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, str(path))
 

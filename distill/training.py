@@ -12,13 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, DistributedType,
+                               broadcast_object_list)
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
@@ -26,6 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from distill.checkpoint import load_latest, save_checkpoint
+from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
 from distill.recipe import TrainArgs
 
@@ -33,8 +39,31 @@ from distill.recipe import TrainArgs
 def make_accelerator() -> Accelerator:
     """One Accelerator per run. CPU-only machines get `cpu=True`, which also lets
     `accelerate launch --multi_gpu --num_processes N` start N gloo ranks on one CPU box.
-    Mixed precision is applied per stage with `torch.autocast`, so it is not set here."""
-    return Accelerator(cpu=not torch.cuda.is_available())
+    Mixed precision is applied per stage with `torch.autocast`, so it is not set here.
+
+    `split_batches=True`: a recipe's `batch_size` is the *global* batch. With N processes each
+    rank trains on its 1/N slice of the same batch the 1-process run would see, so the number
+    of optimizer steps, the schedule and (the gradients being averaged over ranks) the updates
+    are those of the 1-process run, up to float summation order.
+
+    Data parallelism with whole weights on every rank (DDP: `--multi_gpu`, CPU or GPU) is what
+    the loop supports; FSDP and DeepSpeed are refused up front (see `_check_distributed`)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    _check_distributed(accelerator.distributed_type)
+    return accelerator
+
+
+def _check_distributed(kind: DistributedType) -> None:
+    """Refuse the launch modes whose weights or optimizer steps the loop does not handle:
+    it validates, keeps the best epoch and saves from the full, unwrapped weights on every
+    rank (FSDP and ZeRO-3 shard them) and steps and clips the optimizer itself (a DeepSpeed
+    engine does both its own way)."""
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise DistillError(
+            f"accelerate launch with {kind.value} is not supported yet: distill trains "
+            "data-parallel with whole weights on every process; launch with --multi_gpu "
+            "(DDP), and keep a large frozen teacher small with `teacher.dtype: bfloat16`")
 
 
 @dataclass
@@ -47,6 +76,7 @@ class LoopResult:
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     last_loss: float | None = None
+    checkpoint_seconds: float = 0.0  # time spent writing checkpoints (part of `seconds`)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -75,11 +105,79 @@ class JsonlLog:
             fh.write(json.dumps(record) + "\n")
 
 
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "numpy": _numpy_state()}
+
+
+def _numpy_state() -> list | None:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with the stack
+        return None
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if state.get("numpy") is not None:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _truncate_log(path: Path | None, steps: int, epoch: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (they will be rewritten)."""
+    if path is None or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if (rec.get("type") == "eval" and rec.get("epoch", 0) <= epoch) or \
+                (rec.get("type") != "eval" and rec.get("step", 0) <= steps):
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
+                        console: Console | None) -> None:
+    """With N processes each rank takes batch_size / N examples of every (global) batch."""
+    n, size = accelerator.num_processes, loader.batch_size
+    if n == 1 or size is None:
+        return
+    if size % n:
+        raise DistillError(f"{desc}: batch_size {size} must be a multiple of the {n} "
+                           f"processes (each trains on batch_size / {n} of every batch)")
+    rest = len(loader.dataset) % size  # type: ignore[arg-type]
+    if rest and accelerator.is_main_process:
+        (console or Console()).print(
+            f"  {desc}: the last batch of each epoch has {rest} of {size} examples; with {n} "
+            f"processes it is topped up with {size - rest} from the epoch's start, so that "
+            "step differs slightly from a 1-process run")
+
+
+def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the processes (unchanged with one process)."""
+    if accelerator.num_processes == 1:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(values, t.tolist()))
+
+
 def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                accelerator: Accelerator, keep: nn.Module,
                evaluate: Callable[[], float] | None = None, metric_name: str = "accuracy",
                log_path: Path | None = None, desc: str = "train",
-               console: Console | None = None) -> LoopResult:
+               console: Console | None = None,
+               checkpoint_dir: Path | None = None) -> LoopResult:
     """Train `unit` for `args.epochs` epochs; leave the best-on-validation weights in `keep`.
 
     Args:
@@ -88,13 +186,20 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
             `optimizer_groups(lr, weight_decay) -> list[dict] | None` (its own AdamW groups)
             and `on_step(step)` (called after each optimizer step, before gradients clear).
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
-            `idx` [B].
+            `idx` [B]; shuffled by its own seeded generator.
         keep: the sub-module whose weights are the stage's result (e.g. the student).
         evaluate: returns the validation metric (higher is better) of `keep`; called at each
             epoch end. Without it, the last weights are kept.
         log_path: where `log.jsonl` lines go (main process only).
+        checkpoint_dir: where checkpoints go (default: `checkpoint/` beside `log_path`). Every
+            `args.checkpoint_every` optimizer steps and at each epoch end the loop saves its
+            whole state; a loop started again finds the newest complete checkpoint there and
+            continues from it, reproducing the uninterrupted run bit for bit on CPU. The
+            checkpoints are removed when the loop finishes.
     """
     main = accelerator.is_main_process
+    if checkpoint_dir is None and log_path is not None:
+        checkpoint_dir = log_path.parent / "checkpoint"
     log = JsonlLog(log_path if main else None)
     params = [p for p in unit.parameters() if p.requires_grad]
     if not params:
@@ -106,6 +211,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                                   lr=args.learning_rate)
     # Called after each optimizer step while the gradients still exist (AdaLoRA's rank budget).
     on_step = getattr(unit, "on_step", None)
+    # The shuffle order of every epoch comes from this generator (data.make_loader).
+    generator = train_loader.generator
+    _check_global_batch(train_loader, accelerator, desc, console)
     unit, optimizer, train_loader = accelerator.prepare(unit, optimizer, train_loader)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
@@ -120,20 +228,73 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     start = time.perf_counter()
     window: list[float] = []
     window_parts: dict[str, list[float]] = {}
-    micro = 0
+    micro, epoch, skip = 0, 0, 0
+    epoch_generator_state = generator.get_state() if generator is not None else None
+    resumed_rng = None
+    ckpt = load_latest(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        loop = ckpt["loop"]
+        accelerator.unwrap_model(unit).load_state_dict(ckpt["weights"])
+        optimizer.load_state_dict(ckpt["state"]["optimizer"])
+        scheduler.load_state_dict(ckpt["state"]["scheduler"])
+        best_state = ckpt["best"]
+        micro, epoch, skip = loop["micro"], loop["epoch"], loop["micro_in_epoch"]
+        result.steps, result.history = loop["steps"], loop["history"]
+        result.best_metric, result.best_epoch = loop["best_metric"], loop["best_epoch"]
+        result.last_loss, start = loop["last_loss"], start - loop["seconds"]
+        epoch_generator_state = ckpt["state"]["epoch_generator"]
+        resumed_rng = ckpt["state"]["rng"]
+        _truncate_log(log_path if main else None, result.steps, epoch)
+        if main:
+            (console or Console()).print(f"  {desc}: resuming from {ckpt['path'].name} "
+                                         f"(step {result.steps} of {total_steps})")
+
+    def checkpoint(micro_in_epoch: int) -> None:
+        if checkpoint_dir is None:
+            return
+        began = time.perf_counter()
+        if main:
+            weights = accelerator.unwrap_model(unit).state_dict()
+            save_checkpoint(checkpoint_dir, result.steps, weights, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "epoch_generator": epoch_generator_state,
+            }, {"micro": micro, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                "steps": result.steps, "history": result.history,
+                "best_metric": result.best_metric, "best_epoch": result.best_epoch,
+                "last_loss": result.last_loss,
+                "seconds": round(time.perf_counter() - start, 3)}, best_state)
+        accelerator.wait_for_everyone()
+        result.checkpoint_seconds += time.perf_counter() - began
+
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                         disable=not main)
     with progress:
-        task = progress.add_task(desc, total=total_steps, loss="—")
-        epoch = 0
+        task = progress.add_task(desc, total=total_steps, loss="—",
+                                 completed=result.steps)
         while micro < micro_total:
             unit.train()
+            if generator is not None and epoch_generator_state is not None:
+                # Resuming: the same epoch order as the interrupted run.
+                generator.set_state(epoch_generator_state)
+            epoch_generator_state = generator.get_state() if generator is not None else None
+            if resumed_rng is not None and skip == 0:
+                # Resuming at an epoch boundary: the RNG state from before this epoch began.
+                _set_rng_state(resumed_rng)
+                resumed_rng = None
+            micro_in_epoch = 0
             for batch in train_loader:
+                if micro_in_epoch < skip:  # batches the checkpoint had already trained on
+                    micro_in_epoch += 1
+                    continue
+                if resumed_rng is not None:  # mid-epoch: dropout masks continue from here
+                    _set_rng_state(resumed_rng)
+                    resumed_rng = None
                 if micro >= micro_total:
                     break
                 micro += 1
+                micro_in_epoch += 1
                 boundary = micro % args.grad_accum_steps == 0 or micro == micro_total
                 # Skip the gradient all-reduce on micro-batches that do not step.
                 sync = contextlib.nullcontext() if boundary else accelerator.no_sync(unit)
@@ -161,15 +322,24 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                 result.last_loss = sum(window) / len(window)
                 progress.update(task, advance=1, loss=f"{result.last_loss:.4f}")
                 if result.steps % args.log_every == 0 or result.steps == total_steps:
+                    # Every rank logs at the same steps: the logged means span all ranks.
+                    means = _mean_over_ranks(accelerator, {
+                        "loss": result.last_loss,
+                        **{k: sum(v) / len(v) for k, v in window_parts.items()}})
                     log.write({"type": "train", "step": result.steps,
                                "epoch": round(micro / len(train_loader), 4),
-                               "loss": result.last_loss, "lr": scheduler.get_last_lr()[0],
-                               **{k: sum(v) / len(v) for k, v in window_parts.items()},
-                               "seconds": round(time.perf_counter() - start, 3)})
+                               "loss": means.pop("loss"), "lr": scheduler.get_last_lr()[0],
+                               **means, "seconds": round(time.perf_counter() - start, 3)})
                     window, window_parts = [], {}
+                if args.checkpoint_every and result.steps % args.checkpoint_every == 0 \
+                        and micro_in_epoch < len(train_loader) and micro < micro_total:
+                    checkpoint(micro_in_epoch)
+            skip = 0
             epoch += 1
             if evaluate is not None and args.keep_best:
                 value = evaluate()
+                if accelerator.num_processes > 1:  # one verdict, or keep_best would differ
+                    value = broadcast_object_list([value], from_process=0)[0]
                 result.history.append({"epoch": epoch, "step": result.steps, metric_name: value})
                 log.write({"type": "eval", "step": result.steps, "epoch": epoch,
                            "metric_name": metric_name, "metric": value})
@@ -180,9 +350,14 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                     result.best_metric, result.best_epoch = value, epoch
                     best_state = {k: v.detach().clone()
                                   for k, v in accelerator.unwrap_model(keep).state_dict().items()}
+            if micro < micro_total:
+                epoch_generator_state = generator.get_state() if generator is not None else None
+                checkpoint(0)
     if best_state is not None:
         keep.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
+    if checkpoint_dir is not None and main:
+        remove_checkpoints(checkpoint_dir)
     accelerator.free_memory()
     return result
 

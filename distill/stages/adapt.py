@@ -21,7 +21,7 @@ from distill.context import RunContext, StageResult
 from distill.data import load_task_data
 from distill.errors import DistillError
 from distill.losses import hard_ce_loss
-from distill.metrics import classification_metrics, latency_ms
+from distill.metrics import latency_ms
 from distill.models import count_params, dir_size_mb, load_classifier
 from distill.recipe import AdaptStage
 from distill.stages.evaluate import latency_inputs
@@ -82,10 +82,12 @@ def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter
     params = report["total_params"]
     total, non_emb = count_params(adapted)
     non_emb = params - (total - non_emb)
-    scores = classification_metrics(adapted, ctx.loader("test", batch_size), ctx.num_labels)
+    scores = ctx.metrics(adapted, "test", batch_size)  # every rank takes part
     latency = {}
-    for b in (1, 32):
+    device = next(adapted.parameters()).device
+    for b in (1, 32) if ctx.is_main else ():  # timed on rank 0 alone
         inputs = latency_inputs(ctx.tokenizer, ctx.data.test, b, ctx.recipe.data.max_length)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         latency[f"batch{b}"] = round(latency_ms(adapted, **inputs, runs=5), 3)
     return {
         "params": params, "params_non_embedding": non_emb,
@@ -100,15 +102,15 @@ def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter
     }
 
 
-def with_step_count(cfg: AdaptStage, batches: int, ctx: RunContext) -> dict:
+def with_step_count(cfg: AdaptStage, batches: int) -> dict:
     """The method options, with `total_step` (AdaLoRA's budget schedule) set to the stage's
     number of optimizer steps when the method has that option and the recipe left it out."""
     options = dict(cfg.config)
     fields = {f.name for f in dataclasses.fields(peft_methods.get_method(cfg.method).config_cls)}
     if "total_step" in fields and options.get("total_step") is None:
-        per_process = math.ceil(batches / ctx.accelerator.num_processes)
+        # Every process steps once per global batch (make_accelerator: split_batches).
         options["total_step"] = max(1, math.ceil(
-            math.ceil(cfg.epochs * per_process) / cfg.grad_accum_steps))
+            math.ceil(cfg.epochs * batches) / cfg.grad_accum_steps))
     return options
 
 
@@ -126,9 +128,12 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
     task = task_context(ctx, cfg)
     source = base_model_source(ctx, cfg.model)
     seed = ctx.stage_seed(cfg.seed)  # before loading: a new head is initialised here
-    model, _ = load_classifier(source, task.data.label_names, ctx.recipe.teacher.trust_remote_code)
+    # A `model` path of the stage's own uses its `allow_pickle`; the run's models, the teacher's.
+    allow_pickle = cfg.allow_pickle if source == cfg.model else ctx.recipe.teacher.allow_pickle
+    model, _ = load_classifier(source, task.data.label_names, ctx.recipe.teacher.trust_remote_code,
+                               allow_pickle)
     loader = task.loader("train", cfg.batch_size, shuffle=True, seed=seed)
-    adapted = apply_method(model, cfg.method, with_step_count(cfg, len(loader), ctx))
+    adapted = apply_method(model, cfg.method, with_step_count(cfg, len(loader)))
     share = peft_methods.trainable_report(adapted)
     ctx.console.print(f"  {cfg.method} on {source}: {share['trainable_params']:,} trainable "
                       f"parameters ({share['trainable_percent']:.2f} % of "
@@ -147,7 +152,9 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
         accelerator=ctx.accelerator, keep=adapted, evaluate=validate,
         log_path=stage_dir / "log.jsonl", desc=f"adapt {cfg.label or cfg.method}",
         console=ctx.console)
-    seconds_per_step = (result.seconds - eval_seconds[0]) / max(result.steps, 1)
+    # Training time only: validation passes and checkpoint writes are not steps.
+    seconds_per_step = (result.seconds - eval_seconds[0] - result.checkpoint_seconds) \
+        / max(result.steps, 1)
     out = stage_dir / "adapter"
     adapted = ctx.accelerator.unwrap_model(adapted)
     if ctx.is_main:

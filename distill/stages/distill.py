@@ -18,7 +18,7 @@ from distill.arch import num_layers
 from distill.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.losses import DistillationLoss, LossWeights, default_layer_map
-from distill.models import load_classifier, save_model
+from distill.models import load_classifier, save_model, teacher_load_options
 from distill.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
 from distill.shrinking import check_layers, evenly_spaced, keep_layers
 from distill.training import LoopResult, train_loop
@@ -80,15 +80,37 @@ def plan_layers(cfg: DistillStage, depth: int, key: str = "") -> tuple[list[int]
 
 
 def load_frozen_teacher(ctx: RunContext, eager_attention: bool = False) -> PreTrainedModel:
-    """The run's task teacher, frozen, in eval mode, on the run's device."""
+    """The run's task teacher, frozen, in eval mode: on the run's device in the recipe's
+    `teacher.dtype`, or spread over devices by `teacher.device_map` (one process only)."""
+    spec = ctx.recipe.teacher
+    if spec.device_map is not None and ctx.accelerator.num_processes > 1:
+        raise DistillError(
+            f"teacher.device_map: {spec.device_map!r} spreads one teacher over the devices of "
+            f"one process, but this run has {ctx.accelerator.num_processes} processes; use "
+            "`teacher.dtype: bfloat16` (half the memory) or run in one process")
+    options = teacher_load_options(spec.dtype, spec.device_map, spec.offload_folder,
+                                   spec.max_memory)
     teacher, _ = load_classifier(ctx.teacher_source, ctx.data.label_names,
-                                 ctx.recipe.teacher.trust_remote_code)
+                                 spec.trust_remote_code, spec.allow_pickle, load_options=options)
     if eager_attention:
         # Fused attention kernels do not return attention maps.
         teacher.set_attn_implementation("eager")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.eval().to(ctx.accelerator.device)
+    teacher.eval()
+    # A dispatched teacher stays where device_map put it; its hooks move inputs and outputs.
+    return teacher if spec.device_map is not None else teacher.to(ctx.accelerator.device)
+
+
+def student_source(ctx: RunContext, teacher: PreTrainedModel) -> PreTrainedModel:
+    """The model a student is cut from: the frozen teacher itself, or a float32 copy on the
+    run's device when the teacher is kept in another dtype or spread by a device map."""
+    spec = ctx.recipe.teacher
+    if spec.dtype in (None, "float32") and spec.device_map is None:
+        return teacher
+    full, _ = load_classifier(ctx.teacher_source, ctx.data.label_names, spec.trust_remote_code,
+                              spec.allow_pickle, load_options={"dtype": torch.float32})
+    return full.to(ctx.accelerator.device)
 
 
 def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel,
@@ -121,7 +143,7 @@ def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel
                                         ctx.recipe.data.max_length, train[0]["input_ids"])
         cached = teacher_cache.load_or_compute(
             cache_dir, key, teacher, ctx.loader("train", args.eval_batch_size), len(train),
-            ctx.accelerator.device, write=ctx.is_main)
+            ctx.accelerator.device, write=ctx.is_main, accelerator=ctx.accelerator)
     student.train()
     result = train_loop(
         DistillUnit(student, loss, teacher, cached),
@@ -149,7 +171,7 @@ def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
     """Build the student from the teacher's layers and distill it; save it in HF format."""
     teacher = load_frozen_teacher(ctx, eager_attention=cfg.loss.attention_kl > 0)
     layers, layer_map = plan_layers(cfg, num_layers(teacher))
-    student = keep_layers(teacher, layers)
+    student = keep_layers(student_source(ctx, teacher), layers)
     for p in student.parameters():
         p.requires_grad_(True)
     loss_cfg = dataclasses.replace(cfg.loss, layer_map=layer_map)

@@ -15,18 +15,22 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from distill.context import ModelRef, RunContext, StageResult
 from distill.data import Split
 from distill.errors import DistillError
-from distill.metrics import classification_metrics, latency_ms
-from distill.models import count_params, dir_size_mb, resolve_model_path
+from distill.metrics import latency_ms
+from distill.models import check_weights, count_params, dir_size_mb, resolve_model_path
 from distill.recipe import DataConfig, EvaluateStage
 
 
-def load_saved_classifier(path: str, trust_remote_code: bool = False) -> nn.Module:
-    """A saved sequence classifier, weights from safetensors only."""
+def load_saved_classifier(path: str, trust_remote_code: bool = False,
+                          allow_pickle: bool = False) -> nn.Module:
+    """A saved sequence classifier, weights from safetensors only (pickled weights, when
+    allowed, with `torch.load(weights_only=True)`; see `models.load_classifier`)."""
     resolved = resolve_model_path(path)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            resolved, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+            resolved, use_safetensors=None if allow_pickle else True, weights_only=True,
+            trust_remote_code=trust_remote_code).eval()
     except OSError as exc:
+        check_weights(path, allow_pickle)  # names the problem: pickled weights only, or none
         raise DistillError(f"could not load {path} as a classifier: {exc}".splitlines()[0]
                            ) from None
 
@@ -42,16 +46,20 @@ def latency_inputs(tokenizer: PreTrainedTokenizerBase, split: Split, batch: int,
 
 def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: str,
                   batch_size: int, latency: bool, runs: int) -> dict:
-    """The DESIGN.md model-metrics record of one model (without retention)."""
+    """The DESIGN.md model-metrics record of one model (without retention).
+
+    Every rank must call it: the metrics are computed over the ranks' shares of the split;
+    latency is timed on rank 0 alone (the others wait), so ranks do not share the cores.
+    """
     params, non_emb = count_params(model)
-    scores = classification_metrics(model, ctx.loader(split, batch_size), ctx.num_labels)
+    scores = ctx.metrics(model, split, batch_size)
     record: dict = {
         "params": params, "params_non_embedding": non_emb,
         "size_mb": round(dir_size_mb(Path(resolve_model_path(model_dir))), 3),
         "metric": {"name": "accuracy", "value": scores["accuracy"], "split": split},
         "f1_macro": scores["f1_macro"],
     }
-    if latency:
+    if latency and ctx.is_main:
         record["latency_ms"] = {}
         for b in (1, 32):
             inputs = latency_inputs(ctx.tokenizer, getattr(ctx.data, split), b,
@@ -66,7 +74,8 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
     results: dict[str, dict] = {}
     for ref in refs:
         ctx.console.print(f"  evaluating {ref.label} ({ref.path}) on {cfg.split}")
-        model = load_saved_classifier(ref.path, ctx.recipe.teacher.trust_remote_code)
+        model = load_saved_classifier(ref.path, ctx.recipe.teacher.trust_remote_code,
+                                      ctx.recipe.teacher.allow_pickle)
         results[ref.label] = model_metrics(model, ref.path, ctx=ctx, split=cfg.split,
                                            batch_size=cfg.batch_size, latency=cfg.latency,
                                            runs=cfg.latency_runs)

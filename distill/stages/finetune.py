@@ -28,13 +28,16 @@ class SupervisedUnit(nn.Module):
 
 def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
     """Tune the current teacher on the task; it becomes the teacher of later stages."""
+    # Seed first: a new head is initialised while loading, and must not depend on whatever
+    # ran before in this process.
+    seed = ctx.stage_seed(cfg.seed)
     model, head_trained = load_classifier(ctx.teacher_source, ctx.data.label_names,
-                                          ctx.recipe.teacher.trust_remote_code)
+                                          ctx.recipe.teacher.trust_remote_code,
+                                          ctx.recipe.teacher.allow_pickle)
     if head_trained and cfg.skip_if_tuned:
         ctx.console.print(f"  finetune skipped: {ctx.teacher_source} already has a trained "
                           f"head for {ctx.data.label_names}")
         return StageResult("skipped", metrics={"reason": "teacher already tuned"})
-    seed = ctx.stage_seed(cfg.seed)
     model.train()
     result = train_loop(
         SupervisedUnit(model), ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed),

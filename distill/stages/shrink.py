@@ -8,7 +8,9 @@ run: the evaluate stage measures each one, so the user sees where quality falls 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -44,27 +46,30 @@ def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
 
 
 def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.Tensor]],
-        strategy: str = "importance", score: str = "influence"
-        ) -> tuple[PreTrainedModel, dict]:
+        strategy: str = "importance", score: str = "influence",
+        agree: Callable[[Any], Any] | None = None) -> tuple[PreTrainedModel, dict]:
     """Apply one schedule step to `model` (depth first, then width); returns a new model.
 
     Args:
         step: the targets (layers and/or hidden, heads, intermediate).
         batches: calibration batches (model inputs; `labels` for the loss-based score).
         strategy / score: how a depth cut picks its layers (see `distill.importance`).
+        agree: makes every process use the same choice (`RunContext.from_main`: rank 0's),
+            so that all ranks cut the same units even if their scores differed in a tie.
     """
     info: dict = {}
+    agree = agree or (lambda value: value)
     model.eval()
     if step.layers is not None:
         depth = num_layers(model)
         if step.layers > depth:
             raise DistillError(f"shrink step {step.describe()}: the model has only {depth} "
                                f"layers; allowed: 1..{depth}")
-        kept = select_layers(model, step.layers, strategy, batches, score)
+        kept = agree(select_layers(model, step.layers, strategy, batches, score))
         info["kept_layers"] = kept
         model = keep_layers(model, kept)
     if any(v is not None for v in (step.hidden, step.heads, step.intermediate)):
-        importance = width_importance(model, batches)
+        importance = agree(width_importance(model, batches))
         model = shrink_width(model, hidden=step.hidden, heads=step.heads,
                              intermediate=step.intermediate, importance=importance)
     for p in model.parameters():
@@ -74,9 +79,11 @@ def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.
 
 def start_model(ctx: RunContext, cfg: ShrinkStage) -> tuple[PreTrainedModel, str]:
     """The model the first cut starts from: the run's latest model, or the teacher."""
-    source = ctx.models[-1].path if cfg.start == "previous" and ctx.models else ctx.teacher_source
+    models = [m for m in ctx.models if m.kind == "model"]  # an adapter is not a model to cut
+    source = models[-1].path if cfg.start == "previous" and models else ctx.teacher_source
     model, _ = load_classifier(source, ctx.data.label_names,
-                               ctx.recipe.teacher.trust_remote_code)
+                               ctx.recipe.teacher.trust_remote_code,
+                               ctx.recipe.teacher.allow_pickle)
     return model, source
 
 
@@ -90,8 +97,20 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     steps, outputs = [], []
     for k, step in enumerate(cfg.schedule):
         name = f"{k}-{step.describe()}"
+        step_dir = stage_dir / "steps" / name
+        if (step_dir / "step.json").is_file() and (step_dir / "model").is_dir():
+            # Resuming: this step finished before the run was interrupted.
+            ctx.console.print(f"  shrink step {name}: done earlier, reloading")
+            record = json.loads((step_dir / "step.json").read_text(encoding="utf-8"))
+            model, _ = load_classifier(str(step_dir / "model"), ctx.data.label_names,
+                                       ctx.recipe.teacher.trust_remote_code)
+            origin = record["start_layers"]
+            outputs.append((name, step_dir / "model"))
+            steps.append(record)
+            continue
         ctx.console.print(f"  shrink step {name}: cutting")
-        model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score)
+        model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score,
+                          agree=ctx.from_main)
         if "kept_layers" in info:
             origin = [origin[i] for i in info["kept_layers"]]
         info["start_layers"] = list(origin)
@@ -110,5 +129,8 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
                       "hidden_size": model.config.hidden_size,
                       "params": params, "params_non_embedding": non_emb,
                       "validation_before_heal": before, **summary})
+        if ctx.is_main:  # written last: marks the step as finished for --resume
+            (step_dir / "step.json").write_text(json.dumps(steps[-1], default=str),
+                                                encoding="utf-8")
     return StageResult("done", outputs[-1][1], {"start": source, "steps": steps},
                        step_models=outputs)

@@ -1,0 +1,200 @@
+"""`distill run` under `accelerate launch --multi_gpu --num_processes 2` (gloo, CPU) vs 1 process.
+
+The recipe (finetune -> distill -> shrink -> adapt lora -> evaluate on the tiny BERT) runs three
+times through the real command line:
+
+    A  1 process,  batch_size 16
+    B  2 processes, batch_size 16   (make_accelerator: split_batches, each rank trains on 8)
+    C  1 process,  batch_size 8, grad_accum_steps 2
+
+What is asserted, and why:
+* B == C bit for bit (weights, metrics, logged losses). Each rank's loss is the mean over its
+  8 examples; DDP divides every gradient by the world size and sums them, giving
+  g_0/2 + g_1/2 -- exactly what C accumulates from `loss / 2` over the same two halves (the
+  epoch's shuffle comes from one seeded generator either way, and halving is exact in binary
+  floating point). So 2 processes do the arithmetic of one process on half-batches, no more.
+* B ~ A: the same examples per optimizer step and the same number of steps; the only
+  differences are float rounding (a batch of 16 pads to its longest text, a half-batch to its
+  own, so matrix shapes and summation orders differ). The gradients agree to ~1e-7 relative,
+  but AdamW scales every update to about `lr` whatever the gradient's size, so a weight whose
+  gradient sits at rounding level can move by up to `lr` per step in a different direction:
+  measured max |Δw| 3.1e-4 (shrink step; finetune 7e-5, distill 2.1e-4, adapter 1.3e-6, teacher
+  logits 1e-6) at lr 1e-3..5e-3, asserted <= WEIGHT_TOL = 2e-3, still far below the weights'
+  own scale (~0.02). Logged losses: measured relative difference <= 1.6e-5, asserted <= 1e-4.
+  Test accuracy may differ by at most one example (measured: equal).
+* Only rank 0 writes: one log line per logged step, one results table on stdout, the same
+  files as the 1-process run and no temporary files left by two writers racing.
+
+The dropout of the tiny BERT is switched off: dropout masks are drawn per rank for half a
+batch, so with dropout two processes are equivalent to one only in distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_tiny_bert
+
+WEIGHT_TOL = 2e-3  # max |w_1proc - w_2proc| (see the module docstring)
+LOSS_RTOL = 1e-4
+TIMEOUT = 240  # seconds per run: a deadlock fails the test instead of hanging CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe(model: Path, data: Path, topics: Path, batch: int, accum: int) -> dict:
+    """finetune -> distill (logit KD, teacher cache) -> shrink (1 cut) -> adapt -> evaluate."""
+    train = {"batch_size": batch, "grad_accum_steps": accum, "log_every": 2}
+    return {
+        "name": "mp", "seed": 0, "teacher": {"model": str(model)},
+        "data": {"dataset": str(data), "max_length": 16},
+        "stages": [
+            {"kind": "finetune", "epochs": 5, "learning_rate": 3e-3, **train},
+            {"kind": "distill", "epochs": 2, "learning_rate": 2e-3, **train,
+             "student": {"layers": [0, 3]}, "loss": {"alpha": 0.5, "temperature": 2.0}},
+            {"kind": "shrink", "schedule": [{"layers": 1}], "calibration_examples": 32,
+             "heal": {"epochs": 1, "learning_rate": 1e-3, **train}},
+            {"kind": "adapt", "method": "lora", "epochs": 2, "learning_rate": 5e-3, **train,
+             "config": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+             "data": {"dataset": str(topics), "max_length": 16}},
+            {"kind": "evaluate", "latency_runs": 1},
+        ],
+    }
+
+
+def run_distill(recipe_path: Path, out: Path, processes: int) -> str:
+    """`distill run` in a subprocess, under `accelerate launch` when processes > 1; stdout."""
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "distill", "run", str(recipe_path), "--output", str(out)]
+    if processes > 1:
+        command[1:3] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                        str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        "-m", "distill"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path, tiny_topics: Path
+         ) -> dict[str, tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("mp")
+    model = write_tiny_bert(root / "bert")
+    config = json.loads((model / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (model / "config.json").write_text(json.dumps(config))
+    out: dict[str, tuple[Path, str]] = {}
+    for name, processes, batch, accum in [("A", 1, 16, 1), ("B", 2, 16, 1), ("C", 1, 8, 2)]:
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe(model, tiny_csv, tiny_topics, batch, accum)))
+        out[name] = (root / name, run_distill(path, root / name, processes))
+    return out
+
+
+def weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every saved model and adapter of a run: relative path -> tensors."""
+    return {str(f.relative_to(run)): load_file(str(f)) for f in sorted(run.rglob("*.safetensors"))}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def log_lines(run: Path) -> dict[str, list[dict]]:
+    return {str(f.relative_to(run)): [json.loads(x) for x in f.read_text().splitlines()]
+            for f in sorted(run.rglob("log.jsonl"))}
+
+
+def model_metrics(run: Path) -> dict[str, tuple[float, float]]:
+    """(accuracy, macro-F1) of every model of the run, from report.json."""
+    report = json.loads((run / "report.json").read_text())
+    out = {"teacher": report["teacher"]}
+    for stage in report["stages"]:
+        if "model" in stage:
+            out[f"{stage['index']}-{stage['kind']}"] = stage["model"]
+    return {k: (m["metric"]["value"], m["f1_macro"]) for k, m in out.items()}
+
+
+def test_two_processes_do_the_arithmetic_of_one_on_half_batches(runs) -> None:
+    (b, _), (c, _) = runs["B"], runs["C"]
+    wb, wc = weights(b), weights(c)
+    assert len(wb) == 6  # 4 models or adapters, 2 teacher caches (distill, shrink)
+    for name in wb:
+        assert max_diff(wb[name], wc[name]) == 0.0, name
+    assert model_metrics(b) == model_metrics(c)
+    lb, lc = log_lines(b), log_lines(c)
+    for name in lb:
+        assert [(x["step"], x.get("loss"), x.get("metric")) for x in lb[name]] == \
+            [(x["step"], x.get("loss"), x.get("metric")) for x in lc[name]], name
+
+
+def test_two_processes_match_one_within_tolerance(runs) -> None:
+    (a, _), (b, _) = runs["A"], runs["B"]
+    wa, wb = weights(a), weights(b)
+    diffs = {name: max_diff(wa[name], wb[name]) for name in wa}
+    assert max(diffs.values()) <= WEIGHT_TOL, diffs
+    la, lb = log_lines(a), log_lines(b)
+    assert la.keys() == lb.keys()
+    for name in la:
+        assert [(x["type"], x["step"]) for x in la[name]] == \
+            [(x["type"], x["step"]) for x in lb[name]], name
+        for xa, xb in zip(la[name], lb[name]):
+            if xa["type"] == "train":
+                assert xb["loss"] == pytest.approx(xa["loss"], rel=LOSS_RTOL), (name, xa["step"])
+                assert xb["lr"] == xa["lr"]  # the same schedule, step for step
+    ma, mb = model_metrics(a), model_metrics(b)
+    report = json.loads((a / "report.json").read_text())
+    one_example = 1 / report["data"]["sizes"]["test"]
+    for name in ma:
+        assert abs(ma[name][0] - mb[name][0]) <= one_example + 1e-9, (name, ma[name], mb[name])
+    assert ma["teacher"][0] >= 0.8  # it learned something worth comparing
+
+
+def test_only_rank_zero_writes(runs) -> None:
+    (a, out_a), (b, out_b) = runs["A"], runs["B"]
+    files_a = sorted(str(f.relative_to(a)) for f in a.rglob("*"))
+    files_b = sorted(str(f.relative_to(b)) for f in b.rglob("*"))
+    assert files_a == files_b
+    assert not [f for f in files_b if f.endswith(".tmp") or "/." in f or f.startswith(".")]
+    for name, lines in log_lines(b).items():
+        train = [x["step"] for x in lines if x["type"] == "train"]
+        evals = [x["epoch"] for x in lines if x["type"] == "eval"]
+        assert train == sorted(set(train)) and evals == sorted(set(evals)), name
+    metrics = json.loads((b / "stages/00-finetune/metrics.json").read_text())
+    finetune = log_lines(b)["stages/00-finetune/log.jsonl"]
+    assert len([x for x in finetune if x["type"] == "train"]) == math.ceil(metrics["steps"] / 2)
+    # One results table and one progress report (rank 1 prints nothing).
+    assert out_b.count("Models — mp") == out_a.count("Models — mp") == 1
+    assert out_b.count("finetune epoch 1: validation") == 1
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_launch_modes_are_refused_up_front(kind: str) -> None:
+    from accelerate.utils import DistributedType
+
+    from distill import DistillError
+    from distill.training import _check_distributed
+
+    with pytest.raises(DistillError, match=f"{kind} is not supported yet.*--multi_gpu"):
+        _check_distributed(DistributedType[kind])
+    for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        _check_distributed(DistributedType[ok])

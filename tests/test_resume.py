@@ -1,0 +1,155 @@
+"""Checkpoints and resume: a killed or crashed run continues and ends exactly where an
+uninterrupted run ends (bitwise on CPU: same data order, dropout masks, optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe
+from distill import recipe_from_dict, run_recipe
+from distill.checkpoint import load_latest, save_checkpoint
+from distill.pipeline import resume_recipe
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crashing_recipe(model: Path, data: Path) -> dict:
+    """finetune -> distill -> evaluate with checkpoints every 2 steps and dropout on."""
+    recipe = tiny_recipe(model, data)
+    recipe["stages"][0].update(epochs=3, checkpoint_every=2)
+    recipe["stages"][1].update(epochs=3, checkpoint_every=2, grad_accum_steps=2)
+    recipe["stages"][2]["latency"] = False
+    return recipe
+
+
+def weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "stages" / stage / "model" / "model.safetensors"))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((r / "report.json").read_text()) for r in (a, b))
+    assert ra["final"]["metric"] == rb["final"]["metric"]
+    assert ra["teacher"]["metric"] == rb["teacher"]["metric"]
+    for stage in ("00-finetune", "01-distill"):
+        wa, wb = weights(a, stage), weights(b, stage)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{stage}: {k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert: Path, tiny_csv: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    # One thread, like the tests below (module fixtures run outside the per-test thread
+    # fixture): another thread count sums in another order, and bitwise checks would fail.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(recipe_from_dict(crashing_recipe(tiny_bert, tiny_csv)), output=out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("crash_at", [5, 9])  # mid-epoch (step 5), just after epoch 1 ends
+def test_crash_in_a_stage_resumes_bitwise(tiny_bert: Path, tiny_csv: Path, tmp_path: Path,
+                                          reference: Path, monkeypatch, crash_at: int) -> None:
+    from distill.stages import distill as distill_stage
+
+    calls = {"n": 0}
+    original = distill_stage.DistillUnit.forward
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * crash_at + 1:  # 2 micro-batches per step
+            raise Crash("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(distill_stage.DistillUnit, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_recipe(recipe_from_dict(crashing_recipe(tiny_bert, tiny_csv)), output=out)
+    monkeypatch.setattr(distill_stage.DistillUnit, "forward", original)
+    report = json.loads((out / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["done", "failed"]
+    assert any((out / "stages/01-distill/checkpoint").glob("step-*"))
+    resume_recipe(out)
+    assert_same_run(out, reference)
+    assert not (out / "stages/01-distill/checkpoint").exists()  # removed once finished
+    log = [json.loads(x) for x in (out / "stages/01-distill/log.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in log if x["type"] == "train"]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
+        tiny_bert: Path, tiny_csv: Path, tmp_path: Path, reference: Path) -> None:
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(crashing_recipe(tiny_bert, tiny_csv)))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "distill", "run", str(recipe_path), "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "stages/01-distill/log.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            lines = log.read_text().splitlines() if log.is_file() else []
+            if sum('"train"' in x for x in lines) >= 3:  # 6 of 18 steps done
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "stages/01-distill/model").exists()
+    done = subprocess.run([sys.executable, "-m", "distill", "run", "--resume", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after 1 finished stage" in done.stdout
+    assert "resuming from step-" in done.stdout
+    assert_same_run(out, reference)
+
+
+def test_a_truncated_checkpoint_is_never_used(tmp_path: Path) -> None:
+    w = {"w": torch.arange(6.0)}
+    save_checkpoint(tmp_path, 2, w, {"x": torch.ones(2)}, {"steps": 2})
+    save_checkpoint(tmp_path, 4, {"w": w["w"] + 1}, {"x": torch.ones(2)}, {"steps": 4})
+    assert load_latest(tmp_path)["loop"]["steps"] == 4
+    path = tmp_path / "step-4" / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])  # cut short, as a crash during a copy would
+    ckpt = load_latest(tmp_path)
+    assert ckpt["loop"]["steps"] == 2 and torch.equal(ckpt["weights"]["w"], w["w"])
+    (tmp_path / "step-2" / "state.pt").write_bytes(b"")
+    assert load_latest(tmp_path) is None
+    # only the newest `keep` checkpoints stay
+    for step in (6, 8, 10):
+        save_checkpoint(tmp_path, step, w, {}, {"steps": step})
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-8"]
+
+
+def test_resume_refuses_what_is_not_a_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run directory" in result.output
+    result = CliRunner().invoke(app, ["run", "x.yaml", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "give no RECIPE" in result.output
