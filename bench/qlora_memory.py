@@ -34,7 +34,13 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_methods as pm
-from distill.lm_data import SHAKESPEARE, lm_batches, load_lm_text, sample_blocks, tokenize_blocks
+from distill.lm_data import (
+    SHAKESPEARE,
+    lm_batches,
+    load_lm_text,
+    sample_blocks,
+    tokenize_blocks,
+)
 from distill.models import resolve_model_path
 from distill.perplexity import next_token_labels, token_nll
 from peft_methods.base import find_targets

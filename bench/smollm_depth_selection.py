@@ -28,7 +28,13 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.importance import depth_importance, most_important, select_layers
-from distill.lm_data import SHAKESPEARE, lm_batches, load_lm_text, sample_blocks, tokenize_blocks
+from distill.lm_data import (
+    SHAKESPEARE,
+    lm_batches,
+    load_lm_text,
+    sample_blocks,
+    tokenize_blocks,
+)
 from distill.models import count_params, resolve_model_path
 from distill.perplexity import perplexity
 from distill.shrinking import keep_layers

@@ -13,8 +13,14 @@ import yaml
 from rich.console import Console
 
 from distill.errors import DistillError
-from distill.recipe import (AdaptStage, DataConfig, ModelSpec, Recipe, recipe_from_dict,
-                            recipe_to_dict)
+from distill.recipe import (
+    AdaptStage,
+    DataConfig,
+    ModelSpec,
+    Recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:

@@ -219,7 +219,8 @@ def attach(student: Annotated[str | None, typer.Argument(
     step; the adapter is saved in Hugging Face PEFT's format.
     """
     import peft_methods
-    from distill.attaching import attach as attach_fn, parse_options
+    from distill.attaching import attach as attach_fn
+    from distill.attaching import parse_options
     from distill.recipe import DataConfig
 
     if list_methods:

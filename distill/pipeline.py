@@ -19,7 +19,12 @@ from rich.console import Console
 
 from distill.context import ModelRef, RunContext, StageResult
 from distill.errors import DistillError
-from distill.models import count_params, dir_size_mb, quiet_transformers, resolve_model_path
+from distill.models import (
+    count_params,
+    dir_size_mb,
+    quiet_transformers,
+    resolve_model_path,
+)
 from distill.preflight import preflight
 from distill.recipe import Recipe, dump_recipe
 from distill.report import write_report

@@ -22,15 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForSequenceClassification, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import peft_methods
 from distill.arch import Dims, arch_info, arch_info_for, dims, supported_families
 from distill.data import TaskData, load_task_data
 from distill.errors import DistillError
-from distill.models import (check_weights, config_num_layers, load_config, load_tokenizer,
-                            resolve_model_path)
+from distill.models import (
+    check_weights,
+    config_num_layers,
+    load_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 from distill.recipe import AdaptStage, DistillStage, Recipe, ShrinkStage
 from peft_methods.prompt_tuning import PromptLearningMethod
 
@@ -223,7 +232,9 @@ def stage_problems(recipe: Recipe, config: PretrainedConfig, model: PreTrainedMo
     Args:
         config / model: the teacher's config and its classifier on the meta device.
     """
-    from distill.stages.distill import plan_layers  # the stage's own planning, run early
+    from distill.stages.distill import (
+        plan_layers,  # the stage's own planning, run early
+    )
 
     problems: list[str] = []
     depth = config_num_layers(config)

@@ -34,11 +34,26 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from distill.arch import (ArchInfo, Attention, Dims, Stack, arch_info, dims, find,
-                          head_modules, mlp_names, present_stacks)
+from distill.arch import (
+    ArchInfo,
+    Attention,
+    Dims,
+    Stack,
+    arch_info,
+    dims,
+    find,
+    head_modules,
+    mlp_names,
+    present_stacks,
+)
 from distill.errors import DistillError
-from distill.width_importance import (LayerImportance, WidthImportance, attentions,
-                                      hidden_norms, width_importance)
+from distill.width_importance import (
+    LayerImportance,
+    WidthImportance,
+    attentions,
+    hidden_norms,
+    width_importance,
+)
 
 __all__ = ["LayerImportance", "WidthImportance", "shrink_width", "width_importance"]
 

@@ -25,8 +25,15 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from distill.arch import (Attention, Stack, arch_info, dims, find, mlp_names,
-                          present_stacks)
+from distill.arch import (
+    Attention,
+    Stack,
+    arch_info,
+    dims,
+    find,
+    mlp_names,
+    present_stacks,
+)
 
 
 @dataclass

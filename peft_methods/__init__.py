@@ -14,10 +14,24 @@ from __future__ import annotations
 
 import importlib
 
-from peft_methods.base import (REGISTRY, AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               get_method)
-from peft_methods.ops import (adapter_state_dict, apply, load_adapter, merge, read_adapter_config,
-                              save_adapter, trainable_report, unmerge)
+from peft_methods.base import (
+    REGISTRY,
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    get_method,
+)
+from peft_methods.ops import (
+    adapter_state_dict,
+    apply,
+    load_adapter,
+    merge,
+    read_adapter_config,
+    save_adapter,
+    trainable_report,
+    unmerge,
+)
 
 # One line per method module; each registers its method(s) on import.
 _METHOD_MODULES = (

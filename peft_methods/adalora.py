@@ -32,10 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               linear_dims, load_named, register, replace_module)
-from peft_methods.lora import (_UNSUPPORTED_PEFT_FIELDS, check_target_modules,
-                               file_target_modules, resolve_targets)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    WrapsBaseLayer,
+    linear_dims,
+    load_named,
+    register,
+    replace_module,
+)
+from peft_methods.lora import (
+    _UNSUPPORTED_PEFT_FIELDS,
+    check_target_modules,
+    file_target_modules,
+    resolve_targets,
+)
 
 # PEFT's AdaLoRA defaults per `config.model_type` (peft.utils.constants).
 ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -135,7 +148,7 @@ class AdaLoraConfig(MethodConfig):
                                   "{\"<path>.lora_E\": [true/false per triplet]}")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrapsBaseLayer, nn.Module):
     """`base_layer(x) + α/(ranknum + 1e-5) · lora_B (lora_A ⊙ lora_E) dropout(x)` (PEFT's
     `adalora.SVDLinear`).
 
@@ -174,14 +187,6 @@ class SVDLinear(nn.Module):
     @property
     def r(self) -> int:
         return self.lora_A.shape[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -27,9 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               is_linear, linear_dims, module_matches, register,
-                               replace_module)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    WrapsBaseLayer,
+    is_linear,
+    linear_dims,
+    module_matches,
+    register,
+    replace_module,
+)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
@@ -142,7 +151,7 @@ def _check_pattern(key: str, value: Any) -> None:
 # the layer
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(WrapsBaseLayer, nn.Module):
     """An output projection followed by a bottleneck adapter.
 
     forward: x [..., d_in] → y = base_layer(x) [..., d] → y + W_up f(W_down y) [..., d].
@@ -170,16 +179,6 @@ class AdapterLayer(nn.Module):
             for lin in (self.adapter_down, self.adapter_up):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-
-    # HF code reads `layer.weight` on layers we wrap (T5 checks `self.wo.weight.dtype`), so
-    # the wrapper shows the wrapped layer's tensors, as PEFT's layers do.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def adapter(self, y: torch.Tensor) -> torch.Tensor:
         """W_up f(W_down y): y [..., d] → [..., d] (the residual branch only)."""

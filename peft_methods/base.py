@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-
 # The task heads PEFT saves for a classification task (PeftModelForSequenceClassification).
 HEAD_NAMES = ("classifier", "score")
 
@@ -197,6 +196,20 @@ def resolve_modules_to_save(model: nn.Module, config: MethodConfig, task_type: s
                     f"modules_to_save: {key!r} matches no module"
                     + (f"; close names: {', '.join(close)}" if close else ""))
     return found
+
+
+class WrapsBaseLayer:
+    """Mixin for layers that wrap `self.base_layer`: Hugging Face code reads `layer.weight` and
+    `layer.bias` on layers we wrap (T5 checks `self.wo.weight.dtype`), so the wrapper shows the
+    wrapped layer's tensors, as PEFT's layers do."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               load_named, module_matches, register)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    load_named,
+    module_matches,
+    register,
+)
 
 
 @dataclass

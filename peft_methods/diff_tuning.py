@@ -29,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               find_targets, load_named, register, replace_module)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    WrapsBaseLayer,
+    find_targets,
+    load_named,
+    register,
+    replace_module,
+)
 
 NORMS = ("l1", "l2")
 SAVE_FORMATS = ("dense", "sparse")
@@ -81,7 +90,7 @@ class DiffTuningConfig(MethodConfig):
             raise PeftMethodError(f"`diff_bias` must be true or false, got {self.diff_bias!r}")
 
 
-class DiffLayer(nn.Module):
+class DiffLayer(WrapsBaseLayer, nn.Module):
     """A frozen linear layer (nn.Linear or Conv1D) plus a dense trainable difference.
 
     `diff_weight` has the stored weight's shape ([out, in] for Linear, [in, out] for Conv1D);
@@ -100,16 +109,6 @@ class DiffLayer(nn.Module):
         self.diff_bias = nn.Parameter(torch.zeros_like(b)) if diff_bias and b is not None \
             else None
         self.merged = False
-
-    # HF code reads `layer.weight` on layers we wrap (T5 checks `self.wo.weight.dtype`), so
-    # the wrapper shows the wrapped layer's tensors, as PEFT's layers do.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:

@@ -31,9 +31,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               find_targets, linear_dims, module_matches, register,
-                               replace_module)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    WrapsBaseLayer,
+    find_targets,
+    linear_dims,
+    module_matches,
+    register,
+    replace_module,
+)
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING
 # (peft 0.21.2), as model_type -> (target_modules, feedforward_modules). Copied, not imported:
@@ -119,7 +128,7 @@ def is_feedforward(name: str, feedforward: list[str] | str) -> bool:
     return any(name.endswith(key) for key in feedforward)
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(WrapsBaseLayer, nn.Module):
     """A linear layer (nn.Linear or Conv1D) with an (IA)³ vector.
 
     `ia3_l` is [out, 1] for an ordinary target (scales the output [..., out]) and [1, in] for
@@ -142,16 +151,6 @@ class IA3Layer(nn.Module):
                                           else torch.float32))
         self.merged = False
         self._backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    # HF code reads `layer.weight` on layers we wrap (T5 checks `self.wo.weight.dtype`), so
-    # the wrapper shows the wrapped layer's tensors, as PEFT's layers do.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:

@@ -25,8 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               find_targets, is_linear, linear_dims, register, replace_module)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    WrapsBaseLayer,
+    find_targets,
+    is_linear,
+    linear_dims,
+    register,
+    replace_module,
+)
 
 # PEFT's default targets per `config.model_type` (peft.utils.constants, LoRA mapping): the
 # attention query and value projections, or the fused QKV projection.
@@ -164,7 +174,7 @@ def _dims(base: nn.Module) -> tuple[int, int]:
     return base.in_features, base.out_features
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrapsBaseLayer, nn.Module):
     """`base_layer(x) + scaling · lora_B(lora_A(lora_dropout(x)))`.
 
     Args:
@@ -211,15 +221,6 @@ class LoraLinear(nn.Module):
         else:  # "gaussian"
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         nn.init.zeros_(self.lora_B.weight)
-
-    # HF code sometimes reads `layer.weight` (e.g. T5 checks wo.weight.dtype); pass through.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

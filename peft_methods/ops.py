@@ -19,9 +19,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError, get_method,
-                               infer_task_type, load_named, make_config,
-                               method_for_peft_type, resolve_modules_to_save)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    get_method,
+    infer_task_type,
+    load_named,
+    make_config,
+    method_for_peft_type,
+    resolve_modules_to_save,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

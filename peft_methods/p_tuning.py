@@ -22,8 +22,13 @@ import torch
 from torch import nn
 
 from peft_methods.base import AdaptedModel, PeftMethodError, register
-from peft_methods.prompt_tuning import (EmbeddingPromptMethod, PromptLearningConfig,
-                                        check_choice, check_int, total_virtual_tokens)
+from peft_methods.prompt_tuning import (
+    EmbeddingPromptMethod,
+    PromptLearningConfig,
+    check_choice,
+    check_int,
+    total_virtual_tokens,
+)
 
 ENCODER_TYPES = ("MLP", "LSTM")
 MLP_LAYERS = 2  # PEFT's default `encoder_num_layers`; the MLP encoder has a fixed depth

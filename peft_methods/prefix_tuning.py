@@ -47,11 +47,26 @@ import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from peft_methods.base import (HEAD_NAMES, AdaptedModel, MethodConfig, PeftMethodError,
-                               infer_task_type, register)
-from peft_methods.encoder_prefix import encoder_attentions, encoder_dims, encoder_prefixes
-from peft_methods.prompt_tuning import (PromptLearningConfig, PromptLearningMethod, PromptTable,
-                                        check_choice, check_int)
+from peft_methods.base import (
+    HEAD_NAMES,
+    AdaptedModel,
+    MethodConfig,
+    PeftMethodError,
+    infer_task_type,
+    register,
+)
+from peft_methods.encoder_prefix import (
+    encoder_attentions,
+    encoder_dims,
+    encoder_prefixes,
+)
+from peft_methods.prompt_tuning import (
+    PromptLearningConfig,
+    PromptLearningMethod,
+    PromptTable,
+    check_choice,
+    check_int,
+)
 
 INIT_WEIGHTS = (None, "zero")
 

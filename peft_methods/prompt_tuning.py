@@ -31,8 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               infer_task_type, register)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    infer_task_type,
+    register,
+)
 
 # Task types the prompt methods know how to feed (PEFT has its own forward for each).
 PROMPT_TASKS = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")

@@ -35,8 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_methods.base import (AdaptedModel, PeftMethodError, find_targets,
-                               linear_dims, register, replace_module)
+from peft_methods.base import (
+    AdaptedModel,
+    PeftMethodError,
+    find_targets,
+    linear_dims,
+    register,
+    replace_module,
+)
 from peft_methods.lora import LoRA, LoraConfig, resolve_targets
 
 NF4_OFFSET = 0.9677083  # δ = 1 − ½(1/30 + 1/32), as bitsandbytes writes it

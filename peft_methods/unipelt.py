@@ -46,10 +46,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.adapter import AdapterConfig, AdapterLayer, adapter_sites, detect_family
-from peft_methods.base import (AdaptedModel, Method, MethodConfig, PeftMethodError,
-                               linear_dims, module_matches, register, replace_module)
-from peft_methods.lora import LORA_DEFAULT_TARGETS, LoraConfig, LoraLinear, resolve_targets
+from peft_methods.adapter import (
+    AdapterConfig,
+    AdapterLayer,
+    adapter_sites,
+    detect_family,
+)
+from peft_methods.base import (
+    AdaptedModel,
+    Method,
+    MethodConfig,
+    PeftMethodError,
+    linear_dims,
+    module_matches,
+    register,
+    replace_module,
+)
+from peft_methods.lora import (
+    LORA_DEFAULT_TARGETS,
+    LoraConfig,
+    LoraLinear,
+    resolve_targets,
+)
 from peft_methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peft_methods.prompt_tuning import check_choice
 
