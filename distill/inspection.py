@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 from distill.errors import DistillError
-from distill.models import count_params, dir_size_mb, resolve_model_path
+from distill.models import (count_params, dir_size_mb, load_config, load_error,
+                            resolve_model_path)
 
 
 def describe_model(name: str, trust_remote_code: bool = False) -> dict[str, object]:
     """Family, depth, widths, vocabulary, parameter counts and size on disk of a model."""
     path = resolve_model_path(name)
+    config = load_config(name, trust_remote_code)  # clear errors, remote code refused
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModel.from_pretrained(path, use_safetensors=True,
                                           trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise DistillError(f"could not load {name}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise load_error(name, "weights", exc) from None
     params, non_emb = count_params(model)
     get = lambda *keys: next((getattr(config, k) for k in keys if hasattr(config, k)), None)  # noqa: E731
     info: dict[str, object] = {

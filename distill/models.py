@@ -107,7 +107,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     except OSError as exc:
         raise _hub_error(name, exc) from None
     except ValueError as exc:
-        raise _load_error(name, "tokenizer", exc) from None
+        raise load_error(name, "tokenizer", exc) from None
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -118,10 +118,10 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     except OSError as exc:
         raise _hub_error(name, exc) from None
     except ValueError as exc:
-        raise _load_error(name, "config", exc) from None
+        raise load_error(name, "config", exc) from None
 
 
-def _load_error(name: str, what: str, exc: ValueError) -> DistillError:
+def load_error(name: str, what: str, exc: ValueError) -> DistillError:
     """transformers' ValueError on reading a model folder, as a one-line user error."""
     if "trust_remote_code" in str(exc):
         # The folder names its own Python code (config `auto_map`, a model_type transformers

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from distill.arch import num_layers
 from distill.data import load_task_data, make_loader, tokenize_split
 from distill.errors import DistillError
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
-from distill.models import count_params, load_tokenizer, resolve_model_path, save_model
+from distill.models import (count_params, load_config, load_tokenizer, resolve_model_path,
+                            save_model)
 from distill.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
 
@@ -25,7 +26,7 @@ from distill.stages.shrink import cut, first_batches
 def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """A saved model with the head its config names (safetensors only)."""
     path = resolve_model_path(name)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code)  # clear errors, remote code refused
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:

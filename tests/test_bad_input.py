@@ -497,3 +497,21 @@ class _Exploit:
 
     def __reduce__(self) -> tuple:
         return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["shrink", "--layers", "2", "--out"]])
+def test_one_off_commands_refuse_remote_code_cleanly(env: Env, tmp_path: Path,
+                                                     command: list[str]) -> None:
+    """`distill inspect` / `distill shrink` read configs through the same checked loader."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    args = [command[0], env["remote"], *command[1:]]
+    if command[0] == "shrink":
+        args.append(str(tmp_path / "out"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "trust_remote_code" in result.output and "Traceback" not in result.output
+    assert not Path(env["remote_marker"]).exists()
+    assert not (tmp_path / "out").exists()
