@@ -269,7 +269,7 @@ def shrink_problems(stage: ShrinkStage, model: PreTrainedModel, shape: _Shape, k
     Width targets go through the width cutter's own rules (whole key/value groups, hidden =
     heads × head size where the family ties them) on the meta model.
     """
-    from distill.width import _targets  # the cutter's target rules, without cutting
+    from distill.width import width_targets  # the cutter's target rules, without cutting
 
     info = arch_info(model)
     for k, step in enumerate(stage.schedule):
@@ -283,8 +283,8 @@ def shrink_problems(stage: ShrinkStage, model: PreTrainedModel, shape: _Shape, k
         if shape.widths is not None and any(
                 v is not None for v in (step.hidden, step.heads, step.intermediate)):
             try:
-                widths = _targets(model, info, shape.widths, step.hidden, step.heads,
-                                  step.intermediate)
+                widths = width_targets(model, info, shape.widths, step.hidden, step.heads,
+                                       step.intermediate)
             except DistillError as exc:
                 problems.append(f"{where}.{exc}")
                 return shape

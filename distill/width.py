@@ -88,7 +88,7 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
             combination the family's config cannot express, or `importance` that does not fit.
     """
     info, old = arch_info(model), dims(model)
-    new = _targets(model, info, old, hidden, heads, intermediate)
+    new = width_targets(model, info, old, hidden, heads, intermediate)
     if importance is not None:
         _check_importance(model, importance, old)
     # Widths left at None keep their order (see the module docstring).
@@ -122,8 +122,8 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
 
 # --- targets -----------------------------------------------------------------------------------
 
-def _targets(model: nn.Module, info: ArchInfo, old: Dims, hidden: int | None, heads: int | None,
-             intermediate: int | None) -> Dims:
+def width_targets(model: nn.Module, info: ArchInfo, old: Dims, hidden: int | None,
+                  heads: int | None, intermediate: int | None) -> Dims:
     """The new widths, or a DistillError naming the target, its value and what is allowed."""
     def check(key: str, value: int | None, current: int) -> int:
         if value is None:
