@@ -157,7 +157,8 @@ def find_targets(model: nn.Module, target: str | list[str], *, method: str,
                               f"{', '.join(leaves[:20])}")
     bad = [n for n in found if not accept(modules[n])]
     if bad:
-        raise PeftMethodError(f"{method}: cannot adapt {bad[0]} ({type(modules[bad[0]]).__name__}); "
+        kind = type(modules[bad[0]]).__name__
+        raise PeftMethodError(f"{method}: cannot adapt {bad[0]} ({kind}); "
                               f"target_modules must select linear layers")
     return found
 
@@ -380,7 +381,8 @@ def load_named(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
             src = source[k]
             if tuple(src.shape) != tuple(t.shape):
                 raise PeftMethodError(f"{what}: {k} has shape {tuple(src.shape)} in the adapter "
-                                      f"but {tuple(t.shape)} in the model")
+                                      f"but this model needs {tuple(t.shape)} — was it saved "
+                                      f"for another model?")
             t.copy_(src.to(dtype=t.dtype, device=t.device))
 
 

@@ -184,7 +184,7 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, like: torch.Tenso
 
 @register
 class DiffTuning(Method):
-    """Diff-tuning: a dense difference Δ on chosen weights with the penalty λ‖Δ‖; saved dense or sparse."""
+    """Diff-tuning: a dense difference Δ on chosen weights, penalty λ‖Δ‖; dense or sparse file."""
 
     name = "diff_tuning"
     peft_type = "DIFF_TUNING"

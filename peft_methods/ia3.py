@@ -239,7 +239,7 @@ def ia3_targets(model: nn.Module, config: IA3Config, target: list[str] | str,
 
 @register
 class IA3(Method):
-    """IA3: learned vectors (init 1) rescale keys, values and the feed-forward activation; as PEFT."""
+    """IA3: learned vectors (init 1) rescale keys, values and the FFN activation, as PEFT."""
 
     name = "ia3"
     peft_type = "IA3"

@@ -51,6 +51,7 @@ from peft_methods.base import (
     HEAD_NAMES,
     AdaptedModel,
     MethodConfig,
+    load_named,
     PeftMethodError,
     infer_task_type,
     register,
@@ -249,14 +250,8 @@ class PrefixTuning(PromptLearningMethod):
         if "encoder_prompt_embeddings" not in state:
             raise PeftMethodError(f"{self.name}: the config says encoder_prefix but the adapter "
                                   f"has no `encoder_prompt_embeddings` tensor")
-        table, weight = state["encoder_prompt_embeddings"], \
-            adapted.extra["encoder_prefix"].embedding.weight
-        if tuple(table.shape) != tuple(weight.shape):
-            raise PeftMethodError(f"{self.name}: encoder_prompt_embeddings has shape "
-                                  f"{tuple(table.shape)} in the adapter but this model needs "
-                                  f"{tuple(weight.shape)} — was it saved for another model?")
-        with torch.no_grad():
-            weight.copy_(table.to(dtype=weight.dtype, device=weight.device))
+        load_named({"encoder_prompt_embeddings": adapted.extra["encoder_prefix"].embedding.weight},
+                   state, what=self.name)
 
     def peft_config_dict(self, adapted: AdaptedModel) -> dict[str, Any]:
         out = super().peft_config_dict(adapted)

@@ -35,6 +35,7 @@ from peft_methods.base import (
     AdaptedModel,
     Method,
     MethodConfig,
+    load_named,
     PeftMethodError,
     infer_task_type,
     register,
@@ -229,13 +230,7 @@ class PromptLearningMethod(Method):
         if not isinstance(encoder, PromptTable):
             raise PeftMethodError(f"{self.name}: a saved prompt loads only into an adapter built "
                                   f"with inference_mode=True (use load_adapter)")
-        table, weight = state["prompt_embeddings"], encoder.embedding.weight
-        if tuple(table.shape) != tuple(weight.shape):
-            raise PeftMethodError(f"{self.name}: prompt_embeddings has shape "
-                                  f"{tuple(table.shape)} in the adapter but this model needs "
-                                  f"{tuple(weight.shape)} — was it saved for another model?")
-        with torch.no_grad():
-            weight.copy_(table.to(dtype=weight.dtype, device=weight.device))
+        load_named({"prompt_embeddings": encoder.embedding.weight}, state, what=self.name)
 
     @staticmethod
     def extend_mask(mask: torch.Tensor | None, m: int) -> torch.Tensor | None:
