@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.data import TaskData, TokenizedSplit, make_loader, tokenize_split
-from distill.metrics import predict
+from distill.metrics import confusion_matrix, confusion_metrics, predict
 from distill.recipe import Recipe
 
 T = TypeVar("T")
@@ -118,8 +118,7 @@ class RunContext:
         confusion = torch.zeros(self.num_labels * self.num_labels, dtype=torch.int64)
         for batch in self._shard(self.loader(split, batch_size)):
             preds, labels = predict(model, [batch], device)
-            confusion += torch.bincount(labels * self.num_labels + preds,
-                                        minlength=self.num_labels ** 2)
+            confusion += confusion_matrix(preds, labels, self.num_labels).flatten()
         if self.accelerator.num_processes > 1:
             confusion = self.accelerator.reduce(confusion.to(self.accelerator.device),
                                                 reduction="sum").cpu()
@@ -132,17 +131,3 @@ class RunContext:
             if i % n == rank:
                 yield batch
 
-
-def confusion_metrics(confusion: torch.Tensor) -> dict[str, Any]:
-    """Accuracy and macro-F1 from a [true, predicted] count matrix; the same values as
-    `distill.metrics.accuracy` / `f1_macro` on the predictions themselves."""
-    total = int(confusion.sum())
-    tp = confusion.diag()
-    accuracy = (float(torch.tensor(float(tp.sum())) / total)  # float32, as metrics.accuracy
-                if total else float("nan"))
-    scores = []
-    for c in range(confusion.shape[0]):
-        t, fp, fn = int(tp[c]), int(confusion[:, c].sum() - tp[c]), int(confusion[c].sum() - tp[c])
-        denom = 2 * t + fp + fn
-        scores.append(2 * t / denom if denom else 0.0)
-    return {"accuracy": accuracy, "f1_macro": sum(scores) / len(scores)}

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 
 @torch.inference_mode()
@@ -31,27 +30,28 @@ def predict(model: nn.Module, loader: Iterable[dict], device: torch.device | str
     return torch.cat(preds), torch.cat(labels)
 
 
-def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((preds == labels).float().mean()) if len(labels) else float("nan")
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
+                     ) -> torch.Tensor:
+    """Counts [true class, predicted class] (int64, [C, C]) of predictions [N] vs labels [N];
+    summable over batches and processes."""
+    flat = torch.bincount(labels * num_classes + preds, minlength=num_classes ** 2)
+    return flat.view(num_classes, num_classes)
 
 
-def f1_macro(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 (a class absent from both gives F1 = 0, as sklearn)."""
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 (unweighted mean of per-class F1; a class absent from both
+    predictions and labels gives F1 = 0, as sklearn) from a [true, predicted] count matrix."""
+    total = int(confusion.sum())
+    tp = confusion.diag()
+    # float32 division, as `(preds == labels).float().mean()` gives
+    accuracy = float(torch.tensor(float(tp.sum())) / total) if total else float("nan")
     scores = []
-    for c in range(num_classes):
-        tp = int(((preds == c) & (labels == c)).sum())
-        fp = int(((preds == c) & (labels != c)).sum())
-        fn = int(((preds != c) & (labels == c)).sum())
-        denom = 2 * tp + fp + fn
-        scores.append(2 * tp / denom if denom else 0.0)
-    return sum(scores) / num_classes
-
-
-def classification_metrics(model: nn.Module, loader: DataLoader, num_classes: int,
-                           device: torch.device | str = "cpu") -> dict[str, float]:
-    """{"accuracy": …, "f1_macro": …} of `model` on `loader`."""
-    preds, labels = predict(model, loader, device)
-    return {"accuracy": accuracy(preds, labels), "f1_macro": f1_macro(preds, labels, num_classes)}
+    for c in range(confusion.shape[0]):
+        t = int(tp[c])
+        fp, fn = int(confusion[:, c].sum()) - t, int(confusion[c].sum()) - t
+        denom = 2 * t + fp + fn
+        scores.append(2 * t / denom if denom else 0.0)
+    return {"accuracy": accuracy, "f1_macro": sum(scores) / len(scores)}
 
 
 @torch.inference_mode()
