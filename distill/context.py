@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from distill import sharding
 from distill.data import TaskData, TokenizedSplit, make_loader, tokenize_split
 from distill.metrics import confusion_matrix, confusion_metrics, predict
 from distill.recipe import Recipe
@@ -112,13 +113,22 @@ class RunContext:
         With N processes rank r predicts batches r, r+N, ... of the same batches one process
         would see, and the confusion matrices are summed over the ranks: every rank gets the
         same numbers, equal to the 1-process ones (the predictions are computed on identical
-        batches)."""
+        batches). A model sharded by FSDP (validation inside a loop) gathers its weights in
+        every forward, so there every rank runs the same number of forwards: a rank short of
+        one batch repeats one and ignores its predictions."""
         model = self.accelerator.unwrap_model(model)
         device = next(model.parameters()).device
         confusion = torch.zeros(self.num_labels * self.num_labels, dtype=torch.int64)
-        for batch in self._shard(self.loader(split, batch_size)):
+        loader = self.loader(split, batch_size)
+        n = self.accelerator.num_processes
+        forwards = -(-len(loader) // n) if sharding.is_fsdp(model) else 0
+        done, last = 0, None
+        for batch in self._shard(loader):
             preds, labels = predict(model, [batch], device)
             confusion += confusion_matrix(preds, labels, self.num_labels).flatten()
+            done, last = done + 1, batch
+        for _ in range(forwards - done):  # collective forwards only, nothing counted
+            predict(model, [last if last is not None else next(iter(loader))], device)
         if self.accelerator.num_processes > 1:
             confusion = self.accelerator.reduce(confusion.to(self.accelerator.device),
                                                 reduction="sum").cpu()

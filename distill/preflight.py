@@ -83,12 +83,13 @@ class _Shape:
 
 
 # ----------------------------------------------------------------------------- entry point
-def preflight(recipe: Recipe, run_dir: Path | None = None) -> Checked:
+def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False) -> Checked:
     """Check the recipe's output folder, data, models and stages; nothing is written.
 
     Args:
         recipe: a validated recipe.
         run_dir: where the run will write (checked for being creatable, not created).
+        sharded: the launch shards weights with FSDP (stages that need whole gradients fail).
 
     Returns:
         The loaded task data and the teacher's tokenizer (the run uses them as they are).
@@ -112,9 +113,20 @@ def preflight(recipe: Recipe, run_dir: Path | None = None) -> Checked:
     problems += fits_model(tokenizer, config, recipe.data.max_length, spec.model,
                            "teacher.model", "data.max_length")
     problems += stage_problems(recipe, config, model, tokenizer, len(data.label_names))
+    if sharded:
+        problems += sharding_problems(recipe)
     if problems:
         raise PreflightError(problems)
     return Checked(data, tokenizer)
+
+
+def sharding_problems(recipe: Recipe) -> list[str]:
+    """Stages an FSDP launch cannot train: methods whose per-step hook reads whole gradients."""
+    return [f"stages.{i}.method: {stage.method} reallocates ranks from whole gradients after "
+            "each step, and an FSDP launch shards them; launch with --multi_gpu (DDP)"
+            for i, stage in enumerate(recipe.stages)
+            if isinstance(stage, AdaptStage) and stage.method in peft_methods.available()
+            and peft_methods.get_method(stage.method).reads_gradients]
 
 
 def check_output_location(run_dir: Path) -> None:

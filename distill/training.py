@@ -25,6 +25,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     broadcast_object_list,
+    gather_object,
 )
 from rich.console import Console
 from rich.progress import (
@@ -39,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from distill import sharding
 from distill.checkpoint import load_latest, save_checkpoint
 from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
@@ -55,24 +57,24 @@ def make_accelerator() -> Accelerator:
     of optimizer steps, the schedule and (the gradients being averaged over ranks) the updates
     are those of the 1-process run, up to float summation order.
 
-    Data parallelism with whole weights on every rank (DDP: `--multi_gpu`, CPU or GPU) is what
-    the loop supports; FSDP and DeepSpeed are refused up front (see `_check_distributed`)."""
+    Data parallelism with whole weights on every rank (DDP: `--multi_gpu`) and fully sharded
+    data parallelism (FSDP2: `--use_fsdp --fsdp_version 2`, see `distill.sharding`) are what
+    the loop supports, on CPU or GPU; DeepSpeed and Megatron-LM are refused up front (see
+    `_check_distributed`)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     _check_distributed(accelerator.distributed_type)
+    sharding.fsdp_plugin(accelerator)  # an unsupported FSDP setting fails here, not mid-run
     return accelerator
 
 
 def _check_distributed(kind: DistributedType) -> None:
-    """Refuse the launch modes whose weights or optimizer steps the loop does not handle:
-    it validates, keeps the best epoch and saves from the full, unwrapped weights on every
-    rank (FSDP and ZeRO-3 shard them) and steps and clips the optimizer itself (a DeepSpeed
-    engine does both its own way)."""
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    """Refuse the launch modes whose optimizer steps the loop does not own: a DeepSpeed
+    engine accumulates, clips and steps its own way, and Megatron-LM splits the model."""
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise DistillError(
-            f"accelerate launch with {kind.value} is not supported yet: distill trains "
-            "data-parallel with whole weights on every process; launch with --multi_gpu "
-            "(DDP), and keep a large frozen teacher small with `teacher.dtype: bfloat16`")
+            f"accelerate launch with {kind.value} is not supported: launch with --multi_gpu "
+            "(DDP) or --use_fsdp --fsdp_version 2 (FSDP, weights and optimizer sharded)")
 
 
 @dataclass
@@ -172,6 +174,10 @@ def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
             "step differs slightly from a 1-process run")
 
 
+def _mode(sharded: object) -> str:
+    return "sharded (FSDP)" if sharded else "data-parallel or 1-process"
+
+
 def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over the processes (unchanged with one process)."""
     if accelerator.num_processes == 1:
@@ -193,7 +199,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         unit: module whose `forward(batch: dict[str, Tensor]) -> (loss, parts)` computes the
             stage's loss; its parameters with `requires_grad` are optimized. It may define
             `optimizer_groups(lr, weight_decay) -> list[dict] | None` (its own AdamW groups)
-            and `on_step(step)` (called after each optimizer step, before gradients clear).
+            and `on_step(step)` (called after each optimizer step, before gradients clear;
+            with `reads_gradients = True` when it needs whole gradients, refused under FSDP).
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
             `idx` [B]; shuffled by its own seeded generator.
         keep: the sub-module whose weights are the stage's result (e.g. the student).
@@ -210,20 +217,38 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     if checkpoint_dir is None and log_path is not None:
         checkpoint_dir = log_path.parent / "checkpoint"
     log = JsonlLog(log_path if main else None)
-    params = [p for p in unit.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in unit.parameters()):
         raise DistillError(f"{desc}: nothing to train (no parameter requires a gradient)")
+    # Called after each optimizer step while the gradients still exist (AdaLoRA's rank budget).
+    on_step = getattr(unit, "on_step", None)
+    plugin = sharding.fsdp_plugin(accelerator)
+    if plugin is not None and getattr(unit, "reads_gradients", False):
+        raise DistillError(f"{desc}: {type(unit).__name__} reallocates ranks from whole "
+                           "gradients after each step, which FSDP shards; launch it with "
+                           "--multi_gpu (DDP) instead")
+    ckpt = load_latest(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        if ckpt["loop"].get("sharded", False) != (plugin is not None):
+            raise DistillError(
+                f"{desc}: {ckpt['path']} was written by a {_mode(not plugin)} run and this "
+                f"is a {_mode(plugin)} launch; resume with the launch that wrote it")
+        # Whole weights, loaded before sharding (every rank reads the same file).
+        unit.load_state_dict(ckpt["weights"])
+    if plugin is not None:
+        sharding.shard(unit, keep, plugin)
     # A unit may ask for its own parameter groups (LoRA+ gives B a larger learning rate).
     groups = (unit.optimizer_groups(args.learning_rate, args.weight_decay)
               if hasattr(unit, "optimizer_groups") else None)
     optimizer = torch.optim.AdamW(groups or _param_groups(unit, args.weight_decay),
                                   lr=args.learning_rate)
-    # Called after each optimizer step while the gradients still exist (AdaLoRA's rank budget).
-    on_step = getattr(unit, "on_step", None)
+    params = [p for p in unit.parameters() if p.requires_grad]  # sharded ones under FSDP
     # The shuffle order of every epoch comes from this generator (data.make_loader).
     generator = train_loader.generator
     _check_global_batch(train_loader, accelerator, desc, console)
-    unit, optimizer, train_loader = accelerator.prepare(unit, optimizer, train_loader)
+    if plugin is not None:  # already sharded: accelerate must not wrap it in DDP as well
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        unit, optimizer, train_loader = accelerator.prepare(unit, optimizer, train_loader)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
     total_steps = max(1, math.ceil(micro_total / args.grad_accum_steps))
@@ -240,11 +265,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     micro, epoch, skip = 0, 0, 0
     epoch_generator_state = generator.get_state() if generator is not None else None
     resumed_rng = None
-    ckpt = load_latest(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         loop = ckpt["loop"]
-        accelerator.unwrap_model(unit).load_state_dict(ckpt["weights"])
-        optimizer.load_state_dict(ckpt["state"]["optimizer"])
+        sharding.load_optimizer_state(unit, optimizer, ckpt["state"]["optimizer"],
+                                      plugin is not None)
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         best_state = ckpt["best"]
         micro, epoch, skip = loop["micro"], loop["epoch"], loop["micro_in_epoch"]
@@ -252,7 +276,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         result.best_metric, result.best_epoch = loop["best_metric"], loop["best_epoch"]
         result.last_loss, start = loop["last_loss"], start - loop["seconds"]
         epoch_generator_state = ckpt["state"]["epoch_generator"]
-        resumed_rng = ckpt["state"]["rng"]
+        # Each process continues its own random stream (its own dropout masks).
+        ranks = ckpt["state"].get("rng_ranks") or []
+        resumed_rng = (ranks[accelerator.process_index]
+                       if len(ranks) == accelerator.num_processes else ckpt["state"]["rng"])
         _truncate_log(log_path if main else None, result.steps, epoch)
         if main:
             (console or Console()).print(f"  {desc}: resuming from {ckpt['path'].name} "
@@ -262,15 +289,21 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         if checkpoint_dir is None:
             return
         began = time.perf_counter()
+        # Under FSDP every rank takes part in gathering the whole weights and optimizer state.
+        weights = (sharding.full_state_dict(unit) if plugin is not None
+                   else accelerator.unwrap_model(unit).state_dict())
+        optimizer_state = sharding.optimizer_state(unit, optimizer, plugin is not None)
+        rng_ranks = (gather_object([_rng_state()]) if accelerator.num_processes > 1
+                     else [_rng_state()])
         if main:
-            weights = accelerator.unwrap_model(unit).state_dict()
             save_checkpoint(checkpoint_dir, result.steps, weights, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "epoch_generator": epoch_generator_state,
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": rng_ranks[0], "rng_ranks": rng_ranks,
+                "epoch_generator": epoch_generator_state,
             }, {"micro": micro, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                 "steps": result.steps, "history": result.history,
                 "best_metric": result.best_metric, "best_epoch": result.best_epoch,
-                "last_loss": result.last_loss,
+                "last_loss": result.last_loss, "sharded": plugin is not None,
                 "seconds": round(time.perf_counter() - start, 3)}, best_state)
         accelerator.wait_for_everyone()
         result.checkpoint_seconds += time.perf_counter() - began
@@ -306,7 +339,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                 micro_in_epoch += 1
                 boundary = micro % args.grad_accum_steps == 0 or micro == micro_total
                 # Skip the gradient all-reduce on micro-batches that do not step.
-                sync = contextlib.nullcontext() if boundary else accelerator.no_sync(unit)
+                sync = (contextlib.nullcontext() if boundary else sharding.no_sync(unit)
+                        if plugin is not None else accelerator.no_sync(unit))
                 with sync:
                     with autocast:
                         loss, parts = unit(batch)
@@ -320,7 +354,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                     window_parts.setdefault(k, []).append(v)
                 if not boundary:
                     continue
-                if args.max_grad_norm is not None:
+                if args.max_grad_norm is not None and plugin is not None:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # DTensor-aware
+                elif args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -357,11 +393,14 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                                            f"{metric_name} {value:.4f}")
                 if result.best_metric is None or value > result.best_metric:
                     result.best_metric, result.best_epoch = value, epoch
-                    best_state = {k: v.detach().clone()
-                                  for k, v in accelerator.unwrap_model(keep).state_dict().items()}
+                    best_state = (sharding.full_state_dict(keep) if plugin is not None else
+                                  {k: v.detach().clone() for k, v in
+                                   accelerator.unwrap_model(keep).state_dict().items()})
             if micro < micro_total:
                 epoch_generator_state = generator.get_state() if generator is not None else None
                 checkpoint(0)
+    if plugin is not None:  # the stage gets back plain modules with whole weights
+        sharding.unshard_in_place(unit)
     if best_state is not None:
         keep.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start

@@ -318,6 +318,7 @@ class AdaLoRA(Method):
     config_cls = AdaLoraConfig
     mergeable = True
     markers = ("lora_A", "lora_E", "lora_B")
+    reads_gradients = True
 
     def inject(self, adapted: AdaptedModel) -> None:
         c: AdaLoraConfig = adapted.peft_config

@@ -53,6 +53,11 @@ class AdaptUnit(nn.Module):
     def on_step(self, step: int) -> None:
         self.model.on_step(step)
 
+    @property
+    def reads_gradients(self) -> bool:
+        """Whether `on_step` needs whole gradients (the loop refuses it under FSDP)."""
+        return self.model.method.reads_gradients
+
 
 def base_model_source(ctx: RunContext, choice: str) -> str:
     """The model the adapter goes on: the run's latest model, the teacher, or a path."""
