@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from distill import sharding
+from distill import parallel
 from distill.context import ModelRef, RunContext, StageResult
 from distill.errors import DistillError
 from distill.models import (
@@ -150,7 +150,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
     main = accelerator.is_main_process
     # Everything that can be checked before hours of training is checked first.
     # (distill.preflight: data, models, tokenizers, stage plans), before the run dir exists.
-    checked = preflight(recipe, run_dir, sharded=sharding.fsdp_plugin(accelerator) is not None)
+    checked = preflight(recipe, run_dir,
+                        sharded=parallel.strategy_for(accelerator).shards_gradients)
     data, tokenizer = checked.data, checked.tokenizer
     state = load_state(run_dir) if resume else {"completed": 0}
     if main and not resume:

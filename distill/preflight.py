@@ -89,7 +89,8 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
     Args:
         recipe: a validated recipe.
         run_dir: where the run will write (checked for being creatable, not created).
-        sharded: the launch shards weights with FSDP (stages that need whole gradients fail).
+        sharded: the launch partitions gradients (FSDP, DeepSpeed): stages that need whole
+            gradients fail.
 
     Returns:
         The loaded task data and the teacher's tokenizer (the run uses them as they are).
@@ -121,9 +122,11 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
 
 
 def sharding_problems(recipe: Recipe) -> list[str]:
-    """Stages an FSDP launch cannot train: methods whose per-step hook reads whole gradients."""
+    """Stages an FSDP or DeepSpeed launch cannot train: methods whose per-step hook reads
+    whole gradients."""
     return [f"stages.{i}.method: {stage.method} reallocates ranks from whole gradients after "
-            "each step, and an FSDP launch shards them; launch with --multi_gpu (DDP)"
+            "each step, and an FSDP or DeepSpeed launch partitions them; launch with "
+            "--multi_gpu (DDP)"
             for i, stage in enumerate(recipe.stages)
             if isinstance(stage, AdaptStage) and stage.method in peft_methods.available()
             and peft_methods.get_method(stage.method).reads_gradients]

@@ -6,8 +6,12 @@ hands back ordinary modules afterwards: every stage evaluates, saves and passes 
 
 How the unit is cut into FSDP groups (one all-gather each): every transformer block (the
 `_no_split_modules` classes of the models inside the unit), every outermost model (student,
-teacher) and the kept module itself, then the unit. The kept module being its own group is what lets
-`evaluate()` call it directly, outside the unit's forward.
+teacher) and the kept module itself, then the unit. The kept module being its own group is
+what lets `evaluate()` call it directly, outside the unit's forward.
+
+Handing modules back (`unshard_in_place`) undoes `fully_shard` by hand (class, hooks,
+composable-API registrations, parameters): torch has no public inverse. Its private names
+are pinned by torch==2.13 and checked by tests/test_sharding.py.
 
 accelerate turns FSDP on only on accelerators; torch's FSDP2 also runs on CPU over gloo, so a
 `--use_fsdp` launch on CPU shards too (`fsdp_plugin`) rather than silently training
@@ -89,26 +93,43 @@ def _block_classes(unit: nn.Module) -> set[str]:
     return names
 
 
-def shard(unit: nn.Module, keep: nn.Module, plugin: FullyShardedDataParallelPlugin) -> None:
+def shard(unit: nn.Module, keep: nn.Module, plugin: FullyShardedDataParallelPlugin
+          ) -> list[nn.Module]:
     """Shard `unit` in place over the processes (FSDP2), bottom-up: blocks, models, `keep`,
-    then the unit. Every rank must call it, with identical modules."""
+    then the unit; and, as roots of their own, the frozen models the unit calls without
+    holding them (`unit.frozen_models()`: a distill unit's teacher). Every rank must call it,
+    with identical modules.
+
+    Returns:
+        The sharded roots, for `unshard_in_place` when the loop ends.
+    """
     kwargs = _shard_kwargs(plugin)
-    blocks = _block_classes(unit)
-    models = [m for m in unit.modules() if isinstance(m, PreTrainedModel)]
+    _shard_tree(unit, keep, kwargs)
+    frozen = list(unit.frozen_models()) if hasattr(unit, "frozen_models") else []
+    for model in frozen:
+        _shard_tree(model, model, kwargs)
+    return [unit, *frozen]
+
+
+def _shard_tree(root: nn.Module, keep: nn.Module, kwargs: dict) -> None:
+    blocks = _block_classes(root)
+    models = [m for m in root.modules() if isinstance(m, PreTrainedModel)]
     # Outermost models only: a base model inside its task model (`bert` in
     # BertForSequenceClassification) may share tied embeddings with the task model's head,
     # and a shared parameter must live in one group.
     outer = {id(m) for m in models
              if not any(o is not m and any(x is m for x in o.modules()) for o in models)}
-    for m in reversed(list(unit.modules())):  # children before parents
-        if m is unit or isinstance(m, FSDPModule):
+    for m in reversed(list(root.modules())):  # children before parents
+        if m is root or isinstance(m, FSDPModule):
             continue
         wanted = m is keep or id(m) in outer or type(m).__name__ in blocks
         if wanted and next(m.parameters(), None) is not None:
             original = type(m)
             fully_shard(m, **kwargs)
             _keep_output_recording(original, type(m))
-    fully_shard(unit, **kwargs)
+    original = type(root)
+    fully_shard(root, **kwargs)
+    _keep_output_recording(original, type(root))
 
 
 def _keep_output_recording(original: type, wrapped: type) -> None:
@@ -192,21 +213,15 @@ def _raw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
 
 
-def optimizer_state(unit: nn.Module, optimizer: torch.optim.Optimizer,
-                    sharded: bool) -> dict:
-    """The optimizer's state for a checkpoint; under FSDP gathered whole and keyed by
-    parameter name (a collective)."""
-    if not sharded:
-        return optimizer.state_dict()
+def optimizer_state(unit: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded optimizer's state for a checkpoint, gathered whole and keyed by parameter
+    name (a collective)."""
     return get_optimizer_state_dict(unit, _raw(optimizer), options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(unit: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                         sharded: bool) -> None:
-    """Restore what `optimizer_state` saved (each rank keeps its shard under FSDP)."""
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
+def load_optimizer_state(unit: nn.Module, optimizer: torch.optim.Optimizer,
+                         state: dict) -> None:
+    """Restore what `optimizer_state` saved (each rank keeps its shard)."""
     set_optimizer_state_dict(unit, _raw(optimizer), state,
                              options=StateDictOptions(full_state_dict=True))

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from distill import sharding
+from distill import parallel
 from distill.checkpoint import load_latest, save_checkpoint
 from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
@@ -57,24 +57,22 @@ def make_accelerator() -> Accelerator:
     of optimizer steps, the schedule and (the gradients being averaged over ranks) the updates
     are those of the 1-process run, up to float summation order.
 
-    Data parallelism with whole weights on every rank (DDP: `--multi_gpu`) and fully sharded
-    data parallelism (FSDP2: `--use_fsdp --fsdp_version 2`, see `distill.sharding`) are what
-    the loop supports, on CPU or GPU; DeepSpeed and Megatron-LM are refused up front (see
-    `_check_distributed`)."""
+    DDP (`--multi_gpu`), FSDP2 (`--use_fsdp --fsdp_version 2`) and DeepSpeed ZeRO 0-2
+    (`--use_deepspeed`) are what the loop supports, on CPU or GPU (see `distill.parallel`);
+    Megatron-LM is refused up front (see `_check_distributed`)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     _check_distributed(accelerator.distributed_type)
-    sharding.fsdp_plugin(accelerator)  # an unsupported FSDP setting fails here, not mid-run
+    parallel.strategy_for(accelerator)  # an unsupported FSDP/DeepSpeed setting fails here
     return accelerator
 
 
 def _check_distributed(kind: DistributedType) -> None:
-    """Refuse the launch modes whose optimizer steps the loop does not own: a DeepSpeed
-    engine accumulates, clips and steps its own way, and Megatron-LM splits the model."""
-    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    """Refuse Megatron-LM: it splits the model's matrices, which the stages cut and save."""
+    if kind == DistributedType.MEGATRON_LM:
         raise DistillError(
             f"accelerate launch with {kind.value} is not supported: launch with --multi_gpu "
-            "(DDP) or --use_fsdp --fsdp_version 2 (FSDP, weights and optimizer sharded)")
+            "(DDP), --use_fsdp --fsdp_version 2 (FSDP) or --use_deepspeed (ZeRO 0-2)")
 
 
 @dataclass
@@ -174,10 +172,6 @@ def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
             "step differs slightly from a 1-process run")
 
 
-def _mode(sharded: object) -> str:
-    return "sharded (FSDP)" if sharded else "data-parallel or 1-process"
-
-
 def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over the processes (unchanged with one process)."""
     if accelerator.num_processes == 1:
@@ -221,34 +215,33 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         raise DistillError(f"{desc}: nothing to train (no parameter requires a gradient)")
     # Called after each optimizer step while the gradients still exist (AdaLoRA's rank budget).
     on_step = getattr(unit, "on_step", None)
-    plugin = sharding.fsdp_plugin(accelerator)
-    if plugin is not None and getattr(unit, "reads_gradients", False):
-        raise DistillError(f"{desc}: {type(unit).__name__} reallocates ranks from whole "
-                           "gradients after each step, which FSDP shards; launch it with "
+    strategy = parallel.strategy_for(accelerator)
+    if strategy.shards_gradients and getattr(unit, "reads_gradients", False):
+        raise DistillError(f"{desc}: {type(unit).__name__} reads whole gradients after each "
+                           f"step, which a {strategy.name} launch partitions; launch it with "
                            "--multi_gpu (DDP) instead")
     ckpt = load_latest(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
-        if ckpt["loop"].get("sharded", False) != (plugin is not None):
+        written_by = ckpt["loop"].get("parallel", "data-parallel")
+        if written_by != strategy.name:
             raise DistillError(
-                f"{desc}: {ckpt['path']} was written by a {_mode(not plugin)} run and this "
-                f"is a {_mode(plugin)} launch; resume with the launch that wrote it")
-        # Whole weights, loaded before sharding (every rank reads the same file).
+                f"{desc}: {ckpt['path']} was written by a {written_by} launch and this is a "
+                f"{strategy.name} launch; resume with the launch that wrote it")
+        # Whole weights, loaded before any wrapping (every rank reads the same file).
         unit.load_state_dict(ckpt["weights"])
-    if plugin is not None:
-        sharding.shard(unit, keep, plugin)
-    # A unit may ask for its own parameter groups (LoRA+ gives B a larger learning rate).
-    groups = (unit.optimizer_groups(args.learning_rate, args.weight_decay)
-              if hasattr(unit, "optimizer_groups") else None)
-    optimizer = torch.optim.AdamW(groups or _param_groups(unit, args.weight_decay),
-                                  lr=args.learning_rate)
-    params = [p for p in unit.parameters() if p.requires_grad]  # sharded ones under FSDP
+
+    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        # A unit may ask for its own parameter groups (LoRA+ gives B a larger learning rate).
+        groups = (module.optimizer_groups(args.learning_rate, args.weight_decay)
+                  if hasattr(module, "optimizer_groups") else None)
+        return torch.optim.AdamW(groups or _param_groups(module, args.weight_decay),
+                                 lr=args.learning_rate)
+
     # The shuffle order of every epoch comes from this generator (data.make_loader).
     generator = train_loader.generator
     _check_global_batch(train_loader, accelerator, desc, console)
-    if plugin is not None:  # already sharded: accelerate must not wrap it in DDP as well
-        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
-    else:
-        unit, optimizer, train_loader = accelerator.prepare(unit, optimizer, train_loader)
+    unit, optimizer, train_loader = strategy.setup(unit, keep, make_optimizer, train_loader,
+                                                   args.max_grad_norm)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
     total_steps = max(1, math.ceil(micro_total / args.grad_accum_steps))
@@ -267,8 +260,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     resumed_rng = None
     if ckpt is not None:
         loop = ckpt["loop"]
-        sharding.load_optimizer_state(unit, optimizer, ckpt["state"]["optimizer"],
-                                      plugin is not None)
+        strategy.load_optimizer_state(ckpt["state"]["optimizer"])
         scheduler.load_state_dict(ckpt["state"]["scheduler"])
         best_state = ckpt["best"]
         micro, epoch, skip = loop["micro"], loop["epoch"], loop["micro_in_epoch"]
@@ -289,10 +281,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         if checkpoint_dir is None:
             return
         began = time.perf_counter()
-        # Under FSDP every rank takes part in gathering the whole weights and optimizer state.
-        weights = (sharding.full_state_dict(unit) if plugin is not None
-                   else accelerator.unwrap_model(unit).state_dict())
-        optimizer_state = sharding.optimizer_state(unit, optimizer, plugin is not None)
+        # Every rank takes part: sharded weights and optimizer state are gathered.
+        weights = strategy.weights()
+        optimizer_state = strategy.optimizer_state()
         rng_ranks = (gather_object([_rng_state()]) if accelerator.num_processes > 1
                      else [_rng_state()])
         if main:
@@ -303,7 +294,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
             }, {"micro": micro, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                 "steps": result.steps, "history": result.history,
                 "best_metric": result.best_metric, "best_epoch": result.best_epoch,
-                "last_loss": result.last_loss, "sharded": plugin is not None,
+                "last_loss": result.last_loss, "parallel": strategy.name,
                 "seconds": round(time.perf_counter() - start, 3)}, best_state)
         accelerator.wait_for_everyone()
         result.checkpoint_seconds += time.perf_counter() - began
@@ -339,8 +330,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                 micro_in_epoch += 1
                 boundary = micro % args.grad_accum_steps == 0 or micro == micro_total
                 # Skip the gradient all-reduce on micro-batches that do not step.
-                sync = (contextlib.nullcontext() if boundary else sharding.no_sync(unit)
-                        if plugin is not None else accelerator.no_sync(unit))
+                sync = contextlib.nullcontext() if boundary else strategy.no_sync()
                 with sync:
                     with autocast:
                         loss, parts = unit(batch)
@@ -348,22 +338,16 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                         raise DistillError(
                             f"{desc}: the loss became {float(loss.detach())} at step {result.steps + 1}; "
                             f"lower learning_rate (now {args.learning_rate:g}) or check the data")
-                    accelerator.backward(loss / args.grad_accum_steps)
+                    strategy.backward(loss / args.grad_accum_steps)
                 window.append(float(loss.detach()))
                 for k, v in parts.items():
                     window_parts.setdefault(k, []).append(v)
                 if not boundary:
                     continue
-                if args.max_grad_norm is not None and plugin is not None:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # DTensor-aware
-                elif args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
                 result.steps += 1
-                if on_step is not None:
-                    on_step(result.steps)
-                optimizer.zero_grad(set_to_none=True)
+                strategy.step(args.max_grad_norm, None if on_step is None
+                              else lambda: on_step(result.steps))
+                scheduler.step()
                 result.last_loss = sum(window) / len(window)
                 progress.update(task, advance=1, loss=f"{result.last_loss:.4f}")
                 if result.steps % args.log_every == 0 or result.steps == total_steps:
@@ -393,20 +377,16 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                                            f"{metric_name} {value:.4f}")
                 if result.best_metric is None or value > result.best_metric:
                     result.best_metric, result.best_epoch = value, epoch
-                    best_state = (sharding.full_state_dict(keep) if plugin is not None else
-                                  {k: v.detach().clone() for k, v in
-                                   accelerator.unwrap_model(keep).state_dict().items()})
+                    best_state = strategy.kept_weights(keep)
             if micro < micro_total:
                 epoch_generator_state = generator.get_state() if generator is not None else None
                 checkpoint(0)
-    if plugin is not None:  # the stage gets back plain modules with whole weights
-        sharding.unshard_in_place(unit)
+    strategy.finish()  # the stage gets back plain modules with whole weights
     if best_state is not None:
         keep.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
     if checkpoint_dir is not None and main:
         remove_checkpoints(checkpoint_dir)
-    accelerator.free_memory()
     return result
 
 

@@ -1,6 +1,7 @@
-"""`distill run` under `accelerate launch --num_processes 2` (gloo, CPU), DDP and FSDP, vs 1 process.
+"""`distill run` under `accelerate launch --num_processes 2` (gloo, CPU): DDP, FSDP2 and
+DeepSpeed ZeRO-2, against 1 process.
 
-The recipe (finetune -> distill -> shrink -> adapt lora -> evaluate on the tiny BERT) runs four
+The recipe (finetune -> distill -> shrink -> adapt lora -> evaluate on the tiny BERT) runs five
 times through the real command line:
 
     A  1 process,  batch_size 16
@@ -8,6 +9,8 @@ times through the real command line:
     C  1 process,  batch_size 8, grad_accum_steps 2
     D  2 processes, batch_size 16   (--use_fsdp --fsdp_version 2: weights, gradients and
                                      optimizer state sharded inside every training loop)
+    E  2 processes, batch_size 16   (--use_deepspeed --zero_stage 2: optimizer state and
+                                     gradients partitioned)
 
 What is asserted, and why:
 * B == C bit for bit (weights, metrics, logged losses). Each rank's loss is the mean over its
@@ -89,22 +92,26 @@ def launch_env() -> dict[str, str]:
                          "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def launch_command(recipe_path: Path, out: Path, processes: int, fsdp: bool = False
+LAUNCH_MODES = {"ddp": ["--multi_gpu"], "fsdp": ["--use_fsdp", "--fsdp_version", "2"],
+                "deepspeed": ["--use_deepspeed", "--zero_stage", "2"]}
+
+
+def launch_command(recipe_path: Path, out: Path, processes: int, mode: str = "ddp"
                    ) -> list[str]:
-    """`distill run`, under `accelerate launch` when processes > 1 (FSDP2 with `fsdp`)."""
+    """`distill run`, under `accelerate launch` in `mode` (LAUNCH_MODES) when processes > 1."""
     command = [sys.executable, "-m", "distill", "run", str(recipe_path), "--output", str(out)]
     if processes > 1:
-        mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
-        command[1:3] = ["-m", "accelerate.commands.launch", *mode, "--num_processes",
+        command[1:3] = ["-m", "accelerate.commands.launch", *LAUNCH_MODES[mode],
+                        "--num_processes",
                         str(processes), "--num_machines", "1", "--mixed_precision", "no",
                         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                         "-m", "distill"]
     return command
 
 
-def run_distill(recipe_path: Path, out: Path, processes: int, fsdp: bool = False) -> str:
+def run_distill(recipe_path: Path, out: Path, processes: int, mode: str = "ddp") -> str:
     """`distill run` in a subprocess (see `launch_command`); its stdout."""
-    command = launch_command(recipe_path, out, processes, fsdp)
+    command = launch_command(recipe_path, out, processes, mode)
     done = subprocess.run(command, capture_output=True, text=True, env=launch_env(),
                           timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -120,11 +127,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path, tiny_topics: 
     config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     (model / "config.json").write_text(json.dumps(config))
     out: dict[str, tuple[Path, str]] = {}
-    for name, processes, batch, accum in [("A", 1, 16, 1), ("B", 2, 16, 1), ("C", 1, 8, 2),
-                                          ("D", 2, 16, 1)]:
+    for name, processes, batch, accum, mode in [
+            ("A", 1, 16, 1, "ddp"), ("B", 2, 16, 1, "ddp"), ("C", 1, 8, 2, "ddp"),
+            ("D", 2, 16, 1, "fsdp"), ("E", 2, 16, 1, "deepspeed")]:
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe(model, tiny_csv, tiny_topics, batch, accum)))
-        out[name] = (root / name, run_distill(path, root / name, processes, fsdp=name == "D"))
+        out[name] = (root / name, run_distill(path, root / name, processes, mode))
     return out
 
 
@@ -206,58 +214,62 @@ def test_only_rank_zero_writes(runs) -> None:
     assert out_b.count("finetune epoch 1: validation") == 1
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_launch_modes_that_own_the_optimizer_are_refused_up_front(kind: str) -> None:
+def test_megatron_is_refused_up_front() -> None:
     from accelerate.utils import DistributedType
 
     from distill import DistillError
     from distill.training import _check_distributed
 
-    with pytest.raises(DistillError, match=f"{kind} is not supported.*--multi_gpu.*--use_fsdp"):
-        _check_distributed(DistributedType[kind])
-    for ok in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
+    with pytest.raises(DistillError, match="MEGATRON_LM is not supported.*--use_deepspeed"):
+        _check_distributed(DistributedType.MEGATRON_LM)
+    for ok in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"):
         _check_distributed(DistributedType[ok])
 
 
-def test_fsdp_shards_and_matches_data_parallel(runs) -> None:
-    """D (FSDP2, 2 processes) vs B (DDP, 2 processes): the same optimizer steps on the same
-    half-batches; FSDP reduce-scatters where DDP all-reduces, so sums run in another order.
-    Measured max |dw| 4.7e-4 (distill), logged losses within 1.4e-5 relative, equal metrics;
-    asserted with the DDP-vs-1-process tolerances."""
-    (b, _), (d, out_d) = runs["B"], runs["D"]
+@pytest.mark.parametrize("name", ["D", "E"])
+def test_sharded_launches_match_data_parallel(runs, name: str) -> None:
+    """D (FSDP2) and E (DeepSpeed ZeRO-2) vs B (DDP), all 2 processes: the same optimizer
+    steps on the same half-batches; FSDP reduce-scatters and ZeRO-2 reduces into partitions
+    where DDP all-reduces, so float sums run in another order. Measured max |dw|: FSDP 1.1e-4,
+    ZeRO-2 4.8e-5 (finetune); logged losses within 1.4e-5 / 5.5e-7 relative; equal metrics.
+    Asserted with the DDP-vs-1-process tolerances."""
+    (b, _), (d, out_d) = runs["B"], runs[name]
     wb, wd = weights(b), weights(d)
     assert wb.keys() == wd.keys()
-    diffs = {name: max_diff(wb[name], wd[name]) for name in wb}
+    diffs = {k: max_diff(wb[k], wd[k]) for k in wb}
     assert max(diffs.values()) <= WEIGHT_TOL, diffs
     lb, ld = log_lines(b), log_lines(d)
-    for name in lb:
-        assert [(x["type"], x["step"]) for x in lb[name]] == \
-            [(x["type"], x["step"]) for x in ld[name]], name
-        for xb, xd in zip(lb[name], ld[name]):
+    for k in lb:
+        assert [(x["type"], x["step"]) for x in lb[k]] == \
+            [(x["type"], x["step"]) for x in ld[k]], k
+        for xb, xd in zip(lb[k], ld[k]):
             if xb["type"] == "train":
-                assert xd["loss"] == pytest.approx(xb["loss"], rel=LOSS_RTOL), (name, xb["step"])
+                assert xd["loss"] == pytest.approx(xb["loss"], rel=LOSS_RTOL), (k, xb["step"])
+                assert xd["lr"] == xb["lr"]
     mb, md = model_metrics(b), model_metrics(d)
     one_example = 1 / json.loads((b / "report.json").read_text())["data"]["sizes"]["test"]
-    for name in mb:
-        assert abs(mb[name][0] - md[name][0]) <= one_example + 1e-9, (name, mb[name], md[name])
+    for k in mb:
+        assert abs(mb[k][0] - md[k][0]) <= one_example + 1e-9, (k, mb[k], md[k])
     files = sorted(str(f.relative_to(b)) for f in b.rglob("*"))
     assert files == sorted(str(f.relative_to(d)) for f in d.rglob("*"))
     assert out_d.count("Models — mp") == 1
 
 
-def test_fsdp_run_killed_mid_stage_resumes_to_the_uninterrupted_result(
-        runs, tmp_path: Path) -> None:
-    """SIGKILL to a 2-process FSDP launch in the distill stage (checkpoints every 2 steps:
-    whole weights and optimizer state gathered, each rank's RNG), then `--resume` under the
-    same launch: every saved model and adapter equals the uninterrupted FSDP run D bit for
-    bit (the checkpoint only adds gathers and writes; the arithmetic is D's)."""
-    d, _ = runs["D"]
-    spec = yaml.safe_load((d / "recipe.yaml").read_text())
+@pytest.mark.parametrize(("name", "mode"), [("D", "fsdp"), ("E", "deepspeed")])
+def test_sharded_run_killed_mid_stage_resumes_to_the_uninterrupted_result(
+        runs, tmp_path: Path, name: str, mode: str) -> None:
+    """SIGKILL to a 2-process FSDP or DeepSpeed launch in the distill stage (checkpoints every
+    2 steps: whole weights, the optimizer state gathered (FSDP) or every rank's partition
+    (ZeRO), each rank's RNG), then `--resume` under the same launch: every saved model and
+    adapter equals the uninterrupted run bit for bit (the checkpoints only add gathers and
+    writes; the arithmetic is the same)."""
+    ref, _ = runs[name]
+    spec = yaml.safe_load((ref / "recipe.yaml").read_text())
     spec["stages"][1]["checkpoint_every"] = 2
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_command(path, out, 2, fsdp=True), env=launch_env(),
+    proc = subprocess.Popen(launch_command(path, out, 2, mode), env=launch_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "stages/01-distill/log.jsonl"
     deadline = time.time() + TIMEOUT
@@ -279,21 +291,22 @@ def test_fsdp_run_killed_mid_stage_resumes_to_the_uninterrupted_result(
         psutil.wait_procs(tree[1:], timeout=30)
     assert any((out / "stages/01-distill/checkpoint").glob("step-*"))
     assert not (out / "stages/01-distill/model").exists()
-    command = launch_command(path, out, 2, fsdp=True)
+    command = launch_command(path, out, 2, mode)
     command[command.index("run") + 1:] = ["--resume", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env=launch_env(),
                           timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming from step-" in done.stdout, done.stdout[:3000]
-    wd, wr = weights(d), weights(out)
-    assert wd.keys() == wr.keys()
-    for name in wd:
-        assert max_diff(wd[name], wr[name]) == 0.0, name
-    assert model_metrics(out) == model_metrics(d)
+    assert "distill: resuming from step-" in done.stdout, done.stdout[:3000]
+    wr, wn = weights(ref), weights(out)
+    assert wr.keys() == wn.keys()
+    for k in wr:
+        assert max_diff(wr[k], wn[k]) == 0.0, k
+    assert model_metrics(out) == model_metrics(ref)
 
 
-def test_fsdp_refusals() -> None:
-    """FSDP1 (flat parameters) and AdaLoRA under FSDP fail with a message, before any work."""
+def test_sharded_launch_refusals(monkeypatch) -> None:
+    """FSDP1 (flat parameters), ZeRO-3 (sharded weights: use FSDP) and AdaLoRA under a
+    launch that partitions gradients fail with a message, before any work."""
     from types import SimpleNamespace
 
     from accelerate import FullyShardedDataParallelPlugin
@@ -301,6 +314,7 @@ def test_fsdp_refusals() -> None:
 
     from distill import DistillError, recipe_from_dict
     from distill.preflight import sharding_problems
+    from distill.parallel import deepspeed_plugin
     from distill.sharding import fsdp_plugin
 
     old = SimpleNamespace(distributed_type=DistributedType.FSDP,
@@ -309,6 +323,10 @@ def test_fsdp_refusals() -> None:
     with pytest.raises(DistillError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
         fsdp_plugin(old)
     assert fsdp_plugin(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(DistillError, match="ZeRO stage 3 is not supported.*--use_fsdp"):
+        deepspeed_plugin(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
     spec = recipe(Path("m"), Path("d.csv"), Path("t.csv"), 16, 1)
     spec["stages"][3]["method"] = "adalora"
     spec["stages"][3]["config"] = {"target_r": 2, "init_r": 4}

@@ -23,16 +23,20 @@ def _free_port() -> int:
 
 
 class Unit(nn.Module):
-    """A student, a frozen teacher and a projection, like a distill unit with hidden losses."""
+    """A student, a projection and a frozen teacher held outside the module tree, like a
+    distill unit with hidden-state losses."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.student, self._teacher = student, [teacher]
         self.proj = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+
+    def frozen_models(self) -> list[nn.Module]:
+        return self._teacher
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            t = self.teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            t = self._teacher[0](input_ids=ids, output_hidden_states=True).hidden_states[-1]
         s = self.student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         return (self.proj(s) - t).pow(2).mean()
 
@@ -76,12 +80,13 @@ def _checks() -> None:
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     student, teacher = _bert(0), _bert(1).requires_grad_(False)
-    plain = copy.deepcopy(student)
+    plain, teacher_state = copy.deepcopy(student), copy.deepcopy(teacher.state_dict())
     ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
     want = plain(input_ids=ids, output_hidden_states=True, output_attentions=True)
     unit = Unit(student, teacher)
     for _ in range(2):  # shard, use, hand back -- twice, on the same modules
-        sharding.shard(unit, student, plugin)
+        roots = sharding.shard(unit, student, plugin)
+        assert roots == [unit, teacher]
         assert isinstance(student, FSDPModule) and isinstance(teacher, FSDPModule)
         assert sharding.is_fsdp(unit)
         # Through the unit first, as in training: it becomes FSDP's root (a model called
@@ -92,15 +97,18 @@ def _checks() -> None:
         assert got.hidden_states is not None and got.attentions is not None
         for a, b in zip(want.hidden_states + want.attentions, got.hidden_states + got.attentions):
             torch.testing.assert_close(a, b)
-        sharding.unshard_in_place(unit)
-        assert not sharding.is_fsdp(unit)
-        assert type(student) is BertForSequenceClassification
+        for root in roots:
+            sharding.unshard_in_place(root)
+        assert not sharding.is_fsdp(unit) and not sharding.is_fsdp(teacher)
+        assert type(student) is type(teacher) is BertForSequenceClassification
         assert all(type(p) is nn.Parameter and not isinstance(p.data, DTensor)
-                   for p in unit.parameters())
+                   for p in [*unit.parameters(), *teacher.parameters()])
         assert not any(p.requires_grad for p in teacher.parameters())
         state = student.state_dict()
         for k, v in plain.state_dict().items():
             assert torch.equal(state[k], v), k
+        for k, v in teacher.state_dict().items():
+            assert torch.equal(teacher_state[k], v), k
         torch.testing.assert_close(student(input_ids=ids).logits, want.logits)
         student.zero_grad(set_to_none=True)
     # Tied input/output embeddings stay one tensor.

@@ -26,7 +26,8 @@ from distill.training import LoopResult, train_loop
 
 class DistillUnit(nn.Module):
     """Student + loss (+ projections); the teacher is held outside the module tree so that it
-    is neither optimized nor wrapped by DDP."""
+    is neither optimized nor wrapped by DDP. Under FSDP the loop shards it as well
+    (`frozen_models`), when it runs in the loop at all (not with cached logits)."""
 
     def __init__(self, student: nn.Module, loss: DistillationLoss, teacher: nn.Module,
                  cached_logits: Tensor | None) -> None:
@@ -49,6 +50,13 @@ class DistillUnit(nn.Module):
                 t_out = self._teacher[0](**inputs, output_hidden_states=want_hidden,
                                          output_attentions=want_attn)
         return self.loss(s_out, t_out, batch["labels"], batch["attention_mask"], t_logits)
+
+    def frozen_models(self) -> list[nn.Module]:
+        """The models `forward` runs without training them (see `distill.sharding.shard`)."""
+        calls_teacher = self.cached_logits is None and (
+            self.loss.needs_teacher_logits or self.loss.needs_hidden
+            or self.loss.needs_attentions)
+        return [self._teacher[0]] if calls_teacher else []
 
 
 def student_layers(spec: StudentSpec, teacher_layers: int) -> list[int]:
