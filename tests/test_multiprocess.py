@@ -51,9 +51,8 @@ import psutil
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import write_tiny_bert
+from safetensors.torch import load_file
 
 WEIGHT_TOL = 2e-3  # max |w_1proc - w_2proc| (see the module docstring)
 LOSS_RTOL = 1e-4
@@ -313,8 +312,8 @@ def test_sharded_launch_refusals(monkeypatch) -> None:
     from accelerate.utils import DistributedType
 
     from distill import DistillError, recipe_from_dict
-    from distill.preflight import sharding_problems
     from distill.parallel import deepspeed_plugin
+    from distill.preflight import sharding_problems
     from distill.sharding import fsdp_plugin
 
     old = SimpleNamespace(distributed_type=DistributedType.FSDP,

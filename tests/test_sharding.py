@@ -74,7 +74,11 @@ def _checks() -> None:
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from distill import sharding
 
