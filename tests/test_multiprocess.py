@@ -229,8 +229,9 @@ def test_megatron_is_refused_up_front() -> None:
 def test_sharded_launches_match_data_parallel(runs, name: str) -> None:
     """D (FSDP2) and E (DeepSpeed ZeRO-2) vs B (DDP), all 2 processes: the same optimizer
     steps on the same half-batches; FSDP reduce-scatters and ZeRO-2 reduces into partitions
-    where DDP all-reduces, so float sums run in another order. Measured max |dw|: FSDP 1.1e-4,
-    ZeRO-2 4.8e-5 (finetune); logged losses within 1.4e-5 / 5.5e-7 relative; equal metrics.
+    where DDP all-reduces, so float sums run in another order. Measured max |dw|: FSDP 4.7e-4,
+    ZeRO-2 4.3e-4 (distill, shrink); logged losses within 1.4e-5 / 5.5e-7 relative; equal
+    metrics.
     Asserted with the DDP-vs-1-process tolerances."""
     (b, _), (d, out_d) = runs["B"], runs[name]
     wb, wd = weights(b), weights(d)
