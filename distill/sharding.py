@@ -5,8 +5,8 @@ hands back ordinary modules afterwards: every stage evaluates, saves and passes 
 `nn.Module`s, exactly as with one process, and only the loop knows weights were sharded.
 
 How the unit is cut into FSDP groups (one all-gather each): every transformer block (the
-`_no_split_modules` classes of the models inside the unit), every outermost model (student,
-teacher) and the kept module itself, then the unit. The kept module being its own group is
+`_no_split_modules` classes of the models inside the unit), the input embeddings, every
+outermost model (student, teacher) and the kept module itself, then the unit. The kept module being its own group is
 what lets `evaluate()` call it directly, outside the unit's forward.
 
 Handing modules back (`unshard_in_place`) undoes `fully_shard` by hand (class, hooks,
@@ -119,10 +119,18 @@ def _shard_tree(root: nn.Module, keep: nn.Module, kwargs: dict) -> None:
     # and a shared parameter must live in one group.
     outer = {id(m) for m in models
              if not any(o is not m and any(x is m for x in o.modules()) for o in models)}
+    for m in models:
+        if id(m) in outer:
+            _shard_embeddings(m, kwargs)
+    # A model inside the kept module (an adapter's base model) stays in the kept module's
+    # group: PEFT methods run its parts one by one (backbone, then head), and a group is
+    # gathered only when its own module runs.
+    inside_keep = {id(x) for x in keep.modules() if x is not keep}
     for m in reversed(list(root.modules())):  # children before parents
         if m is root or isinstance(m, FSDPModule):
             continue
-        wanted = m is keep or id(m) in outer or type(m).__name__ in blocks
+        outermost = id(m) in outer and id(m) not in inside_keep
+        wanted = m is keep or outermost or type(m).__name__ in blocks
         if wanted and next(m.parameters(), None) is not None:
             original = type(m)
             fully_shard(m, **kwargs)
@@ -130,6 +138,18 @@ def _shard_tree(root: nn.Module, keep: nn.Module, kwargs: dict) -> None:
     original = type(root)
     fully_shard(root, **kwargs)
     _keep_output_recording(original, type(root))
+
+
+def _shard_embeddings(model: PreTrainedModel, kwargs: dict) -> None:
+    """The input embeddings as a group of their own (with a tied output layer, one group for
+    both): prompt methods embed the ids themselves before calling the model, which needs the
+    embedding table gathered outside the model's forward."""
+    emb = model.get_input_embeddings()
+    if emb is None or isinstance(emb, FSDPModule) or next(emb.parameters(), None) is None:
+        return
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = out is not None and getattr(out, "weight", None) is emb.weight
+    fully_shard([emb, out] if tied else emb, **kwargs)
 
 
 def _keep_output_recording(original: type, wrapped: type) -> None:

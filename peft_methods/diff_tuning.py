@@ -109,11 +109,18 @@ class DiffLayer(WrapsBaseLayer, nn.Module):
         self.diff_bias = nn.Parameter(torch.zeros_like(b)) if diff_bias and b is not None \
             else None
         self.merged = False
+        # With a penalty, each training forward records this layer's share of ‖Δ‖ (Σ|Δ| or
+        # ΣΔ²) while its weights are at hand -- under FSDP they are gathered only then.
+        self.norm: str | None = None
+        self.penalty_part: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         weight = self.base_layer.weight + self.diff_weight
+        if self.norm is not None and torch.is_grad_enabled():
+            self.penalty_part = norm_part([d for d in (self.diff_weight, self.diff_bias)
+                                           if d is not None], self.norm)
         bias = self.base_layer.bias
         if self.diff_bias is not None:
             bias = bias + self.diff_bias
@@ -148,11 +155,23 @@ def diff_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
             if n.rsplit(".", 1)[-1] in MARKERS}
 
 
-def diff_penalty(diffs: list[torch.Tensor], norm: str) -> torch.Tensor:
-    """‖Δ‖ over all diffs as one vector: Σ|Δ| ("l1") or sqrt(Σ Δ²) ("l2"). Returns [] (0-d)."""
+def norm_part(diffs: list[torch.Tensor], norm: str) -> torch.Tensor:
+    """Σ|Δ| ("l1") or ΣΔ² ("l2") over `diffs` (0-d): the additive part of ‖Δ‖."""
     if norm == "l1":
         return sum(d.abs().sum() for d in diffs)
-    squares = sum(d.pow(2).sum() for d in diffs)
+    return sum(d.pow(2).sum() for d in diffs)
+
+
+def diff_penalty(diffs: list[torch.Tensor], norm: str) -> torch.Tensor:
+    """‖Δ‖ over all diffs as one vector: Σ|Δ| ("l1") or sqrt(Σ Δ²) ("l2"). Returns [] (0-d)."""
+    return combine_parts(norm_part(diffs, norm), norm)
+
+
+def combine_parts(total: torch.Tensor, norm: str) -> torch.Tensor:
+    """‖Δ‖ from the summed parts of `norm_part`."""
+    if norm == "l1":
+        return total
+    squares = total
     # sqrt has an infinite derivative at 0 — exactly where Δ starts — which would turn the
     # first backward pass into NaN. Below a tiny value we use the (zero) subgradient instead.
     return torch.where(squares > 1e-30, squares.clamp_min(1e-30).sqrt(),
@@ -203,13 +222,24 @@ class DiffTuning(Method):
                 if any(n == s or n.startswith(s + ".") for s in saved)}
         for name in find_targets(model, config.target_modules, method=self.name,
                                  exclude=skip):
-            replace_module(model, name, DiffLayer(model.get_submodule(name), config.diff_bias))
+            layer = DiffLayer(model.get_submodule(name), config.diff_bias)
+            layer.norm = config.norm if config.penalty > 0 else None
+            replace_module(model, name, layer)
 
     def extra_loss(self, adapted: AdaptedModel) -> torch.Tensor | None:
-        """λ‖Δ‖ (0-d tensor), added by the training loop to the task loss."""
+        """λ‖Δ‖ (0-d tensor), added by the training loop to the task loss.
+
+        After a training forward, from the parts every diff layer recorded then (the weights
+        that forward used; read once); otherwise from the parameters directly."""
         config: DiffTuningConfig = adapted.peft_config
         if config.penalty == 0:
             return None
+        layers = [m for m in adapted.model.modules() if isinstance(m, DiffLayer)]
+        parts = [m.penalty_part for m in layers]
+        if layers and all(p is not None for p in parts):
+            for m in layers:
+                m.penalty_part = None
+            return config.penalty * combine_parts(sum(parts), config.norm)
         return config.penalty * diff_penalty(list(diff_tensors(adapted.model).values()),
                                              config.norm)
 

@@ -344,6 +344,19 @@ def test_diff_penalty_matches_hand_formula(norm: str) -> None:
     expected = lam * (flat.abs().sum() if norm == "l1" else math.sqrt(float((flat ** 2).sum())))
     torch.testing.assert_close(adapted.extra_loss().detach(), torch.as_tensor(
         float(expected)), rtol=1e-5, atol=0)
+    # After a training forward: from the parts each layer recorded while it ran (what FSDP
+    # needs), equal to the formula, and its gradient is the formula's.
+    adapted(**inputs("gpt2"))
+    recorded = adapted.extra_loss()
+    torch.testing.assert_close(recorded.detach(), torch.as_tensor(float(expected)),
+                               rtol=1e-5, atol=0)
+    assert all(m.penalty_part is None for m in adapted.modules() if hasattr(m, "penalty_part"))
+    recorded.backward()
+    got = [d.grad.clone() for d in diffs(adapted)]
+    adapted.zero_grad()
+    adapted.extra_loss().backward()  # no forward since: from the parameters
+    for a, b in zip(got, (d.grad for d in diffs(adapted))):
+        torch.testing.assert_close(a, b)
     assert pm.apply(build("gpt2"), "diff_tuning", penalty=0).extra_loss() is None
 
 
