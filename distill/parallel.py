@@ -234,6 +234,16 @@ def deepspeed_plugin(accelerator: Accelerator) -> DeepSpeedPlugin | None:
         raise DistillError(
             f"DeepSpeed ZeRO stage {stage} is not supported: stages 0-2 keep whole weights on "
             "every process; to shard the weights too, launch with --use_fsdp --fsdp_version 2")
+    config = plugin.deepspeed_config
+    owned = [k for k in ("optimizer", "scheduler") if k in config]
+    if owned:
+        raise DistillError(f"DeepSpeed config: remove {' and '.join(owned)}; the recipe sets "
+                           "them (AdamW, `learning_rate`, `warmup_ratio`)")
+    if config.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise DistillError(
+            "DeepSpeed config: gradient_accumulation_steps "
+            f"{config['gradient_accumulation_steps']} -- set `grad_accum_steps` in the "
+            "recipe's stages instead (the launch's value must be 1)")
     return plugin
 
 

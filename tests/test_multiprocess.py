@@ -295,9 +295,10 @@ def test_sharded_run_killed_mid_stage_resumes_to_the_uninterrupted_result(
     assert model_metrics(out) == model_metrics(ref)
 
 
-def test_sharded_launch_refusals(monkeypatch) -> None:
-    """FSDP1 (flat parameters), ZeRO-3 (sharded weights: use FSDP) and AdaLoRA under a
-    launch that partitions gradients fail with a message, before any work."""
+def test_sharded_launch_refusals(monkeypatch, tmp_path: Path) -> None:
+    """FSDP1 (flat parameters), ZeRO-3 (sharded weights: use FSDP), DeepSpeed settings the
+    recipe owns (optimizer, accumulation) and AdaLoRA under a launch that partitions
+    gradients fail with a message, before any work."""
     from types import SimpleNamespace
 
     from accelerate import FullyShardedDataParallelPlugin
@@ -316,8 +317,22 @@ def test_sharded_launch_refusals(monkeypatch) -> None:
     assert fsdp_plugin(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) is None
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     with pytest.raises(DistillError, match="ZeRO stage 3 is not supported.*--use_fsdp"):
-        deepspeed_plugin(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+        deepspeed_plugin(cpu)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(DistillError, match="gradient_accumulation_steps 4.*grad_accum_steps"):
+        deepspeed_plugin(cpu)
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    assert deepspeed_plugin(cpu).zero_stage == 2
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+                                "train_micro_batch_size_per_gpu": "auto"}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(file))
+    with pytest.raises(DistillError, match="remove optimizer; the recipe sets them"):
+        deepspeed_plugin(cpu)
     spec = recipe(Path("m"), Path("d.csv"), Path("t.csv"), 16, 1)
     spec["stages"][3]["method"] = "adalora"
     spec["stages"][3]["config"] = {"target_r": 2, "init_r": 4}
