@@ -153,3 +153,30 @@ def test_resume_refuses_what_is_not_a_run(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not a run directory" in result.output
     result = CliRunner().invoke(app, ["run", "x.yaml", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "give no RECIPE" in result.output
+
+
+def test_a_checkpoint_from_another_launch_mode_is_refused(tmp_path: Path) -> None:
+    """An FSDP checkpoint keys the optimizer state by name, a DeepSpeed one holds per-rank
+    partitions: resuming under another launch must stop with a message, not misload."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from distill import DistillError
+    from distill.recipe import TrainArgs
+    from distill.training import make_accelerator, train_loop
+
+    class Unit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, batch):
+            return self.lin(batch["x"]).pow(2).mean(), {}
+
+    unit = Unit()
+    save_checkpoint(tmp_path / "checkpoint", 2, unit.state_dict(), {}, {"parallel": "fsdp"})
+    loader = DataLoader([{"x": torch.ones(2)}] * 4, batch_size=2)
+    with pytest.raises(DistillError, match="written by a fsdp launch and this is a "
+                                           "data-parallel launch; resume with the launch"):
+        train_loop(unit, loader, TrainArgs(epochs=1), accelerator=make_accelerator(),
+                   keep=unit, log_path=tmp_path / "log.jsonl")
