@@ -172,6 +172,24 @@ def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
             "step differs slightly from a 1-process run")
 
 
+def _finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process. One verdict for all: a process that
+    stopped alone would leave the others waiting in their next collective."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0],
+                       device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return float(bad) == 0.0
+
+
+def _loss_values(accelerator: Accelerator, loss: torch.Tensor) -> str:
+    """This process's loss, or every process's (`[nan, 0.69]`) when there are several."""
+    value = loss.detach().float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return f"{float(value)}"
+    return str([round(v, 4) for v in accelerator.gather(value).tolist()])
+
+
 def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over the processes (unchanged with one process)."""
     if accelerator.num_processes == 1:
@@ -334,10 +352,11 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                 with sync:
                     with autocast:
                         loss, parts = unit(batch)
-                    if not torch.isfinite(loss):
+                    if not _finite_everywhere(accelerator, loss):
                         raise DistillError(
-                            f"{desc}: the loss became {float(loss.detach())} at step {result.steps + 1}; "
-                            f"lower learning_rate (now {args.learning_rate:g}) or check the data")
+                            f"{desc}: the loss became {_loss_values(accelerator, loss)} at step "
+                            f"{result.steps + 1}; lower learning_rate (now "
+                            f"{args.learning_rate:g}) or check the data")
                     strategy.backward(loss / args.grad_accum_steps)
                 window.append(float(loss.detach()))
                 for k, v in parts.items():
