@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,13 @@ POSITIVE = "good great fine superb lovely brilliant charming moving funny smart"
 NEGATIVE = "bad awful dull boring weak messy tedious clumsy flat lame".split()
 NEUTRAL = "the film movie story plot actor scene script is was a an and of it".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on (for a test's own process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_tiny_bert(path: Path, layers: int = 4, hidden: int = 32, heads: int = 4,

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,18 +50,12 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import write_tiny_bert
+from conftest import free_port, write_tiny_bert
 from safetensors.torch import load_file
 
 WEIGHT_TOL = 2e-3  # max |w_1proc - w_2proc| (see the module docstring)
 LOSS_RTOL = 1e-4
 TIMEOUT = 240  # seconds per run: a deadlock fails the test instead of hanging CI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe(model: Path, data: Path, topics: Path, batch: int, accum: int) -> dict:

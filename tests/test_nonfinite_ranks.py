@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.utils.data import DataLoader
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Unit(nn.Module):
@@ -66,7 +60,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_a_loss_non_finite_on_one_rank_stops_all_ranks(tmp_path) -> None:
     out = str(tmp_path / "message")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     messages = [open(f"{out}.{r}", encoding="utf-8").read() for r in range(2)]
     for message in messages:
         assert message.startswith("train: the loss became [")

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Unit(nn.Module):
@@ -130,4 +124,4 @@ def _checks() -> None:
 
 
 def test_shard_then_hand_back_plain_modules() -> None:
-    mp.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)
