@@ -199,6 +199,35 @@ def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict
     return dict(zip(values, t.tolist()))
 
 
+def _load_checkpoint(directory: Path | None, strategy: parallel.Strategy, unit: nn.Module,
+                     desc: str) -> dict | None:
+    """The loop's newest complete checkpoint (see `checkpoint.load_latest`), its whole weights
+    already in `unit` (loaded before any wrapping; every rank reads the same file)."""
+    ckpt = load_latest(directory) if directory is not None else None
+    if ckpt is None:
+        return None
+    written_by = ckpt["loop"].get("parallel", "data-parallel")
+    if written_by != strategy.name:
+        raise DistillError(
+            f"{desc}: {ckpt['path']} was written by a {written_by} launch and this is a "
+            f"{strategy.name} launch; resume with the launch that wrote it")
+    unit.load_state_dict(ckpt["weights"])
+    return ckpt
+
+
+def _optimizer_factory(args: TrainArgs) -> parallel.OptimizerFactory:
+    """AdamW over a module's trainable parameters; a unit may ask for its own parameter
+    groups (`optimizer_groups`: LoRA+ gives B a larger learning rate)."""
+
+    def make(module: nn.Module) -> torch.optim.Optimizer:
+        groups = (module.optimizer_groups(args.learning_rate, args.weight_decay)
+                  if hasattr(module, "optimizer_groups") else None)
+        return torch.optim.AdamW(groups or _param_groups(module, args.weight_decay),
+                                 lr=args.learning_rate)
+
+    return make
+
+
 def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                accelerator: Accelerator, keep: nn.Module,
                evaluate: Callable[[], float] | None = None, metric_name: str = "accuracy",
@@ -238,28 +267,12 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         raise DistillError(f"{desc}: {type(unit).__name__} reads whole gradients after each "
                            f"step, which a {strategy.name} launch partitions; launch it with "
                            "--multi_gpu (DDP) instead")
-    ckpt = load_latest(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None:
-        written_by = ckpt["loop"].get("parallel", "data-parallel")
-        if written_by != strategy.name:
-            raise DistillError(
-                f"{desc}: {ckpt['path']} was written by a {written_by} launch and this is a "
-                f"{strategy.name} launch; resume with the launch that wrote it")
-        # Whole weights, loaded before any wrapping (every rank reads the same file).
-        unit.load_state_dict(ckpt["weights"])
-
-    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        # A unit may ask for its own parameter groups (LoRA+ gives B a larger learning rate).
-        groups = (module.optimizer_groups(args.learning_rate, args.weight_decay)
-                  if hasattr(module, "optimizer_groups") else None)
-        return torch.optim.AdamW(groups or _param_groups(module, args.weight_decay),
-                                 lr=args.learning_rate)
-
+    ckpt = _load_checkpoint(checkpoint_dir, strategy, unit, desc)
     # The shuffle order of every epoch comes from this generator (data.make_loader).
     generator = train_loader.generator
     _check_global_batch(train_loader, accelerator, desc, console)
-    unit, optimizer, train_loader = strategy.setup(unit, keep, make_optimizer, train_loader,
-                                                   args.max_grad_norm)
+    unit, optimizer, train_loader = strategy.setup(unit, keep, _optimizer_factory(args),
+                                                   train_loader, args.max_grad_norm)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
     total_steps = max(1, math.ceil(micro_total / args.grad_accum_steps))
