@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from distill.files import atomic_directory, atomic_write
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -44,22 +44,12 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: Path, step: int, weights: dict[str, torch.Tensor],
                     state: dict[str, Any], loop: dict[str, Any],
                     best: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step-<step>` under `directory` atomically; keep the last `keep`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=directory))
-    try:
+    final = directory / f"step-{step}"
+    with atomic_directory(final) as tmp:
         save_file(_contiguous(weights), str(tmp / "weights.safetensors"))
         if best is not None:
             save_file(_contiguous(best), str(tmp / "best.safetensors"))
@@ -69,14 +59,7 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, torch.Tensor]
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                     for name in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        final = directory / f"step-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    _write_text_atomic(directory / LATEST, final.name + "\n")
+    atomic_write(directory / LATEST, final.name + "\n")
     for old in _candidates(directory)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

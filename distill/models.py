@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from transformers import (
 )
 
 from distill.errors import DistillError
+from distill.files import atomic_directory
 
 # name -> (pip package, folder inside it, one-line description)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -241,18 +239,10 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     A crash mid-save never leaves a half-written `out_dir`.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

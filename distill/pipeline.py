@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.console import Console
 from distill import parallel
 from distill.context import ModelRef, RunContext, StageResult
 from distill.errors import DistillError
+from distill.files import atomic_write
 from distill.models import (
     count_params,
     dir_size_mb,
@@ -61,10 +61,7 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
 def static_metrics(path: str, trust_remote_code: bool = False, allow_pickle: bool = False

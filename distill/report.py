@@ -12,9 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distill.errors import DistillError
+from distill.files import atomic_write
 
 DASH = "—"
 _STATUS_STYLE = {"done": "green", "skipped": "yellow", "failed": "bold red"}
@@ -33,25 +32,6 @@ _STAGE_DIR = re.compile(r"^\d{2,}-[\w-]+$")
 
 
 # ----------------------------------------------------------------------------- file IO
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers never see a half-written file.
-
-    The temp file lives in the same folder because `os.replace` is only atomic within one file
-    system; it is opened with `open(..., "xb")` rather than `mkstemp` so it gets the umask's
-    permissions (mkstemp's 0600 would make report.json private to its writer).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()  # into the OS before fsync, or the tail may still sit in our buffer
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: Path, report: dict) -> None:
     """Write report.json, the plots and report.md into a run directory.
 
@@ -67,7 +47,7 @@ def write_report(run_dir: Path, report: dict) -> None:
     # default=str: a Path left in the dict (an artifact) is written as its text, not a crash.
     report = json.loads(json.dumps(report, default=str), parse_constant=lambda _: None)
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(run_dir / "report.json", text.encode("utf-8"))
+    atomic_write(run_dir / "report.json", text.encode("utf-8"))
     plots = plot_losses(run_dir, report)
     tradeoff = plot_tradeoff(run_dir, report)
     if tradeoff is not None:
@@ -76,7 +56,7 @@ def write_report(run_dir: Path, report: dict) -> None:
     if adapters is not None:
         plots.append(adapters)
     markdown = render_markdown(report, plots=[p.name for p in plots])
-    _atomic_write(run_dir / "report.md", markdown.encode("utf-8"))
+    atomic_write(run_dir / "report.md", markdown.encode("utf-8"))
 
 
 def load_report(run_dir: Path) -> dict:
@@ -301,7 +281,7 @@ def _new_figure(size: tuple[float, float]) -> Any:
 def _save(fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

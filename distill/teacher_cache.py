@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
+
+from distill.files import atomic_write
 
 
 def fingerprint(teacher_path: str, num_examples: int, max_length: int, first_ids: list[int]
@@ -110,9 +112,6 @@ def load_or_compute(cache_dir: Path, key: str, teacher: nn.Module, loader: DataL
             return cached
         logits = _compute_sharded(teacher, loader, num_examples, device, accelerator)
     if write:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"logits": logits.contiguous()}, str(tmp))
-        tmp.replace(path)
-        (cache_dir / "key.txt").write_text(key)
+        atomic_write(path, save({"logits": logits.contiguous()}))
+        atomic_write(cache_dir / "key.txt", key)
     return logits

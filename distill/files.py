@@ -1,0 +1,52 @@
+"""Writing files and folders so that a reader never sees them half-written.
+
+Both write beside the target and rename into place (`os.replace` is atomic within one file
+system): a crash or kill leaves the old version or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path`, flushed to disk before the rename.
+
+    The temp file is opened with `open(..., "xb")` rather than `mkstemp` so it gets the
+    umask's permissions (mkstemp's 0600 would make e.g. report.json private to its writer).
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()  # into the OS before fsync, or the tail may still sit in our buffer
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty folder beside `target` to fill; when the block ends without an error it
+    replaces `target` (an existing one is removed first), otherwise it is deleted."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
