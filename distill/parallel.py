@@ -6,7 +6,7 @@ the optimizer step (with clipping), gathering whole weights and optimizer state 
 checkpoint, and handing plain modules back to the stage when the loop ends.
 
     launch                                   strategy      weights on a rank  optimizer state
-    1 process / --multi_gpu                  DataParallel  whole              whole
+    1 process / --multi_gpu                  Strategy      whole              whole
     --use_fsdp --fsdp_version 2              FullySharded  1/N (FSDP2)        1/N
     --use_deepspeed --zero_stage 0|1|2       DeepSpeedZero whole              1/N (stage >= 1)
 

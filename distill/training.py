@@ -175,11 +175,11 @@ def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
 def _finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every process. One verdict for all: a process that
     stopped alone would leave the others waiting in their next collective."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0],
-                       device=accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return float(bad) == 0.0
+    finite = bool(torch.isfinite(loss.detach()))
+    if accelerator.num_processes == 1:
+        return finite
+    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(bad, reduction="sum")) == 0.0
 
 
 def _loss_values(accelerator: Accelerator, loss: torch.Tensor) -> str:
@@ -241,7 +241,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
             stage's loss; its parameters with `requires_grad` are optimized. It may define
             `optimizer_groups(lr, weight_decay) -> list[dict] | None` (its own AdamW groups)
             and `on_step(step)` (called after each optimizer step, before gradients clear;
-            with `reads_gradients = True` when it needs whole gradients, refused under FSDP).
+            with `reads_gradients = True` when it needs whole gradients: refused under FSDP
+            and DeepSpeed).
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
             `idx` [B]; shuffled by its own seeded generator.
         keep: the sub-module whose weights are the stage's result (e.g. the student).

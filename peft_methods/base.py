@@ -281,7 +281,7 @@ class Method:
     prompt_learning: ClassVar[bool] = False  # PEFT's prompt-learning key layout
     mergeable: ClassVar[bool] = False        # merge()/unmerge() supported
     identity_at_init: ClassVar[bool] = True  # outputs unchanged right after apply()
-    # on_step reads whole gradients (AdaLoRA's importance), which FSDP keeps sharded.
+    # on_step reads whole gradients (AdaLoRA's importance), which FSDP and DeepSpeed partition.
     reads_gradients: ClassVar[bool] = False
     # Parameter/buffer name parts that mark the method's own tensors inside the HF model
     # (e.g. ("lora_A", "lora_B")); used by the default state-dict IO.

@@ -55,7 +55,7 @@ class AdaptUnit(nn.Module):
 
     @property
     def reads_gradients(self) -> bool:
-        """Whether `on_step` needs whole gradients (the loop refuses it under FSDP)."""
+        """Whether `on_step` needs whole gradients (refused under FSDP and DeepSpeed)."""
         return self.model.method.reads_gradients
 
 
