@@ -17,6 +17,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distill.errors import DistillError
+from distill.files import json_lines
 from distill.recipe import DataConfig
 
 _BUILTINS: dict[str, str] = {
@@ -217,29 +219,35 @@ def _carve(table: _Table, missing: list[str], seed: int) -> dict[str, _Table]:
     return out
 
 
+# Raw control characters inside strings are accepted, as pandas' and Arrow's JSON readers do.
+_LENIENT_JSON = json.JSONDecoder(strict=False)
+
+
 def _read_records(path: Path) -> pd.DataFrame:
     """A .json file (a list of records, or JSON lines) or a .jsonl file as a DataFrame."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")  # as written: no "\r" folded into "\n"
     try:
-        records = json.loads(text)
+        records = _LENIENT_JSON.decode(text)
         # A single object is a one-line JSON-lines file.
         records = records if isinstance(records, list) else [records]
     except json.JSONDecodeError:  # not one JSON document: read it as JSON lines
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DistillError(f"{path}: line {number} is not valid JSON ({exc.msg}); "
-                                   "allowed: a JSON list of records, or one JSON object per "
-                                   "line") from None
+        records = list(_json_lines(text, path))
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DistillError(f"{path}: record {bad + 1} is {type(records[bad]).__name__}, not an "
                            "object; allowed: a JSON list of records, or one object per line")
     return pd.DataFrame.from_records(records)
+
+
+def _json_lines(text: str, path: Path) -> Iterator[Any]:
+    """The values of a JSON-lines text, one per line (`files.json_lines` splits it)."""
+    for number, line in json_lines(text):
+        try:
+            yield _LENIENT_JSON.decode(line)
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{path}: line {number} is not valid JSON ({exc.msg}); "
+                               "allowed: a JSON list of records, or one JSON object per "
+                               "line") from None
 
 
 def _read_table(path: Path, cfg: DataConfig) -> _Table:

@@ -1,7 +1,7 @@
-"""Writing files and folders so that a reader never sees them half-written.
+"""Files the toolkit reads and writes: JSON lines, and atomic writes of files and folders.
 
-Both write beside the target and rename into place (`os.replace` is atomic within one file
-system): a crash or kill leaves the old version or the new one, never a mix.
+The writers write beside the target and rename into place (`os.replace` is atomic within one
+file system): a crash or kill leaves the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,19 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def json_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for each non-blank line of a JSON-lines text.
+
+    Lines end at "\n" alone, as JSON Lines defines them (a "\r" before it is whitespace to a
+    JSON parser), never at what `str.splitlines()` also breaks on: U+0085, U+2028, U+2029, form
+    feeds and a lone "\r" are ordinary characters inside a string (real reviews hold them).
+    Decode the file's bytes yourself (`read_text` would fold a lone "\r" into "\n").
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip(" \t\r"):
+            yield number, line
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distill.errors import DistillError
-from distill.files import atomic_write
+from distill.files import atomic_write, json_lines
 
 DASH = "—"
 _STATUS_STYLE = {"done": "green", "skipped": "yellow", "failed": "bold red"}
@@ -293,7 +293,7 @@ def _read_log(path: Path) -> tuple[dict[str, list], dict[str, list]]:
     """
     train: dict[str, list] = {}
     evals: dict[str, list] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for _, line in json_lines(path.read_bytes().decode("utf-8", errors="replace")):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:

@@ -44,6 +44,7 @@ from distill import parallel
 from distill.checkpoint import load_latest, save_checkpoint
 from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
+from distill.files import json_lines
 from distill.recipe import TrainArgs
 
 
@@ -144,7 +145,7 @@ def _truncate_log(path: Path | None, steps: int, epoch: int) -> None:
     if path is None or not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for _, line in json_lines(path.read_bytes().decode("utf-8")):
         try:
             rec = json.loads(line)
         except ValueError:
