@@ -6,13 +6,14 @@ self-attention of every encoder layer also gets its own `m` learned keys and val
 separate table `[m, L_enc·2·w]` (row j: layer 0 key, layer 0 value, layer 1 key, ...;
 `w = num_heads × d_kv`, the encoder attention's `inner_dim`; L_enc = encoder layers).
 
-How they get in. T5's encoder stack drops any cache, so the prefixes cannot travel as
-`past_key_values` like the decoder's. Instead, for the duration of one forward/generate call
+How they get in. T5's encoder stack drops any cache, so the prefixes cannot travel in the
+KV cache like the decoder's. Instead, for the duration of one forward/generate call
 (`encoder_prefixes`, a context manager) every encoder `T5Attention`
 (`encoder.block[i].layer[0].SelfAttention`) gets a forward pre-hook that rewrites its
 arguments, so T5's own attention code does the rest:
 
-- `past_key_values`: a `PrefixKV` holding layer i's prefix. T5Attention concatenates it in
+- the cache (`cache`, or `past_key_values` before transformers 5.24): a `PrefixKV` holding
+  layer i's prefix. T5Attention concatenates it in
   front of the tokens' keys/values (`update`), exactly as it does with a decoder cache, so the
   keys are `[P_k ; K]` and the values `[P_v ; V]` (length m + n). Nothing is stored.
 - `mask`: the encoder's 4-d mask `[b, 1, n, n]` (bool for sdpa, additive float for eager, None
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from peft_methods.base import PeftMethodError
+from peft_methods.kv_cache import SPELLED, cache_arg, given_cache
 
 ATTENTION_PARTS = ("q", "k", "v", "o", "n_heads", "key_value_proj_dim", "compute_bias",
                    "has_relative_attention_bias")
@@ -63,8 +65,8 @@ def encoder_attentions(model: nn.Module) -> list[nn.Module]:
     if not found or not all(all(hasattr(a, p) for p in ATTENTION_PARTS) for a in found):
         raise PeftMethodError(f"{what}: only T5-family encoders (encoder.block[i].layer[0]."
                               f"SelfAttention with a relative position bias) are supported")
-    if not all("past_key_values" in inspect.signature(a.forward).parameters for a in found):
-        raise PeftMethodError(f"{what}: the encoder attention takes no `past_key_values`")
+    if not all(cache_arg(a) for a in found):
+        raise PeftMethodError(f"{what}: the encoder attention takes no KV cache ({SPELLED})")
     shapes = {(a.n_heads, a.key_value_proj_dim) for a in found}
     if len(shapes) != 1:
         raise PeftMethodError(f"{what}: encoder layers with different attention shapes "
@@ -144,14 +146,14 @@ def _hook(layer: int, table: torch.Tensor):
         if call.get("key_value_states") is not None:
             raise PeftMethodError("encoder_prefix: a hooked encoder attention was called as "
                                   "cross-attention")
-        if call.get("past_key_values") is not None:
+        if given_cache(call) is not None:
             raise PeftMethodError("encoder_prefix: the encoder attention already got a cache")
         hidden = call.pop("hidden_states")
         batch, n = hidden.shape[:2]
         m = table.shape[0]
         keys, values = layer_prefixes(table.to(hidden.dtype), layer, batch, module.n_heads,
                                       module.key_value_proj_dim)
-        call["past_key_values"] = PrefixKV(keys, values)
+        call[cache_arg(module)] = PrefixKV(keys, values)
         call["mask"] = extend_encoder_mask(call.get("mask"), m)
         call["position_bias"] = prefix_position_bias(module, call.get("position_bias"), n, m,
                                                      hidden)

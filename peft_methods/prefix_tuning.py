@@ -4,7 +4,8 @@ implements prefix tuning.
 At every layer, `m` learned key and value vectors are prepended to that layer's K and V; the
 real tokens attend to them, they attend to nothing, and the attention mask grows by `m`
 (METHODS.md §3). The prefixes reach the attention layers the way PEFT sends them: as a
-pre-filled transformers `Cache` passed as `past_key_values`, so the model needs no change.
+pre-filled transformers `Cache` passed as the model's cache argument (`kv_cache.py`), so the
+model needs no change.
 
 The prefix table is `[m, L·2·d_kv]` (row j: layer 0 key, layer 0 value, layer 1 key, ...;
 `d_kv = num_attention_heads × head_dim`, which for grouped-query attention is the KV width
@@ -36,7 +37,6 @@ encoder part (its outputs then differ from ours). Mechanism: encoder_prefix.py.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -61,6 +61,7 @@ from peft_methods.encoder_prefix import (
     encoder_dims,
     encoder_prefixes,
 )
+from peft_methods.kv_cache import SPELLED, cache_arg, given_cache
 from peft_methods.prompt_tuning import (
     PromptLearningConfig,
     PromptLearningMethod,
@@ -143,10 +144,6 @@ class PrefixEncoder(nn.Module):
         return self.transform(x) if self.prefix_projection else x
 
 
-def takes_cache(module: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(module.forward).parameters
-
-
 def backbone_of(model: nn.Module) -> nn.Module | None:
     prefix = getattr(model, "base_model_prefix", "")
     return getattr(model, prefix, None) if prefix else None
@@ -175,11 +172,10 @@ class PrefixTuning(PromptLearningMethod):
         what = f"{self.name} on {type(model).__name__}"
         task = config.task_type or infer_task_type(model)
         backbone = backbone_of(model)
-        if not takes_cache(model) and not (task == "SEQ_CLS" and backbone is not None
-                                           and takes_cache(backbone)):
-            raise PeftMethodError(f"{what}: the model's forward takes no `past_key_values`, "
-                                  f"which carry the prefixes; use prompt_tuning or p_tuning")
-        if not takes_cache(model) and not any(hasattr(model, h) for h in HEAD_NAMES):
+        if not cache_arg(model) and not (task == "SEQ_CLS" and cache_arg(backbone)):
+            raise PeftMethodError(f"{what}: the model's forward takes no KV cache ({SPELLED}), "
+                                  f"which carries the prefixes; use prompt_tuning or p_tuning")
+        if not cache_arg(model) and not any(hasattr(model, h) for h in HEAD_NAMES):
             raise PeftMethodError(f"{what}: no classification head named "
                                   f"{' or '.join(HEAD_NAMES)} to run after the backbone")
         if any(getattr(mod, "gradient_checkpointing", False) for mod in model.modules()):
@@ -290,9 +286,9 @@ class PrefixTuning(PromptLearningMethod):
                 **kwargs):
         model, task = adapted.model, adapted.task_type
         m = adapted.peft_config.num_virtual_tokens
-        if kwargs.get("past_key_values") is not None:
-            raise PeftMethodError(f"{self.name} passes its prefixes as past_key_values; do not "
-                                  f"pass your own (use generate() for decoding)")
+        if given_cache(kwargs) is not None:
+            raise PeftMethodError(f"{self.name} passes its prefixes as the model's KV cache; do "
+                                  f"not pass your own (use generate() for decoding)")
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
             raise PeftMethodError("pass input_ids or inputs_embeds")
@@ -306,10 +302,12 @@ class PrefixTuning(PromptLearningMethod):
                 kwargs.get("decoder_attention_mask"), m)
         else:
             attention_mask = self.extend_mask(attention_mask, m)
-        kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                      attention_mask=attention_mask,
-                      past_key_values=self.cache(adapted, source.shape[0]))
-        if task == "SEQ_CLS" and not takes_cache(model):
+        # A classifier whose forward takes no cache runs its backbone, which does.
+        name = cache_arg(model) or cache_arg(backbone_of(model))
+        kwargs.update({"input_ids": input_ids, "inputs_embeds": inputs_embeds,
+                       "attention_mask": attention_mask,
+                       name: self.cache(adapted, source.shape[0])})
+        if task == "SEQ_CLS" and not cache_arg(model):
             return self.classify_via_backbone(model, labels, kwargs)
         if labels is not None:
             kwargs["labels"] = labels
@@ -354,6 +352,7 @@ class PrefixTuning(PromptLearningMethod):
             raise PeftMethodError(f"{self.name}: call generate(input_ids=..., attention_mask=..., "
                                   f"...) with keyword arguments")
         decoder_only = adapted.task_type == "CAUSAL_LM"
+        name = cache_arg(model)  # prepare_inputs_for_generation returns forward's arguments
         if not decoder_only:  # (decoder-only: shifted in each step below, as PEFT does)
             self.shift_position_ids(kwargs, m)
         kwargs.pop("token_type_ids", None)
@@ -363,7 +362,7 @@ class PrefixTuning(PromptLearningMethod):
             def prepare(*args, **kwargs) -> dict[str, Any]:
                 inputs = original(*args, **kwargs)
                 ids_key = "input_ids" if decoder_only else "decoder_input_ids"
-                cache = inputs.get("past_key_values")
+                cache = inputs.get(name)
                 seen = cache.get_seq_length() if cache is not None else 0
                 if decoder_only:
                     if seen and seen >= inputs["input_ids"].shape[1]:
@@ -372,7 +371,7 @@ class PrefixTuning(PromptLearningMethod):
                     self.shift_position_ids(inputs, m)
                     inputs.pop("token_type_ids", None)
                 if not seen:  # prefill: start from the prefixes instead of an empty cache
-                    inputs["past_key_values"] = self.cache(adapted, inputs[ids_key].shape[0])
+                    inputs[name] = self.cache(adapted, inputs[ids_key].shape[0])
                 return inputs
             return prepare
 

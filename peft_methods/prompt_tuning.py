@@ -40,6 +40,7 @@ from peft_methods.base import (
     infer_task_type,
     register,
 )
+from peft_methods.kv_cache import given_cache
 
 # Task types the prompt methods know how to feed (PEFT has its own forward for each).
 PROMPT_TASKS = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
@@ -349,7 +350,7 @@ class EmbeddingPromptMethod(PromptLearningMethod):
             # (named `kwargs`: generate() inspects the signature for it)
             def prepare(*args, **kwargs) -> dict[str, Any]:
                 inputs = original(*args, **kwargs)
-                cache = inputs.get("past_key_values")
+                cache = given_cache(inputs)
                 seen = cache.get_seq_length() if cache is not None else 0
                 if seen and seen >= inputs["input_ids"].shape[1]:
                     inputs["input_ids"] = inputs["input_ids"][:, -1:]  # decode: newest token

@@ -8,7 +8,7 @@ computed from that component's own input x (METHODS.md §3):
   we follow the paper's formula, per token, and keep LoRA's scaling.)
 - a Pfeiffer adapter after each feed-forward output projection (adapter.py's placement table):
   y ↦ y + G_A(y) · W_up f(W_down y),   G_A per token, from the adapter's input y [..., d].
-- prefix tuning (prefix_tuning.py's prefixes, sent as a pre-filled `past_key_values` cache):
+- prefix tuning (prefix_tuning.py's prefixes, sent as a pre-filled KV cache):
   the `m` prefix keys and values of layer l are multiplied by G_P, computed from the input of
   that layer's self-attention (post-norm BERT: the layer input; pre-norm GPT-2/Llama/T5: the
   normed input), as in the authors' code (which scales both P_k and P_v).
@@ -62,6 +62,7 @@ from peft_methods.base import (
     register,
     replace_module,
 )
+from peft_methods.kv_cache import given_cache
 from peft_methods.lora import (
     LORA_DEFAULT_TARGETS,
     LoraConfig,
@@ -243,7 +244,7 @@ def pooled_gate(gates: torch.Tensor, mask: torch.Tensor | None, pool: str) -> to
 def gate_prefix_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook on a self-attention module: scale its layer's prefix keys and values
     [b, heads, m, head_dim] by G_P [b] before the attention reads them."""
-    cache = kwargs.get("past_key_values")
+    cache = given_cache(kwargs)
     run: GateRun | None = getattr(cache, _CACHE_ATTR, None)
     idx = module.layer_idx
     if run is None or idx in run.gated:

@@ -6,6 +6,13 @@ modules_to_save, GPT-2 and Llama CAUSAL_LM, T5 SEQ_2_SEQ_LM), in three ways:
 - ours -> PEFT: our save_adapter, `peft.PeftModel.from_pretrained` on a fresh base, same logits;
 - PEFT -> ours: PEFT's save_pretrained, our load_adapter on a fresh base, same logits;
 and greedy generation on the decoders equals PEFT's in both directions.
+
+PEFT 0.21.2 predates transformers 5.24, which renamed the models' `past_key_values` argument to
+`cache`: on 5.24 PEFT's prompt-learning `generate` no longer hands its prompt/prefix to the
+cached decoding steps, and its prefix tuning refuses BERT classifiers ("Model does not support
+past key values"), while our outputs are the same on both versions. The locked set (5.23) runs
+every comparison; with 5.24+ (`make test-latest`) exactly those cases are strict expected
+failures (`peft_cache_bug`), so they still run and a fixed PEFT release turns them red.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import peft_methods as pm
 from tiny_models import DECODERS, FAMILIES, build, inputs, labels_for
@@ -35,7 +44,27 @@ CASES: dict[str, tuple[str, dict, type]] = {
     "prefix-plain": ("prefix_tuning", {"prefix_projection": False}, peft.PrefixTuningConfig),
     "ptv2": ("p_tuning_v2", {}, peft.PrefixTuningConfig),
 }
-GRID = [(c, f) for c in CASES for f in FAMILIES]
+# PEFT <= 0.21.2 with transformers >= 5.24 (module docstring).
+PEFT_MISSES_CACHE_RENAME = (Version(transformers.__version__) >= Version("5.24")
+                            and Version(peft.__version__) <= Version("0.21.2"))
+
+
+def peft_cache_bug(case: str, family: str, *, generation: bool = False) -> list:
+    """Marks for a case that PEFT itself gets wrong under the rename: its generation on the
+    decoders, and its prefix forward on a BERT classifier."""
+    broken = generation or (family == "bert" and CASES[case][2] is peft.PrefixTuningConfig)
+    if not (PEFT_MISSES_CACHE_RENAME and broken):
+        return []
+    return [pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 predates transformers 5.24's "
+                                                  "`past_key_values` -> `cache` rename")]
+
+
+def grid(families: tuple[str, ...] | list[str] = FAMILIES, *, generation: bool = False) -> list:
+    return [pytest.param(c, f, marks=peft_cache_bug(c, f, generation=generation), id=f"{c}-{f}")
+            for c in CASES for f in families]
+
+
+GRID = grid()
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +150,6 @@ def test_ours_loads_in_peft(case: str, family: str, tmp_path: Path) -> None:
     pm.save_adapter(adapted, tmp_path / "a")
     loaded = peft.PeftModel.from_pretrained(build(family), tmp_path / "a")
     torch.testing.assert_close(outputs(loaded, family), expected)
-    if family in DECODERS:
-        torch.testing.assert_close(greedy(loaded, family), greedy(adapted, family))
 
 
 @pytest.mark.parametrize(("case", "family"), GRID)
@@ -135,12 +162,25 @@ def test_peft_loads_in_ours(case: str, family: str, tmp_path: Path) -> None:
     want = "prefix_tuning" if CASES[case][0] == "p_tuning_v2" else CASES[case][0]
     assert loaded.method.name == want  # a PEFT file has no `distill_method`
     torch.testing.assert_close(outputs(loaded, family), expected)
-    if family in DECODERS:
-        torch.testing.assert_close(greedy(loaded, family), greedy(reference, family))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize(("case", "family"), grid(DECODERS, generation=True))
+def test_generation_after_interchange_matches_peft(case: str, family: str,
+                                                   tmp_path: Path) -> None:
+    """Greedy generation of a saved adapter loaded by the other side equals the original's."""
+    adapted = ours(case, family)
+    perturb(adapted)
+    pm.save_adapter(adapted, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(build(family), tmp_path / "ours")
+    torch.testing.assert_close(greedy(loaded, family), greedy(adapted, family))
+    reference = theirs(case, family)
+    perturb(reference)
+    reference.save_pretrained(tmp_path / "peft")
+    ours_loaded = pm.load_adapter(build(family), tmp_path / "peft")
+    torch.testing.assert_close(greedy(ours_loaded, family), greedy(reference, family))
+
+
+@pytest.mark.parametrize(("case", "family"), grid(DECODERS, generation=True))
 def test_generation_matches_peft_while_training(case: str, family: str) -> None:
     """Generation through the (not collapsed) encoders equals PEFT's on the same weights."""
     reference = theirs(case, family)

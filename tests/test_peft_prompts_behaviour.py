@@ -199,6 +199,33 @@ def test_prompt_tuning_ignores_position_ids_with_a_warning() -> None:
     torch.testing.assert_close(out, logits(adapted, "gpt2"))
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cached_generation_equals_greedy_without_cache(method: str, family: str) -> None:
+    """generate() (prompt or prefixes in the KV cache, one new token per step) picks the same
+    tokens as re-running the adapted forward over the whole sequence each step, on a
+    left-padded batch with generate's position ids. Independent of PEFT, so it also holds
+    the transformers versions PEFT does not follow (test_peft_prompts.py)."""
+    adapted = pm.apply(build(family), method, num_virtual_tokens=M, **METHODS[method]).eval()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:  # off the (zero or near-zero) initial prompts
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    ids = inputs(family)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # right-padding / position-id notices
+        cached = adapted.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                  do_sample=False)
+        for _ in range(6):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate makes them
+            logits = adapted(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    assert torch.equal(cached, ids)
+
+
 def test_generate_without_attention_mask() -> None:
     adapted = pm.apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M).eval()
     ids = inputs("llama")["input_ids"][:1]
@@ -235,12 +262,12 @@ def test_bad_options_are_named(method: str, options: dict, message: str) -> None
         pm.apply(build("gpt2"), method, **options)
 
 
-def test_prefix_needs_past_key_values() -> None:
+def test_prefix_needs_a_kv_cache() -> None:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, num_labels=2))
-    with pytest.raises(PeftMethodError, match="takes no `past_key_values`.*prompt_tuning"):
+    with pytest.raises(PeftMethodError, match="takes no KV cache.*prompt_tuning"):
         pm.apply(model, "prefix_tuning")
     adapted = pm.apply(model, "prompt_tuning", num_virtual_tokens=M)  # embeddings still fit
     assert adapted(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
@@ -256,12 +283,13 @@ def test_unsupported_task_and_generate_on_a_classifier() -> None:
         adapted.generate(input_ids=inputs("bert")["input_ids"])
 
 
-def test_prefix_refuses_own_cache_and_gradient_checkpointing() -> None:
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])  # transformers >= 5.24 / before
+def test_prefix_refuses_own_cache_and_gradient_checkpointing(name: str) -> None:
     from transformers import DynamicCache
 
     adapted = pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M)
     with pytest.raises(PeftMethodError, match="do not pass your own"):
-        adapted(**inputs("gpt2"), past_key_values=DynamicCache())
+        adapted(**inputs("gpt2"), **{name: DynamicCache()})
     model = build("gpt2")
     model.activation_checkpointing_enable()
     with pytest.raises(PeftMethodError, match="gradient checkpointing"):

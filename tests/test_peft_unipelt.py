@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 import peft_methods as pm
 from peft_methods.base import PeftMethodError
+from peft_methods.kv_cache import given_cache
 from peft_methods.unipelt import GatedAdapterLayer, GatedLoraLinear, pooled_gate
 from tiny_models import FAMILIES, build, inputs, labels_for
 
@@ -124,7 +125,7 @@ def test_prefix_gate_scales_the_cached_prefix_by_hand(family: str, attention: st
 
     def record(when: str):
         def hook(mod, args, kwargs):
-            cache = kwargs["past_key_values"]
+            cache = given_cache(kwargs)
             layer = getattr(cache, "self_attention_cache", cache).layers[mod.layer_idx]
             seen[when + "k"], seen[when + "v"] = layer.keys.clone(), layer.values.clone()
             seen["x"] = args[0] if args else kwargs["hidden_states"]
@@ -333,7 +334,7 @@ def test_misfits_and_misuse_are_clear_errors() -> None:
         pm.apply(build("bert"), "unipelt", target_modules=["qeury"])
     with pytest.raises(PeftMethodError, match="unipelt cannot be merged"):
         pm.merge(pm.apply(build("gpt2"), "unipelt", components=["lora"]))
-    with pytest.raises(PeftMethodError, match="past_key_values"):
+    with pytest.raises(PeftMethodError, match="KV cache; do not pass your own"):
         pm.apply(build("gpt2"), "unipelt")(**inputs("gpt2"), past_key_values=object())
 
 
