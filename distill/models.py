@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distill import parallel
 from distill.errors import DistillError
 from distill.files import atomic_directory
 
@@ -239,6 +240,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     A crash mid-save never leaves a half-written `out_dir`.
     """
     out_dir = Path(out_dir)
+    parallel.name_deepspeed_device()  # save_pretrained imports DeepSpeed if installed
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -212,14 +212,25 @@ class DeepSpeedZero(Strategy):
         self.accelerator.free_memory()
 
 
+def name_deepspeed_device() -> None:
+    """On a machine without CUDA, tell DeepSpeed up front that its device is the CPU.
+
+    accelerate imports DeepSpeed whenever it is installed (`unwrap_model`, and so every
+    `save_pretrained`), in runs that never use it; left to detect the device itself,
+    DeepSpeed's import then warns, in every run, that it fell back to the CPU.
+    `DS_ACCELERATOR` is its documented override; the choice is the one it would make.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def deepspeed_plugin(accelerator: Accelerator) -> DeepSpeedPlugin | None:
     """The DeepSpeed settings of this launch, or None when it does not use DeepSpeed."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
     elif (accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO)
           and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # its CPU accelerator, over gloo
+        name_deepspeed_device()  # on CPU: its CPU accelerator, over gloo
         plugin = DeepSpeedPlugin()
     else:
         return None

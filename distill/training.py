@@ -61,6 +61,7 @@ def make_accelerator() -> Accelerator:
     DDP (`--multi_gpu`), FSDP2 (`--use_fsdp --fsdp_version 2`) and DeepSpeed ZeRO 0-2
     (`--use_deepspeed`) are what the loop supports, on CPU or GPU (see `distill.parallel`);
     Megatron-LM is refused up front (see `_check_distributed`)."""
+    parallel.name_deepspeed_device()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     _check_distributed(accelerator.distributed_type)

@@ -137,3 +137,25 @@ def test_logit_only_kd_uses_the_teacher_cache(tiny_bert: Path, tiny_csv: Path,
     assert json.loads((stage / "metrics.json").read_text())["teacher_cache"] is True
     report = json.loads((tmp_path / "run/report.json").read_text())
     assert {"params", "size_mb"} <= set(report["final"])  # no evaluate stage: static metrics
+
+
+def test_a_plain_run_prints_no_third_party_noise(tiny_bert: Path, tiny_csv: Path,
+                                                 tmp_path: Path) -> None:
+    """A fresh process, as a user starts it: accelerate imports DeepSpeed (installed with the
+    dev tools) although this launch does not use it, and DeepSpeed's import used to warn
+    "Setting accelerator to CPU" in every run."""
+    import importlib.util
+
+    assert importlib.util.find_spec("deepspeed") is not None, "the check needs DeepSpeed"
+    recipe = tiny_recipe(tiny_bert, tiny_csv, stages=[
+        {"kind": "finetune", "epochs": 1, "batch_size": 16},
+        {"kind": "distill", "epochs": 1, "batch_size": 16, "student": {"layers": [0, 2]}},
+        {"kind": "evaluate", "latency": False}])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = subprocess.run([sys.executable, "-m", "distill", "run", str(tmp_path / "r.yaml"),
+                          "--output", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for noise in ("WARNING", "Warning", "Setting accelerator", "Writing model shards"):
+        assert noise not in out.stdout + out.stderr, (noise, out.stdout + out.stderr)
+    assert "01-distill" in out.stdout  # the run itself printed its table
