@@ -1,7 +1,7 @@
 """Plain YAML data -> dataclasses, with every problem collected (used by `distill.recipe`).
 
 The dataclasses are the schema: field types (int, float, bool, str, Literal, `X | None`,
-`list[X]`, nested dataclasses), defaults, and field metadata for numeric ranges
+`X | Y` (the first that fits), `list[X]`, nested dataclasses), defaults, and field metadata for numeric ranges
 (`value_range`) and lists of tagged records (`{"kinds": {"finetune": FinetuneStage, ...}}`).
 A dataclass may define `check(path) -> list[str]` for rules that span several fields.
 """
@@ -55,7 +55,13 @@ class Converter:
             non_null = [a for a in args if a is not type(None)]
             if len(non_null) == 1:
                 return self.convert(value, non_null[0], path)
-            raise AssertionError(f"unsupported union {tp}")  # stages are handled by the caller
+            for alternative in non_null:  # e.g. `bool | Literal["auto"]`: the first that fits
+                trial = Converter()
+                converted = trial.convert(value, alternative, path)
+                if not trial.problems:
+                    return converted
+            self.fail(path, f"{value!r} should be {_type_name(tp)}")
+            return None
         if origin is Literal:
             allowed = typing.get_args(tp)
             if value not in allowed:

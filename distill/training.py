@@ -45,6 +45,7 @@ from distill.checkpoint import load_latest, save_checkpoint
 from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
 from distill.files import json_lines
+from distill.precision import use_bf16
 from distill.recipe import TrainArgs
 
 
@@ -88,6 +89,7 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     last_loss: float | None = None
     checkpoint_seconds: float = 0.0  # time spent writing checkpoints (part of `seconds`)
+    bf16: bool = False  # whether the loop ran under bf16 autocast (`bf16: auto` resolved)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -230,6 +232,21 @@ def _optimizer_factory(args: TrainArgs) -> parallel.OptimizerFactory:
     return make
 
 
+def _decide_bf16(args: TrainArgs, accelerator: Accelerator, desc: str,
+                 console: Console | None) -> bool:
+    """The stage's `bf16` setting resolved on this machine; with several processes, rank 0's
+    measurement decides for all (one precision per run)."""
+    if args.bf16 != "auto":
+        return bool(args.bf16)
+    decision = [use_bf16("auto", accelerator.device.type)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision, from_process=0)
+    if console is not None and accelerator.is_main_process:
+        console.print(f"  {desc}: bf16 auto -> {'bf16 autocast' if decision[0] else 'fp32'} "
+                      f"(measured on this {accelerator.device.type})")
+    return decision[0]
+
+
 def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                accelerator: Accelerator, keep: nn.Module,
                evaluate: Callable[[], float] | None = None, metric_name: str = "accuracy",
@@ -281,10 +298,11 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     total_steps = max(1, math.ceil(micro_total / args.grad_accum_steps))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    bf16 = _decide_bf16(args, accelerator, desc, console)
     autocast = (torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
-                if args.bf16 else contextlib.nullcontext())
+                if bf16 else contextlib.nullcontext())
 
-    result = LoopResult(steps=0, seconds=0.0)
+    result = LoopResult(steps=0, seconds=0.0, bf16=bf16)
     best_state: dict[str, torch.Tensor] | None = None
     start = time.perf_counter()
     window: list[float] = []

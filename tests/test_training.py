@@ -10,6 +10,7 @@ import pytest
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
+from distill.precision import bf16_is_faster, use_bf16
 
 
 def run_tiny(tmp_path: Path, recipe: dict, name: str = "run") -> dict:
@@ -23,12 +24,34 @@ def test_bf16_and_gradient_accumulation(tiny_bert: Path, tiny_csv: Path,
                                                "grad_accum_steps": 3, "log_every": 1}]
     run_tiny(tmp_path, recipe)
     metrics = json.loads((tmp_path / "run/stages/00-finetune/metrics.json").read_text())
+    assert metrics["bf16"] is True  # forced, whatever the machine measures
     micro_batches = math.ceil(192 / 16)  # 192 training rows, batch 16
     assert metrics["steps"] == math.ceil(micro_batches / 3)
     lines = (tmp_path / "run/stages/00-finetune/log.jsonl").read_text().splitlines()
     train = [json.loads(x) for x in lines if '"train"' in x]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
     assert all(math.isfinite(x["loss"]) for x in train)
+
+
+@pytest.mark.parametrize("setting", ["auto", False])
+def test_bf16_auto_is_the_measured_choice(setting: object, tiny_bert: Path, tiny_csv: Path,
+                                          tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe["stages"] = [recipe["stages"][0] | {"epochs": 0.25, "bf16": setting}]
+    run_tiny(tmp_path, recipe)
+    metrics = json.loads((tmp_path / "run/stages/00-finetune/metrics.json").read_text())
+    assert metrics["bf16"] is (bf16_is_faster("cpu") if setting == "auto" else False)
+
+
+def test_bf16_setting_values() -> None:
+    assert use_bf16(True, "cpu") is True and use_bf16(False, "cuda") is False
+    assert use_bf16("auto", "meta") is False  # no measurement off CPU/CUDA
+    assert isinstance(bf16_is_faster("cpu"), bool)
+    assert bf16_is_faster("cpu") is bf16_is_faster("cpu")  # measured once per process
+    with pytest.raises(DistillError, match="stages.0.bf16: 'maybe' should be true/false or "
+                                           "one of 'auto'"):
+        recipe_from_dict({"teacher": {"model": "m"}, "data": {"dataset": "d.csv"},
+                          "stages": [{"kind": "finetune", "bf16": "maybe"}]})
 
 
 def test_fractional_epochs_and_warmup(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:

@@ -175,6 +175,7 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
         "method": cfg.method, "label": cfg.label or cfg.method, "base_model": source,
         "dataset": task.recipe.data.dataset, "labels": task.data.label_names,
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "bf16": result.bf16,
         "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
         "history": result.history, "seed": seed, "model": record},
         model_metrics=record, artifact_kind="adapter")

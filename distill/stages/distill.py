@@ -162,7 +162,7 @@ def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel
     return result, {
         "layer_map": layer_map, "loss": vars(weights), "teacher": ctx.teacher_source,
         "teacher_cache": cached is not None, "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
+        "train_seconds": round(result.seconds, 2), "bf16": result.bf16,
         "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
         "history": result.history, "seed": seed}
 

@@ -51,5 +51,6 @@ def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
     ctx.teacher_source = str(out)
     return StageResult("done", out, {
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "bf16": result.bf16,
         "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
         "history": result.history, "seed": seed})
