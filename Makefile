@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-full test test-fast test-latest lock clean
+.PHONY: setup demo demo-full test test-all test-fast test-latest lock clean
 
 setup: $(STAMP)
 
@@ -61,11 +61,17 @@ demo: setup
 demo-full: setup
 	$(VENV)/bin/distill run recipes/minilm-rotten-tomatoes.yaml --output runs/minilm-rotten-tomatoes --force
 
+# CI (CI=true) runs every test; a plain `make test` skips the few marked `slow` (pyproject.toml).
+TEST_MARKS := $(if $(filter true,$(CI)),,-m "not slow")
+
 test: setup
+	$(PY) -m pytest $(TEST_MARKS) $(PYTEST_ARGS)
+
+test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 # The suite against the newest releases pyproject.toml allows (torch stays the CPU build: a
 # newer torch is a CUDA download), so an upstream break shows up here before users meet it.
@@ -81,7 +87,7 @@ test-latest:
 	    > $(LATEST)/versions.txt
 	grep -iE '^(torch|transformers|accelerate|datasets|peft|deepspeed|safetensors)==' \
 	    $(LATEST)/versions.txt
-	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+	$(LATEST)/bin/python -m pytest $(TEST_MARKS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs .pytest_cache

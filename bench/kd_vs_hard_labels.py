@@ -2,10 +2,11 @@
 
 Runs the distill and evaluate stages of `recipes/minilm-rotten-tomatoes.yaml` from one tuned
 teacher, for alpha = 0.5 (KD) and alpha = 1.0 (hard labels only), seeds 0, 1, 2; prints a
-table and writes JSON. One seed's difference is within noise on 1,280 test examples, so the
-means over seeds are what to compare.
+table and writes bench/results/kd_vs_hard_labels.json. One seed's difference is within noise
+on 1,280 test examples, so the means over seeds are what to compare. The default teacher is
+the one `bench/attach_adapters.py` tuned (the same finetune stage, settings and seed).
 
-    python bench/kd_vs_hard_labels.py --teacher runs/minilm-rotten-tomatoes/stages/00-finetune/model
+    HF_HUB_OFFLINE=1 nice -n 19 python bench/kd_vs_hard_labels.py [--teacher DIR]
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import load_recipe, run_recipe
+from provenance import RESULTS, ROOT, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes.yaml"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path,
-                    default=ROOT / "runs/minilm-rotten-tomatoes/stages/00-finetune/model",
+                    default=ROOT / "runs/attach-adapters/stages/00-finetune/model",
                     help="a tuned teacher (the finetune stage's model of the recipe)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-kd-vs-hard")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-kd-vs-hard",
+                    help="where the runs go")
+    ap.add_argument("--json", type=Path, default=RESULTS / "kd_vs_hard_labels.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra recipe overrides, e.g. data.max_train_examples=2000")
     ap.add_argument("--reuse", action="store_true",
@@ -41,7 +44,7 @@ def main() -> None:
 
     if not (args.teacher / "config.json").is_file():
         console.print(f"[yellow]{args.teacher} not found: tuning the teacher first[/]")
-        recipe = load_recipe(RECIPE, ["stages=[{kind: finetune, epochs: 3, bf16: true}]",
+        recipe = load_recipe(RECIPE, ["stages=[{kind: finetune, epochs: 3, bf16: auto}]",
                                       *args.overrides])
         run_recipe(recipe, output=args.out / "teacher", force=True, console=console)
         args.teacher = args.out / "teacher/stages/00-finetune/model"
@@ -81,10 +84,9 @@ def main() -> None:
                       ", ".join(f"{a:.4f}" for a in accs), f"{ret:.2%}",
                       f"{sel[0]['teacher_accuracy']:.4f}")
     console.print(table)
-    out = args.out / "kd_vs_hard_labels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"teacher": str(args.teacher), "runs": rows,
-                               "summary": summary}, indent=2))
+    out = write_result(args.json, {"recipe": str(RECIPE.relative_to(ROOT)),
+                                   "teacher": str(args.teacher), "overrides": args.overrides,
+                                   "runs": rows, "summary": summary})
     console.print(f"wrote {out}")
 
 

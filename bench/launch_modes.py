@@ -27,13 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import RESULTS, ROOT, write_result
+
 MODES = {"1 process": None, "DDP": ["--multi_gpu"],
          "FSDP2": ["--use_fsdp", "--fsdp_version", "2"],
          "DeepSpeed ZeRO-2": ["--use_deepspeed", "--zero_stage", "2"]}
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=2048)
     parser.add_argument("--eval", type=int, default=512)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/launch_modes.json")
+    parser.add_argument("--json", type=Path, default=RESULTS / "launch_modes.json")
     args = parser.parse_args()
     console = Console(width=130)
     results: dict[str, dict] = {}
@@ -118,11 +118,9 @@ def main() -> None:
                       f"{r['teacher_accuracy']:.4f}", f"{r['student_accuracy']:.4f}",
                       f"{r['student_max_abs_diff_vs_ddp']:.1e}")
     console.print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"train_examples": args.train, "eval_examples": args.eval,
-                                     "torch": torch.__version__, "results": results},
-                                    indent=1))
-    console.print(f"-> {args.json}")
+    out = write_result(args.json, {"train_examples": args.train, "eval_examples": args.eval,
+                                   "results": results})
+    console.print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Progressive shrinking vs one-shot, same teacher, same number of training steps.
+"""Progressive shrinking, step by step, and against one-shot at the same number of steps.
 
-Reads a finished run of `recipes/minilm-progressive.yaml` (6 -> 4 -> 3 -> 2 layers -> hidden
-256, one heal epoch per step), then distills the same final shapes from the same tuned teacher
-in one shot, with as many epochs as the progressive path spent to reach them:
+1. Runs `recipes/minilm-progressive.yaml` (6 -> 4 -> 3 -> 2 layers -> hidden 256, one heal
+   epoch per step) from a tuned teacher, unless `--run` already holds a finished run: every
+   step's size, accuracy, retention, latency and validation accuracy before/after its heal.
+2. Distills the same final shapes from the same teacher in one shot, with as many epochs as
+   the progressive path spent to reach them:
+     A. 2 layers:             progressive step `2-layers2` (3 heal epochs) vs one cut + 3 epochs
+     B. 2 layers, hidden 256: progressive final (4 heal epochs) vs one cut + 4 epochs
 
-  A. 2 layers:             progressive step `2-layers2` (3 heal epochs) vs one cut + 3 epochs
-  B. 2 layers, hidden 256: progressive final (4 heal epochs) vs one cut + 4 epochs
+Prints a table and writes bench/results/progressive_vs_oneshot.json. The default teacher is
+the one `bench/attach_adapters.py` tuned (the recipe's own finetune stage, same seed and
+settings, then skips itself: the teacher is already tuned for these labels).
 
-Prints a table and writes JSON. Report whichever wins.
-
-    python bench/progressive_vs_oneshot.py --run runs/minilm-progressive
+    HF_HUB_OFFLINE=1 nice -n 19 python bench/progressive_vs_oneshot.py [--teacher DIR]
 """
 
 from __future__ import annotations
@@ -22,26 +25,48 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import load_recipe, run_recipe
+from provenance import RESULTS, ROOT, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "minilm-progressive.yaml"
 
 
-def step_row(report: dict, name: str) -> dict:
-    for stage in report["stages"]:
-        for step in stage.get("steps") or []:
-            if step["name"] == name:
-                return step["model"]
-    raise SystemExit(f"step {name} not found in the progressive run")
+def progressive_steps(run: Path) -> list[dict]:
+    """One row per shrink step of a finished progressive run: the report's model metrics
+    plus what the step's metrics say (layers kept, validation before/after the heal)."""
+    report = json.loads((run / "report.json").read_text())
+    stage = next(s for s in report["stages"] if s["kind"] == "shrink")
+    metrics = json.loads((run / "stages" / f"{stage['index']:02d}-shrink" /
+                          "metrics.json").read_text())
+    details = {s["name"]: s for s in metrics["steps"]}
+    rows = []
+    for step in stage["steps"]:
+        d = details[step["name"]]
+        rows.append({"name": step["name"], "target": d["target"],
+                     "kept_layers": d["start_layers"], "layers": d["layers"],
+                     "hidden_size": d["hidden_size"], "model": step["model"],
+                     "validation_before_heal": d["validation_before_heal"],
+                     "validation_after_heal": d["best_validation_accuracy"],
+                     "heal_epochs": 1, "bf16": d.get("bf16")})
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, default=ROOT / "runs/minilm-progressive")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-progressive-vs-oneshot")
+    ap.add_argument("--teacher", type=Path,
+                    default=ROOT / "runs/attach-adapters/stages/00-finetune/model")
+    ap.add_argument("--run", type=Path, default=ROOT / "runs/minilm-progressive",
+                    help="the progressive run (made here unless it has finished already)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-progressive-vs-oneshot",
+                    help="where the one-shot runs go")
+    ap.add_argument("--json", type=Path, default=RESULTS / "progressive_vs_oneshot.json")
     args = ap.parse_args()
     console = Console()
+    teacher_override = [f"teacher.model={args.teacher}"] if args.teacher.is_dir() else []
+    if not (args.run / "report.json").is_file():
+        run_recipe(load_recipe(RECIPE, teacher_override), output=str(args.run), force=True,
+                   console=console)
     progressive = json.loads((args.run / "report.json").read_text())
+    steps = progressive_steps(args.run)
     teacher = args.run / "stages/00-finetune/model"
     if not teacher.is_dir():  # the run started from an already tuned teacher
         teacher = Path(load_recipe(args.run / "recipe.yaml").teacher.model)
@@ -53,10 +78,13 @@ def main() -> None:
         report = run_recipe(load_recipe(RECIPE, [
             f"teacher.model={teacher}", f"stages.1.schedule={schedule}",
             f"stages.1.heal.epochs={epochs}", "stages.2.latency=false"]),
-            output=args.out / step_name, force=True, console=console)
-        prog = step_row(progressive, step_name)
+            output=str(args.out / step_name), force=True, console=console)
+        prog = next(s["model"] for s in steps if s["name"] == step_name)
+        oneshot = json.loads((args.out / step_name / "stages/01-shrink/metrics.json")
+                             .read_text())["steps"][0]
         rows.append({"shape": label, "epochs": epochs,
                      "params": report["final"]["params"],
+                     "oneshot_kept_layers": oneshot["start_layers"],
                      "progressive_accuracy": prog["metric"]["value"],
                      "progressive_retention": prog["retention"],
                      "oneshot_accuracy": report["final"]["metric"]["value"],
@@ -71,9 +99,9 @@ def main() -> None:
                       f"{r['oneshot_accuracy']:.4f} ({r['oneshot_retention']:.1%})",
                       f"{r['progressive_accuracy'] - r['oneshot_accuracy']:+.4f}")
     console.print(table)
-    out = args.out / "progressive_vs_oneshot.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"progressive_run": str(args.run), "rows": rows}, indent=2))
+    out = write_result(args.json, {
+        "recipe": str(RECIPE.relative_to(ROOT)), "teacher": progressive["teacher"],
+        "steps": steps, "final": progressive["final"], "oneshot": rows})
     console.print(f"wrote {out}")
 
 

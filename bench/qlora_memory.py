@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,8 @@ from distill.models import resolve_model_path
 from distill.perplexity import next_token_labels, token_nll
 from peft_methods.base import find_targets
 from peft_methods.qlora import NF4Linear, quantized_layers
+from provenance import RESULTS, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:smollm2-135m"
 REQUIRED_RATIO = 3.5  # bf16 bytes / NF4 bytes, at least
 
@@ -136,7 +135,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/qlora_memory.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "qlora_memory.json")
     args = ap.parse_args()
     console = Console(width=160)
     torch.set_num_threads(args.threads)
@@ -162,7 +161,7 @@ def main() -> int:
 
     ratio = weights["nf4"]["bf16_over_this"]
     report = {
-        "model": MODEL, "model_dir": path, "linear_layers": len(paths),
+        "model": MODEL, "linear_layers": len(paths),
         "linear_params": sum(model.get_submodule(p).weight.numel() for p in paths),
         "block_size": 64, "double_quant_block_size": 256,
         "weights": weights, "model_effect": effect,
@@ -176,9 +175,7 @@ def main() -> int:
     console.print(f"NF4 is {ratio:.2f}× smaller than bf16 (required ≥ {REQUIRED_RATIO}×), "
                   f"{weights['nf4_dq']['bf16_over_this']:.2f}× with double quantization; "
                   f"{report['seconds']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {write_result(args.out, report)}")
     return 0 if report["pass"] else 1
 
 

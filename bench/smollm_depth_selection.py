@@ -12,7 +12,8 @@ Importance is scored on calibration blocks from the TRAIN plays only; perplexity
 on blocks of the TEST plays (`distill.lm_data`: whole plays held out, split_seed 0). Blocks are
 short (128 tokens) and sampled with a fixed seed, so the run takes a few minutes on 2 cores.
 
-    nice -n 19 python bench/smollm_depth_selection.py   # -> runs/bench/smollm_depth_selection.json
+    HF_HUB_OFFLINE=1 nice -n 19 python bench/smollm_depth_selection.py
+    # -> bench/results/smollm_depth_selection.json
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from distill.lm_data import (
 from distill.models import count_params, resolve_model_path
 from distill.perplexity import perplexity
 from distill.shrinking import keep_layers
+from provenance import RESULTS, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:smollm2-135m"
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="block sampling seed")
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench/smollm_depth_selection.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "smollm_depth_selection.json")
     ap.add_argument("--render", action="store_true",
                     help="only print the table of an existing --out file (no computation)")
     args = ap.parse_args()
@@ -135,7 +136,7 @@ def main() -> None:
 
     timings["total"] = time.perf_counter() - t_start
     report = {
-        "model": MODEL, "model_dir": path, "num_layers": total_layers, "keep": args.keep,
+        "model": MODEL, "num_layers": total_layers, "keep": args.keep,
         "data": {"source": SHAKESPEARE, "split_seed": args.split_seed,
                  "held_out_plays": text.names["test"], "block_size": args.block_size,
                  "eval_blocks": int(test.shape[0]), "calib_blocks": int(calib.shape[0]),
@@ -146,9 +147,7 @@ def main() -> None:
         "threads": args.threads,
     }
     console.print(render_table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {write_result(args.out, report)}")
 
 
 def render_table(report: dict) -> Table:

@@ -1,11 +1,11 @@
 """Whether bfloat16 autocast pays on this machine: measured, not assumed.
 
-CPUs differ by two orders of magnitude here. With AMX (Intel Sapphire Rapids and later) a bf16
-matmul runs ~5× faster than fp32; with AVX-512 BF16 (AMD Zen 4) ~2-3×; on a CPU with neither
-(AVX2 only, e.g. AMD Zen 3) torch falls back to a scalar path and the same matmul is ~100×
-*slower* (a MiniLM training step: 1.3 s fp32, 35 s under bf16 autocast, measured). So a
-recipe's `bf16: auto` times one small matmul both ways on the device it will train on and
-uses bf16 only when it is clearly faster; `bf16: true` / `false` force the choice.
+CPUs differ by two orders of magnitude here. With AMX or AVX-512 BF16 bf16 matmuls run
+faster than fp32; on a CPU with neither (AVX2 only) torch falls back to a slow path, and
+`bench/bf16_speed.py` measured a bf16-autocast matmul 79× and a MiniLM training step 22× slower
+than fp32 (bench/results/bf16_speed.json). So a recipe's `bf16: auto` times one small matmul
+both ways on the device it will train on and uses bf16 only when it is clearly faster;
+`bf16: true` / `false` force the choice.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def bf16_is_faster(device_type: str) -> bool:
     """True if a bf16-autocast matmul beats fp32 on this machine's `device_type`.
 
     CUDA: whenever the GPU supports bf16 (Ampere and later run it on tensor cores). CPU: the
-    best of 3 timed [128×512]·[512×512] products each way (~1 ms in fp32; a fallback CPU
-    shows ~100× slower bf16 at once, so the check costs well under a second).
+    best of 3 timed [128×512]·[512×512] products each way (under 1 ms in fp32; on a
+    fallback CPU bf16 takes ~50 ms, so the check costs a fraction of a second).
     """
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

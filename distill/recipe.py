@@ -88,8 +88,8 @@ class TrainArgs:
     grad_accum_steps: int = field(default=1, metadata=value_range(1))
     max_grad_norm: float | None = field(default=1.0, metadata=value_range(0, lo_open=True))
     # bfloat16 autocast. "auto": measured on the machine at the start of the stage, used only
-    # where it is clearly faster than fp32 (distill/precision.py: ~5× faster with AMX, ~100×
-    # slower on AVX2-only CPUs); true/false force it.
+    # where it is clearly faster than fp32 (distill/precision.py: faster with AMX or AVX-512
+    # BF16, far slower on AVX2-only CPUs); true/false force it.
     bf16: bool | Literal["auto"] = False
     # Write a log line every N optimizer steps.
     log_every: int = field(default=10, metadata=value_range(1))

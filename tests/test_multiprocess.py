@@ -239,6 +239,7 @@ def test_sharded_launches_match_data_parallel(runs, name: str) -> None:
     assert out_d.count("Models — mp") == 1
 
 
+@pytest.mark.slow  # two more 2-process runs each, killed and resumed (~1 min each)
 @pytest.mark.parametrize(("name", "mode"), [("D", "fsdp"), ("E", "deepspeed")])
 def test_sharded_run_killed_mid_stage_resumes_to_the_uninterrupted_result(
         runs, tmp_path: Path, name: str, mode: str) -> None:

@@ -28,6 +28,9 @@ from test_multiprocess import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# 14 methods x 3 launch modes, 2 processes each: ~5 min on 2 cores, so CI runs it and the
+# default `make test` does not (tests/test_multiprocess.py covers every launch mode there).
+pytestmark = pytest.mark.slow
 
 
 def methods_recipe(model: Path, data: Path, topics: Path) -> dict:
