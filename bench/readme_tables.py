@@ -135,6 +135,31 @@ def smollm_depth_selection(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def test_suite(data: dict[str, Any]) -> list[str]:
+    """bench/test_suite.py: the suite in a fresh clone and venv, locked and newest versions."""
+    labels = {"lock": "`make test` (requirements.lock)",
+              "ci": "`CI=true make test`, every test (requirements.lock)",
+              "latest": "`make test-latest` (newest allowed)"}
+    lines = [row("run", "torch", "transformers", "accelerate", "datasets", "peft", "passed",
+                 "skipped", "xfailed", "not run (slow)", "set-up", "tests"),
+             row("---", "---", "---", "---", "---", "---", "---:", "---:", "---:", "---:",
+                 "---:", "---:")]
+    for key, label in labels.items():
+        if key not in data:
+            continue
+        r, v, c = data[key], data[key]["versions"], data[key]["counts"]
+        lines.append(row(label, v["torch"], v["transformers"], v["accelerate"], v["datasets"],
+                         v["peft"], f"{c.get('passed', 0):,}", c.get("skipped", 0),
+                         c.get("xfailed", 0), c.get("deselected", 0),
+                         minutes(r["setup_seconds"]) if r["setup_seconds"] else "(in tests)",
+                         minutes(r["test_seconds"])))
+    return lines
+
+
 # table name -> (JSON file under the repository root, the script that writes it, renderer)
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
