@@ -142,21 +142,20 @@ def minutes(seconds: float) -> str:
 def test_suite(data: dict[str, Any]) -> list[str]:
     """bench/test_suite.py: the suite in a fresh clone and venv, locked and newest versions."""
     labels = {"lock": "`make test` (requirements.lock)",
-              "ci": "`CI=true make test`, every test (requirements.lock)",
+              "ci": "`CI=true make test`: every test (requirements.lock)",
               "latest": "`make test-latest` (newest allowed)"}
     lines = [row("run", "torch", "transformers", "accelerate", "datasets", "peft", "passed",
-                 "skipped", "xfailed", "not run (slow)", "set-up", "tests"),
-             row("---", "---", "---", "---", "---", "---", "---:", "---:", "---:", "---:",
-                 "---:", "---:")]
+                 "skipped", "xfailed", "set-up", "tests", "commit"),
+             row("---", "---", "---", "---", "---", "---", *["---:"] * 5, "---")]
     for key, label in labels.items():
         if key not in data:
             continue
         r, v, c = data[key], data[key]["versions"], data[key]["counts"]
         lines.append(row(label, v["torch"], v["transformers"], v["accelerate"], v["datasets"],
                          v["peft"], f"{c.get('passed', 0):,}", c.get("skipped", 0),
-                         c.get("xfailed", 0), c.get("deselected", 0),
+                         c.get("xfailed", 0),
                          minutes(r["setup_seconds"]) if r["setup_seconds"] else "(in tests)",
-                         minutes(r["test_seconds"])))
+                         minutes(r["test_seconds"]), r["provenance"]["commit"][:7]))
     return lines
 
 
@@ -165,6 +164,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
     "bf16_speed": ("bench/results/bf16_speed.json", "bench/bf16_speed.py", bf16_speed),
+    "test_suite": ("bench/results/test_suite.json", "bench/test_suite.py", test_suite),
 }
 
 
