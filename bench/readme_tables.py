@@ -165,6 +165,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
     "bf16_speed": ("bench/results/bf16_speed.json", "bench/bf16_speed.py", bf16_speed),
     "test_suite": ("bench/results/test_suite.json", "bench/test_suite.py", test_suite),
+    "smollm_depth_selection": ("bench/results/smollm_depth_selection.json",
+                               "bench/smollm_depth_selection.py", smollm_depth_selection),
 }
 
 
