@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Literal
 
 import torch
 
@@ -51,8 +50,3 @@ def bf16_is_faster(device_type: str) -> bool:
         return min(times)
 
     return best_seconds(True) < CLEAR_WIN * best_seconds(False)
-
-
-def use_bf16(setting: bool | Literal["auto"], device_type: str) -> bool:
-    """A stage's `bf16` key resolved for `device_type`: true/false as given, "auto" measured."""
-    return bf16_is_faster(device_type) if setting == "auto" else bool(setting)

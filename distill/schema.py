@@ -1,8 +1,8 @@
 """Plain YAML data -> dataclasses, with every problem collected (used by `distill.recipe`).
 
 The dataclasses are the schema: field types (int, float, bool, str, Literal, `X | None`,
-`X | Y` (the first that fits), `list[X]`, nested dataclasses), defaults, and field metadata for numeric ranges
-(`value_range`) and lists of tagged records (`{"kinds": {"finetune": FinetuneStage, ...}}`).
+`X | Y` (the first that fits), `list[X]`, nested dataclasses), defaults, and field metadata
+for numeric ranges (`value_range`) and lists of tagged records (`{"kinds": {"finetune": FinetuneStage, ...}}`).
 A dataclass may define `check(path) -> list[str]` for rules that span several fields.
 """
 

@@ -45,7 +45,7 @@ from distill.checkpoint import load_latest, save_checkpoint
 from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
 from distill.files import json_lines
-from distill.precision import use_bf16
+from distill.precision import bf16_is_faster
 from distill.recipe import TrainArgs
 
 
@@ -238,7 +238,7 @@ def _decide_bf16(args: TrainArgs, accelerator: Accelerator, desc: str,
     measurement decides for all (one precision per run)."""
     if args.bf16 != "auto":
         return bool(args.bf16)
-    decision = [use_bf16("auto", accelerator.device.type)]
+    decision = [bf16_is_faster(accelerator.device.type)]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
     if console is not None and accelerator.is_main_process:
