@@ -1,10 +1,11 @@
 """Is bf16 autocast faster than fp32 on this CPU? The evidence behind `bf16: auto`.
 
-Times, side by side in one process: one [128×512]·[512×512] matmul (what
-`distill.precision.bf16_is_faster` measures) and one training step of the real MiniLM-L6
-classifier (batch 32 × 64 tokens, forward + backward + AdamW), each in fp32 and under bf16
-autocast, best of a few repeats; and records what `bf16: auto` decides here. CPUs differ by
-two orders of magnitude (AMX, AVX-512 BF16, or neither), so only the ratio means anything.
+Times, side by side in one process: one [128×512]·[512×512] matmul
+(`distill.precision.matmul_seconds`, what `bf16_is_faster` compares) and one training step of
+the real MiniLM-L6 classifier (batch 32 × 64 tokens, forward + backward + AdamW), each in fp32
+and under bf16 autocast, best of a few repeats; and records what `bf16: auto` decides here.
+CPUs differ by two orders of magnitude (AMX, AVX-512 BF16, or neither), so only the ratio
+means anything.
 
     HF_HUB_OFFLINE=1 python bench/bf16_speed.py    # -> bench/results/bf16_speed.json (~2 min)
 """
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill.models import resolve_model_path
-from distill.precision import bf16_is_faster
+from distill.precision import bf16_is_faster, matmul_seconds
 from provenance import RESULTS, write_result
 
 
@@ -42,7 +43,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    a, b = torch.randn(128, 512), torch.randn(512, 512)
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path("builtin:minilm-l6"), num_labels=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -54,10 +54,6 @@ def main() -> None:
             return (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
                     else contextlib.nullcontext())
 
-        def matmul():
-            with autocast(), torch.no_grad():
-                a @ b
-
         def step():
             with autocast():
                 loss = model(input_ids=ids, labels=labels).loss
@@ -65,7 +61,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
 
-        results[name] = {"matmul_ms": 1e3 * best_seconds(matmul, 5),
+        results[name] = {"matmul_ms": 1e3 * matmul_seconds(bf16, repeats=5),
                          "train_step_s": best_seconds(step, args.repeats)}
         print(name, results[name])
     report = {

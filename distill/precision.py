@@ -21,32 +21,33 @@ import torch
 CLEAR_WIN = 0.8
 
 
+def matmul_seconds(bf16: bool, repeats: int = 3) -> float:
+    """Best of `repeats` timed [128×512]·[512×512] CPU products, fp32 or under bf16 autocast
+    (after one warm-up for kernel selection and allocation)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(128, 512, generator=generator)
+    b = torch.randn(512, 512, generator=generator)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
+    with ctx, torch.no_grad():
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @functools.cache
 def bf16_is_faster(device_type: str) -> bool:
     """True if a bf16-autocast matmul beats fp32 on this machine's `device_type`.
 
-    CUDA: whenever the GPU supports bf16 (Ampere and later run it on tensor cores). CPU: the
-    best of 3 timed [128×512]·[512×512] products each way (under 1 ms in fp32; on a
-    fallback CPU bf16 takes ~50 ms, so the check costs a fraction of a second).
+    CUDA: whenever the GPU supports bf16 (Ampere and later run it on tensor cores). CPU:
+    `matmul_seconds` both ways (under 1 ms in fp32; on a fallback CPU bf16 takes ~50 ms, so
+    the check costs a fraction of a second).
     """
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(128, 512, generator=generator)
-    b = torch.randn(512, 512, generator=generator)
-
-    def best_seconds(bf16: bool) -> float:
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
-               else contextlib.nullcontext())
-        times = []
-        with ctx, torch.no_grad():
-            a @ b  # warm-up: kernel selection, allocation
-            for _ in range(3):
-                start = time.perf_counter()
-                a @ b
-                times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_seconds(True) < CLEAR_WIN * best_seconds(False)
+    return matmul_seconds(bf16=True) < CLEAR_WIN * matmul_seconds(bf16=False)
