@@ -18,24 +18,40 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from provenance import RESULTS, ROOT, write_result
 
 RECIPE = ROOT / "recipes" / "attach-adapters.yaml"
 
 
+# The recipe settings a table states beside its numbers (epochs, learning rate, method ...).
+SETTINGS = ("epochs", "batch_size", "learning_rate", "bf16", "method", "config", "student",
+            "loss", "data")
+
+
 def summarise(run: Path) -> dict:
-    """The numbers the README's tables show, read from the finished run directory."""
+    """The numbers the README's tables show, read from the finished run directory: per stage
+    the report's entry, the recipe's settings (as resolved in the run's recipe.yaml), the
+    stage's metrics.json and the depth of the model it wrote."""
     report = json.loads((run / "report.json").read_text())
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     stages = []
-    for stage in report["stages"]:
-        metrics_file = run / "stages" / f"{stage['index']:02d}-{stage['kind']}" / "metrics.json"
+    for stage, settings in zip(report["stages"], recipe["stages"], strict=True):
+        folder = run / "stages" / f"{stage['index']:02d}-{stage['kind']}"
+        metrics_file = folder / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        stages.append({**stage, "metrics": {k: metrics[k] for k in (
+        config_file = folder / "model" / "config.json"
+        layers = (json.loads(config_file.read_text()).get("num_hidden_layers")
+                  if config_file.is_file() else None)
+        stages.append({**stage, "settings": {k: settings[k] for k in SETTINGS if k in settings},
+                       "num_hidden_layers": layers, "metrics": {k: metrics[k] for k in (
             "layers", "layer_map", "loss", "method", "label", "steps", "train_seconds", "bf16",
             "best_validation_accuracy", "best_epoch") if k in metrics}})
     where = run.resolve()
     where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
     return {"recipe": str(RECIPE.relative_to(ROOT)), "run": str(where),
+            "teacher_model": recipe["teacher"]["model"],
             "teacher": report["teacher"], "data": report.get("data"), "stages": stages}
 
 
@@ -61,6 +77,10 @@ def main() -> None:
     summary = summarise(args.run)
     if not args.summarise:
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    elif args.json.is_file():  # re-read only: the run's wall time is the one measured before
+        wall = json.loads(args.json.read_text()).get("wall_seconds")
+        if wall is not None:
+            summary["wall_seconds"] = wall
     print(f"wrote {write_result(args.json, summary)}")
 
 

@@ -5,7 +5,8 @@ Times, side by side in one process: one [128×512]·[512×512] matmul
 the real MiniLM-L6 classifier (batch 32 × 64 tokens, forward + backward + AdamW), each in fp32
 and under bf16 autocast, best of a few repeats; and records what `bf16: auto` decides here.
 CPUs differ by two orders of magnitude (AMX, AVX-512 BF16, or neither), so only the ratio
-means anything.
+means anything. The JSON keeps one entry per kind of CPU it has run on (a rerun on the same
+kind replaces that kind's entry), so the README shows the machines side by side.
 
     HF_HUB_OFFLINE=1 python bench/bf16_speed.py    # -> bench/results/bf16_speed.json (~2 min)
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from transformers import AutoModelForSequenceClassification
 
 from distill.models import resolve_model_path
 from distill.precision import bf16_is_faster, matmul_seconds
-from provenance import RESULTS, write_result
+from provenance import RESULTS, provenance, write_result
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -64,14 +66,18 @@ def main() -> None:
         results[name] = {"matmul_ms": 1e3 * matmul_seconds(bf16, repeats=5),
                          "train_step_s": best_seconds(step, args.repeats)}
         print(name, results[name])
-    report = {
+    entry = {
         "model": "builtin:minilm-l6", "batch": [32, 64], "threads": args.threads,
         "fp32": results["fp32"], "bf16": results["bf16"],
         "matmul_bf16_over_fp32": results["bf16"]["matmul_ms"] / results["fp32"]["matmul_ms"],
         "step_bf16_over_fp32": results["bf16"]["train_step_s"]
         / results["fp32"]["train_step_s"],
-        "auto_chooses_bf16": bf16_is_faster("cpu")}
-    print(f"wrote {write_result(args.json, report)}")
+        "auto_chooses_bf16": bf16_is_faster("cpu"), "provenance": provenance()}
+    kind = (entry["provenance"]["cpu"], entry["provenance"]["cpu_capability"])
+    machines = json.loads(args.json.read_text())["machines"] if args.json.is_file() else []
+    machines = [m for m in machines
+                if (m["provenance"]["cpu"], m["provenance"]["cpu_capability"]) != kind]
+    print(f"wrote {write_result(args.json, {'machines': [*machines, entry]})}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def main() -> None:
                 report = run_recipe(recipe, output=args.out / name, force=True,
                                     console=console)
             rows.append({"alpha": alpha, "seed": seed,
+                         "temperature": recipe.stages[1].loss.temperature,
+                         "epochs": recipe.stages[1].epochs,
+                         "student_layers": recipe.stages[1].student.layers,
                          "teacher_accuracy": report["teacher"]["metric"]["value"],
                          "student_accuracy": report["final"]["metric"]["value"],
                          "retention": report["final"]["retention"],

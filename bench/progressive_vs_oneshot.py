@@ -99,8 +99,11 @@ def main() -> None:
                       f"{r['oneshot_accuracy']:.4f} ({r['oneshot_retention']:.1%})",
                       f"{r['progressive_accuracy'] - r['oneshot_accuracy']:+.4f}")
     console.print(table)
+    config = json.loads((teacher / "config.json").read_text())
     out = write_result(args.json, {
         "recipe": str(RECIPE.relative_to(ROOT)), "teacher": progressive["teacher"],
+        "teacher_config": {k: config[k] for k in ("num_hidden_layers", "hidden_size",
+                                                  "num_attention_heads")},
         "steps": steps, "final": progressive["final"], "oneshot": rows})
     console.print(f"wrote {out}")
 

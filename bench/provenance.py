@@ -40,8 +40,20 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def _bf16_units() -> list[str]:
+    """The CPU's bf16 instruction sets (Linux flags), which decide whether bf16 pays here."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & set(line.split()))
+    except OSError:
+        pass
+    return []
+
+
 def provenance() -> dict[str, Any]:
-    """{"commit", "dirty", "date", "python", "packages", "cpu", "cpus", "torch_threads"}."""
+    """{"commit", "dirty", "date", "python", "packages", "cpu", "cpus", "torch_threads",
+    "cpu_capability", "cpu_bf16"}."""
     import torch
 
     versions = {}
@@ -50,13 +62,16 @@ def provenance() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Dirty = uncommitted changes to what ran: results and prose do not change a measurement.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)bench/results", ":(exclude)*.md")
     return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None
             else None, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), "python": platform.python_version(),
             "packages": versions, "cpu": _cpu(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": _bf16_units()}
 
 
 def write_result(path: Path, data: dict[str, Any]) -> Path:

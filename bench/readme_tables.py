@@ -82,21 +82,25 @@ def launch_modes(data: dict[str, Any]) -> list[str]:
 
 
 def bf16_speed(data: dict[str, Any]) -> list[str]:
-    """bench/bf16_speed.py: fp32 vs bf16 autocast on the machine that ran it."""
-    machine = data["provenance"]
-    fp32, bf16 = data["fp32"], data["bf16"]
-    batch, length = data["batch"]
-    return [
-        row(f"{machine['cpu']} ({machine['cpu_capability']}), {data['threads']} threads",
-            "fp32", "bf16 autocast", "bf16 / fp32"),
-        row("---", "---:", "---:", "---:"),
-        row("matmul [128×512]·[512×512]", f"{fp32['matmul_ms']:.2f} ms",
-            f"{bf16['matmul_ms']:.2f} ms", f"{data['matmul_bf16_over_fp32']:.2f}×"),
-        row(f"MiniLM-L6 training step, {batch} × {length} tokens",
-            f"{fp32['train_step_s']:.2f} s", f"{bf16['train_step_s']:.2f} s",
-            f"{data['step_bf16_over_fp32']:.2f}×"),
-        row("`bf16: auto` chooses", "", "", "bf16" if data["auto_chooses_bf16"] else "fp32"),
-    ]
+    """bench/bf16_speed.py: fp32 vs bf16 autocast, one row per kind of CPU it has run on."""
+    lines = [row("CPU (PyTorch's kernels), threads", "matmul fp32", "bf16", "bf16 / fp32",
+                 "MiniLM-L6 step fp32", "bf16", "bf16 / fp32", "`bf16: auto` chooses",
+                 "commit"),
+             row("---", *["---:"] * 6, "---", "---")]
+    for m in data["machines"]:
+        machine, fp32, bf16 = m["provenance"], m["fp32"], m["bf16"]
+        units = machine.get("cpu_bf16") or ["no bf16 units"]
+        lines.append(row(
+            f"{machine['cpu']} ({', '.join([machine['cpu_capability'], *units])}), "
+            f"{m['threads']}",
+            f"{fp32['matmul_ms']:.2f} ms", f"{bf16['matmul_ms']:.2f} ms",
+            f"{m['matmul_bf16_over_fp32']:.2f}×", f"{fp32['train_step_s']:.2f} s",
+            f"{bf16['train_step_s']:.2f} s", f"{m['step_bf16_over_fp32']:.2f}×",
+            "bf16" if m["auto_chooses_bf16"] else "fp32", machine["commit"][:7]))
+    batch, length = data["machines"][0]["batch"]
+    return lines + ["", f"Matmul: one [128×512]·[512×512] product; step: one training step "
+                        f"(forward, backward, AdamW) of the MiniLM-L6 classifier on "
+                        f"{batch} × {length} tokens; best of a few repeats."]
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -156,6 +160,161 @@ def test_suite(data: dict[str, Any]) -> list[str]:
                          c.get("xfailed", 0),
                          minutes(r["setup_seconds"]) if r["setup_seconds"] else "(in tests)",
                          minutes(r["test_seconds"]), r["provenance"]["commit"][:7]))
+    return lines
+
+
+def millions(n: float) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def ms(x: float) -> str:
+    """Latency: one decimal below 100 ms, whole milliseconds above."""
+    return f"{x:.1f} ms" if x < 100 else f"{x:.0f} ms"
+
+
+def percent(x: float) -> str:
+    """A retention: "100 %" for exactly 1, else one decimal."""
+    return "100 %" if x == 1 else f"{100 * x:.1f} %"
+
+
+def stage(data: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(s for s in data["stages"] if s["kind"] == kind)
+
+
+def main_results(data: dict[str, Any]) -> list[str]:
+    """bench/attach_adapters.py, stages 0-1 (recipes/minilm-rotten-tomatoes.yaml): the tuned
+    teacher and the KD student on the sentiment test split."""
+    teacher, student = stage(data, "finetune"), stage(data, "distill")
+    loss = student["settings"]["loss"]
+    lines = [row("model", "layers", "params", "non-emb params", "size", "test accuracy",
+                 "macro-F1", "latency b1", "latency b32", "retention"),
+             row("---", *["---:"] * 9)]
+    labels = {
+        f"teacher: `{data['teacher_model']}` tuned ({teacher['settings']['epochs']:g} epochs)":
+            teacher,
+        f"student: layers {student['metrics']['layers']}, KD α={loss['alpha']:g} "
+        f"T={loss['temperature']:g} ({student['settings']['epochs']:g} epochs)": student}
+    for label, s in labels.items():
+        m = s["model"]
+        lines.append(row(label, s["num_hidden_layers"], millions(m["params"]),
+                         millions(m["params_non_embedding"]), f"{m['size_mb']:.1f} MB",
+                         f"{m['metric']['value']:.4f}", f"{m['f1_macro']:.4f}",
+                         ms(m["latency_ms"]["batch1"]), ms(m["latency_ms"]["batch32"]),
+                         percent(m["retention"])))
+    precision = {True: "bf16 autocast", False: "fp32"}
+    trained = ", ".join(f"{s['kind']} {precision[s['metrics']['bf16']]} "
+                        f"({s['metrics']['steps']} steps, {s['metrics']['train_seconds']:.0f} s)"
+                        for s in (teacher, student))
+    return lines + ["", f"Trained: {trained}; `bf16: auto` chose on this machine "
+                        f"({data['provenance']['cpu']}, "
+                        f"{data['provenance']['cpu_capability']})."]
+
+
+def adapters(data: dict[str, Any]) -> list[str]:
+    """bench/attach_adapters.py, the adapt stages: every PEFT method on the KD student."""
+    stages = [s for s in data["stages"] if s["kind"] == "adapt"]
+    full = next(s for s in stages if s["model"]["method"] == "full")["model"]["metric"]["value"]
+    lines = [row("method", "trainable params", "% of the model", "test accuracy",
+                 "vs full fine-tune", "s / step", "adapter size"),
+             row("---", *["---:"] * 6)]
+    for s in stages:
+        m = s["model"]
+        lines.append(row(f"`{m['method']}`", f"{m['trainable_params']:,}",
+                         f"{m['trainable_percent']:.2f} %", f"{m['metric']['value']:.4f}",
+                         percent(m["metric"]["value"] / full) if m["method"] != "full"
+                         else "100.0 %", f"{m['seconds_per_step']:.3f}",
+                         f"{m['size_mb']:.2f} MB"))
+    first = stages[0]
+    data_settings = first["settings"]["data"]
+    precision = sorted({"bf16 autocast" if s["metrics"]["bf16"] else "fp32" for s in stages})
+    wall = data.get("wall_seconds")
+    return lines + ["", f"Data: `{data_settings['dataset']}`, {data_settings['max_length']} "
+                        f"tokens; each method {first['settings']['epochs']:g} epochs "
+                        f"({first['metrics']['steps']} steps of "
+                        f"{first['settings']['batch_size']}), {' and '.join(precision)}"
+                        + (f"; the whole recipe took {wall / 60:.0f} min" if wall else "")
+                        + "."]
+
+
+def kd_vs_hard_labels(data: dict[str, Any]) -> list[str]:
+    """bench/kd_vs_hard_labels.py: soft-label KD vs hard labels alone, several seeds."""
+    runs = data["runs"]
+    best = max(s["mean_accuracy"] for s in data["summary"])
+    lines = [row("student loss", "test accuracy per seed", "mean ± sd", "retention"),
+             row("---", "---", "---:", "---:")]
+    for s in data["summary"]:
+        alpha = s["alpha"]
+        temperature = next(r["temperature"] for r in runs if r["alpha"] == alpha)
+        label = ("hard labels only (α = 1)" if alpha == 1 else
+                 f"KD: {alpha:g}·CE + {1 - alpha:g}·T²·KL, T = {temperature:g}")
+        bold = "**" if s["mean_accuracy"] == best else ""
+        lines.append(row(label, ", ".join(f"{a:.4f}" for a in s["per_seed"]),
+                         f"{bold}{s['mean_accuracy']:.4f} ± {s['sd']:.4f}{bold}",
+                         f"{bold}{percent(s['mean_retention'])}{bold}"))
+    kd = [r["student_accuracy"] for r in runs if r["alpha"] != 1]
+    hard = [r["student_accuracy"] for r in runs if r["alpha"] == 1]
+    teacher = runs[0]["teacher_accuracy"]
+    lines += ["", f"Teacher {teacher:.4f}; students: layers {runs[0]['student_layers']}, "
+                  f"{runs[0]['epochs']:g} epochs, seeds "
+                  f"{', '.join(str(r['seed']) for r in runs if r['alpha'] == 1)}."]
+    if kd and hard:
+        means = {s["alpha"]: s["mean_accuracy"] for s in data["summary"]}
+        gap = 100 * (means[min(means)] - means[1.0])
+        wins = sum(k > h for k in kd for h in hard)
+        lines[-1] += (f" KD minus hard labels: {gap:+.2f} points on average; KD is ahead in "
+                      f"{wins} of {len(kd) * len(hard)} seed pairs.")
+    return lines
+
+
+def progressive_steps(data: dict[str, Any]) -> list[str]:
+    """bench/progressive_vs_oneshot.py, part 1: every step of the progressive recipe."""
+    teacher, config = data["teacher"], data["teacher_config"]
+    n = config["num_hidden_layers"]
+    lines = [row("step", f"layers kept (of the teacher's 0-{n - 1})", "params",
+                 "non-emb params", "size", "test accuracy", "retention", "latency b1",
+                 "latency b32"),
+             row("---", "---", *["---:"] * 7)]
+
+    def cells(m: dict[str, Any]) -> list[str]:
+        return [millions(m["params"]), millions(m["params_non_embedding"]),
+                f"{m['size_mb']:.1f} MB", f"{m['metric']['value']:.4f}", percent(m["retention"]),
+                ms(m["latency_ms"]["batch1"]), ms(m["latency_ms"]["batch32"])]
+
+    lines.append(row("teacher", f"0-{n - 1}", *cells(teacher)))
+    layers, hidden, heads = n, config["hidden_size"], config["num_attention_heads"]
+    for step in data["steps"]:
+        target, parts = step["target"], []
+        if "layers" in target:
+            parts.append(f"{layers} → {target['layers']} layers")
+        if "hidden" in target:
+            parts.append(f"hidden {hidden} → {target['hidden']}")
+        if "heads" in target:
+            parts.append(f"{heads} → {target['heads']} heads")
+        layers, hidden = step["layers"], step["hidden_size"]
+        heads = target.get("heads", heads)
+        lines.append(row(", ".join(parts), ", ".join(map(str, step["kept_layers"])),
+                         *cells(step["model"])))
+    heal = "; ".join(f"{s['validation_before_heal']:.3f} → {s['validation_after_heal']:.3f}"
+                     for s in data["steps"])
+    return lines + ["", f"Validation accuracy right after each cut → after its heal epoch: "
+                        f"{heal}."]
+
+
+def progressive_vs_oneshot(data: dict[str, Any]) -> list[str]:
+    """bench/progressive_vs_oneshot.py, part 2: progressive vs one cut, same training steps."""
+    lines = [row("student", "params", "KD epochs", "progressive", "one shot", "difference",
+                 "one-shot layers"),
+             row("---", "---:", "---:", "---:", "---:", "---:", "---")]
+    for r in data["oneshot"]:
+        prog, one = r["progressive_accuracy"], r["oneshot_accuracy"]
+        lines.append(row(
+            r["shape"], millions(r["params"]), r["epochs"],
+            f"{'**' if prog > one else ''}{prog:.4f}{'**' if prog > one else ''} "
+            f"({percent(r['progressive_retention'])})",
+            f"{'**' if one > prog else ''}{one:.4f}{'**' if one > prog else ''} "
+            f"({percent(r['oneshot_retention'])})",
+            f"{100 * (prog - one):+.1f} points",
+            ", ".join(map(str, r["oneshot_kept_layers"]))))
     return lines
 
 
