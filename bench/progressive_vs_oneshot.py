@@ -13,6 +13,7 @@ the one `bench/attach_adapters.py` tuned (the recipe's own finetune stage, same 
 settings, then skips itself: the teacher is already tuned for these labels).
 
     HF_HUB_OFFLINE=1 nice -n 19 python bench/progressive_vs_oneshot.py [--teacher DIR]
+    python bench/progressive_vs_oneshot.py --reuse   # re-read finished runs, train nothing
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-progressive-vs-oneshot",
                     help="where the one-shot runs go")
     ap.add_argument("--json", type=Path, default=RESULTS / "progressive_vs_oneshot.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse one-shot runs of an earlier invocation that finished")
     args = ap.parse_args()
     console = Console()
     teacher_override = [f"teacher.model={args.teacher}"] if args.teacher.is_dir() else []
@@ -75,20 +78,28 @@ def main() -> None:
               "[{layers: 2, hidden: 256, heads: 8}]", 4)]
     rows = []
     for label, step_name, schedule, epochs in cases:
-        report = run_recipe(load_recipe(RECIPE, [
-            f"teacher.model={teacher}", f"stages.1.schedule={schedule}",
-            f"stages.1.heal.epochs={epochs}", "stages.2.latency=false"]),
-            output=str(args.out / step_name), force=True, console=console)
-        prog = next(s["model"] for s in steps if s["name"] == step_name)
+        done = args.out / step_name / "report.json"
+        if args.reuse and done.is_file() and json.loads(done.read_text())["final"]:
+            report = json.loads(done.read_text())  # finished earlier: reuse, don't rerun
+        else:
+            report = run_recipe(load_recipe(RECIPE, [
+                f"teacher.model={teacher}", f"stages.1.schedule={schedule}",
+                f"stages.1.heal.epochs={epochs}", "stages.2.latency=false"]),
+                output=str(args.out / step_name), force=True, console=console)
+        step = next(s for s in steps if s["name"] == step_name)
         oneshot = json.loads((args.out / step_name / "stages/01-shrink/metrics.json")
                              .read_text())["steps"][0]
         rows.append({"shape": label, "epochs": epochs,
                      "params": report["final"]["params"],
                      "oneshot_kept_layers": oneshot["start_layers"],
-                     "progressive_accuracy": prog["metric"]["value"],
-                     "progressive_retention": prog["retention"],
+                     "progressive_accuracy": step["model"]["metric"]["value"],
+                     "progressive_f1_macro": step["model"]["f1_macro"],
+                     "progressive_retention": step["model"]["retention"],
+                     "progressive_validation": step["validation_after_heal"],
                      "oneshot_accuracy": report["final"]["metric"]["value"],
+                     "oneshot_f1_macro": report["final"]["f1_macro"],
                      "oneshot_retention": report["final"]["retention"],
+                     "oneshot_validation": oneshot["best_validation_accuracy"],
                      "teacher_accuracy": report["teacher"]["metric"]["value"]})
     table = Table(title="Progressive vs one-shot (Rotten Tomatoes test, 1,280 examples)")
     for col in ("student", "params", "train epochs", "progressive", "one-shot", "difference"):
