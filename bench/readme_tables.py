@@ -149,8 +149,8 @@ def test_suite(data: dict[str, Any]) -> list[str]:
               "ci": "`CI=true make test`: every test (requirements.lock)",
               "latest": "`make test-latest` (newest allowed)"}
     lines = [row("run", "torch", "transformers", "accelerate", "datasets", "peft", "passed",
-                 "skipped", "xfailed", "set-up", "tests", "commit"),
-             row("---", "---", "---", "---", "---", "---", *["---:"] * 5, "---")]
+                 "skipped", "xfailed", "set-up", "tests", "CPU", "commit"),
+             row("---", "---", "---", "---", "---", "---", *["---:"] * 5, "---", "---")]
     for key, label in labels.items():
         if key not in data:
             continue
@@ -159,8 +159,15 @@ def test_suite(data: dict[str, Any]) -> list[str]:
                          v["peft"], f"{c.get('passed', 0):,}", c.get("skipped", 0),
                          c.get("xfailed", 0),
                          minutes(r["setup_seconds"]) if r["setup_seconds"] else "(in tests)",
-                         minutes(r["test_seconds"]), r["provenance"]["commit"][:7]))
+                         minutes(r["test_seconds"]), cpu(r["provenance"]),
+                         r["provenance"]["commit"][:7]))
     return lines
+
+
+def cpu(machine: dict[str, Any]) -> str:
+    """"AMD EPYC (AVX512, avx512_bf16)": the CPU and the units that decide its speed."""
+    units = [machine.get("cpu_capability"), *(machine.get("cpu_bf16") or [])]
+    return f"{machine['cpu']} ({', '.join(u for u in units if u)})"
 
 
 def millions(n: float) -> str:
@@ -205,9 +212,8 @@ def main_results(data: dict[str, Any]) -> list[str]:
     trained = ", ".join(f"{s['kind']} {precision[s['metrics']['bf16']]} "
                         f"({s['metrics']['steps']} steps, {s['metrics']['train_seconds']:.0f} s)"
                         for s in (teacher, student))
-    return lines + ["", f"Trained: {trained}; `bf16: auto` chose on this machine "
-                        f"({data['provenance']['cpu']}, "
-                        f"{data['provenance']['cpu_capability']})."]
+    return lines + ["", f"Trained: {trained}; `bf16: auto` chose on this machine, "
+                        f"{cpu(data['provenance'])}."]
 
 
 def adapters(data: dict[str, Any]) -> list[str]:
@@ -302,20 +308,26 @@ def progressive_steps(data: dict[str, Any]) -> list[str]:
 
 def progressive_vs_oneshot(data: dict[str, Any]) -> list[str]:
     """bench/progressive_vs_oneshot.py, part 2: progressive vs one cut, same training steps."""
-    lines = [row("student", "params", "KD epochs", "progressive", "one shot", "difference",
-                 "one-shot layers"),
-             row("---", "---:", "---:", "---:", "---:", "---:", "---")]
+    lines = [row("student", "params", "KD epochs", "path", "layers kept", "test accuracy",
+                 "retention", "macro-F1", "validation accuracy"),
+             row("---", "---:", "---:", "---", "---", "---:", "---:", "---:", "---:")]
     for r in data["oneshot"]:
-        prog, one = r["progressive_accuracy"], r["oneshot_accuracy"]
-        lines.append(row(
-            r["shape"], millions(r["params"]), r["epochs"],
-            f"{'**' if prog > one else ''}{prog:.4f}{'**' if prog > one else ''} "
-            f"({percent(r['progressive_retention'])})",
-            f"{'**' if one > prog else ''}{one:.4f}{'**' if one > prog else ''} "
-            f"({percent(r['oneshot_retention'])})",
-            f"{100 * (prog - one):+.1f} points",
-            ", ".join(map(str, r["oneshot_kept_layers"]))))
-    return lines
+        kept = {"progressive": next(s["kept_layers"] for s in data["steps"]
+                                    if s["layers"] == len(r["oneshot_kept_layers"])),
+                "one shot": r["oneshot_kept_layers"]}
+        for path, key in (("progressive", "progressive"), ("one shot", "oneshot")):
+            lines.append(row(
+                r["shape"] if path == "progressive" else "", millions(r["params"])
+                if path == "progressive" else "", r["epochs"] if path == "progressive" else "",
+                path, ", ".join(map(str, kept[path])), f"{r[key + '_accuracy']:.4f}",
+                percent(r[key + "_retention"]), f"{r[key + '_f1_macro']:.4f}",
+                f"{r[key + '_validation']:.4f}"))
+
+    def gaps(metric: str) -> str:
+        return ", ".join(f"{100 * (r[f'progressive_{metric}'] - r[f'oneshot_{metric}']):+.1f}"
+                         for r in data["oneshot"])
+    return lines + ["", f"Progressive minus one shot, in points: test accuracy {gaps('accuracy')}; "
+                        f"validation accuracy {gaps('validation')} (rows in order)."]
 
 
 # table name -> (JSON file under the repository root, the script that writes it, renderer)
@@ -326,6 +338,13 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "test_suite": ("bench/results/test_suite.json", "bench/test_suite.py", test_suite),
     "smollm_depth_selection": ("bench/results/smollm_depth_selection.json",
                                "bench/smollm_depth_selection.py", smollm_depth_selection),
+    "main_results": ("bench/results/attach_adapters.json", "bench/attach_adapters.py",
+                     main_results),
+    "adapters": ("bench/results/attach_adapters.json", "bench/attach_adapters.py", adapters),
+    "progressive_steps": ("bench/results/progressive_vs_oneshot.json",
+                          "bench/progressive_vs_oneshot.py", progressive_steps),
+    "progressive_vs_oneshot": ("bench/results/progressive_vs_oneshot.json",
+                               "bench/progressive_vs_oneshot.py", progressive_vs_oneshot),
 }
 
 
