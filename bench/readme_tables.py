@@ -341,6 +341,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "main_results": ("bench/results/attach_adapters.json", "bench/attach_adapters.py",
                      main_results),
     "adapters": ("bench/results/attach_adapters.json", "bench/attach_adapters.py", adapters),
+    "kd_vs_hard_labels": ("bench/results/kd_vs_hard_labels.json", "bench/kd_vs_hard_labels.py",
+                          kd_vs_hard_labels),
     "progressive_steps": ("bench/results/progressive_vs_oneshot.json",
                           "bench/progressive_vs_oneshot.py", progressive_steps),
     "progressive_vs_oneshot": ("bench/results/progressive_vs_oneshot.json",
