@@ -55,6 +55,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         message = str(exc)
     with open(f"{out}.{rank}", "w", encoding="utf-8") as fh:
         fh.write(message)
+    # Both ranks leave together: a rank that tears down gloo while its peer is still inside a
+    # collective aborts the process ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
