@@ -111,6 +111,12 @@ def load_latest(directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def remove(directory: Path) -> None:
-    """Drop a finished loop's checkpoints (its result is saved as the stage's artifact)."""
-    shutil.rmtree(directory, ignore_errors=True)
+def remove_all(folder: Path) -> None:
+    """Drop every `checkpoint/` folder under `folder` (a stage's, or a shrink step's).
+
+    Call it only once the loops' results are durable (model saved, state recorded): until then
+    the checkpoints are what a resume continues from.
+    """
+    for directory in sorted(Path(folder).rglob("checkpoint"), key=lambda p: -len(p.parts)):
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)

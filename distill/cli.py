@@ -44,22 +44,90 @@ def _is_peft_error(exc: BaseException) -> bool:
     return isinstance(exc, PeftMethodError)
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn `DistillError` into a short message on stderr and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (DistillError, ValueError) as exc:
-            if not isinstance(exc, DistillError) and not _is_peft_error(exc):
+def _os_error(exc: OSError) -> str:
+    """A file-system failure in one line: what happened, to which file, what to do."""
+    import errno
+
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space or write elsewhere"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if exc.errno == errno.EROFS:
+        return f"the file system is read-only{where}; write elsewhere"
+    return f"{exc.strerror or type(exc).__name__}{where}"
+
+
+def explain(exc: BaseException) -> str | None:
+    """The one- or two-line message for a failure the user can cause, or None for a bug.
+
+    Our own `DistillError`s say what is wrong already; expected failures of the libraries we
+    call (files and disks, damaged weight files, memory, input nested past Python's limits) are
+    translated here, the one place every command passes through.
+    """
+    from distill.errors import DistillError
+
+    if isinstance(exc, DistillError):
+        return str(exc)
+    if isinstance(exc, ValueError) and _is_peft_error(exc):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                "UTF-8")
+    if isinstance(exc, OSError):
+        return _os_error(exc)
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to read (Python's recursion limit)"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return ("out of memory; lower batch_size or data.max_length, or use a smaller model "
+                "(teacher.dtype: bfloat16 halves a float32 teacher)")
+    if type(exc).__name__ == "SafetensorError":
+        first = (str(exc).strip().splitlines() or ["damaged"])[0]
+        return f"a safetensors weights file could not be read ({first}); it is damaged or " \
+               "not a safetensors file"
+    return None
+
+
+def _name_flags(message: str, flags: dict[str, str]) -> str:
+    """`message` with each whole recipe key of `flags` replaced by its option."""
+    import re
+
+    for key in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w])", flags[key], message)
+    return message
+
+
+def _user_errors(flags: dict[str, str] | None = None
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The error boundary of a command: an expected failure becomes a one- or two-line message
+    on stderr and exit code 2; a bug keeps its traceback, with a line asking to report it.
+
+    Args:
+        flags: recipe keys -> the command's options (`{"data.max_length": "--max-length"}`),
+            so a message names what the user typed.
+    """
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-    return wrapper
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/]")
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                message = explain(exc)
+                if message is None:
+                    err_console.print("[bold red]unexpected error[/] (a bug in distill: please "
+                                      "report it with the traceback below)", highlight=False)
+                    raise
+                message = _name_flags(message, flags or {})
+                err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                                  soft_wrap=True)
+                raise typer.Exit(2) from None
+        return wrapper
+    return decorate
 
 
 def resolve_recipe_path(recipe: str) -> Path:
@@ -74,12 +142,20 @@ def resolve_recipe_path(recipe: str) -> Path:
     raise DistillError(f"recipe not found: {recipe} (not a file, nor a shipped recipe: {shipped})")
 
 
+# What a one-off command's message says instead of the recipe key it checked.
+DATA_FLAGS = {"data.dataset": "--data", "data.max_length": "--max-length",
+              "data.text_column": "--text-column", "data.label_column": "--label-column"}
+ATTACH_FLAGS = DATA_FLAGS | {
+    "teacher.model": "STUDENT", "stages.0.method": "--method", "stages.0.config": "--option",
+    "stages.0.epochs": "--epochs", "stages.0.learning_rate": "--lr",
+    "stages.0.batch_size": "--batch-size", "stages.0.bf16": "--bf16", "seed": "--seed"}
+
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a recipe key: --set stages.1.loss.alpha=0.7 (repeatable).")]
 
 
 @app.command()
-@_user_errors
+@_user_errors()
 def run(recipe: Annotated[str | None, typer.Argument(
             help="Recipe file or shipped recipe name.")] = None,
         output: Annotated[Path | None, typer.Option(
@@ -110,7 +186,7 @@ def run(recipe: Annotated[str | None, typer.Argument(
 
 
 @app.command()
-@_user_errors
+@_user_errors()
 def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped name.")],
              overrides: SetOpt = None) -> None:
     """Check a recipe without running it: its keys, then its data, models and stage plans
@@ -121,11 +197,11 @@ def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     preflight(loaded)
     kinds = " -> ".join(s.kind for s in loaded.stages)
-    console.print(f"[green]ok[/]: {loaded.name}: {kinds}")
+    console.print(f"[green]ok[/]: {escape(loaded.name)}: {kinds}")
 
 
 @app.command("recipes")
-@_user_errors
+@_user_errors()
 def list_recipes() -> None:
     """List the shipped recipes with one line each."""
     from distill.recipe import read_yaml
@@ -140,20 +216,20 @@ def list_recipes() -> None:
 
 
 @app.command()
-@_user_errors
+@_user_errors()
 def inspect(model: Annotated[str, typer.Argument(
         help="builtin:NAME, a local HF directory or a hub id.")]) -> None:
     """Show a model's layers, widths, parameters and size."""
     from distill.inspection import describe_model
 
-    table = Table("property", "value", title=model)
+    table = Table("property", "value", title=escape(model))
     for key, value in describe_model(model).items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else escape(str(value)))
     console.print(table)
 
 
 @app.command()
-@_user_errors
+@_user_errors(DATA_FLAGS)
 def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory or .gguf.")],
            out: Annotated[Path, typer.Option("--out", "-o", help="Where to save the result.")],
            layers: Annotated[int | None, typer.Option(help="Keep this many layers.")] = None,
@@ -168,7 +244,9 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
                help="Calibration data (default: the task data for classifiers, "
                     "Shakespeare for language models).")] = None,
            examples: Annotated[int, typer.Option(help="Calibration examples.")] = 64,
-           max_length: int = 128) -> None:
+           max_length: int = 128,
+           force: Annotated[bool, typer.Option(
+               help="Replace an earlier `distill shrink` result in --out.")] = False) -> None:
     """Cut a model once — fewer layers and/or narrower — from its own weights; no training."""
     from distill.oneoff import shrink_model
     from distill.recipe import ShrinkStep
@@ -179,9 +257,9 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
         raise DistillError(problems[0].replace("a step needs", "pass").replace(
             "layers, hidden, heads, intermediate", "--layers, --hidden, --heads, --intermediate"))
     result = shrink_model(model, out, step, strategy=strategy, score=score, data=data,
-                          examples=examples, max_length=max_length)
+                          examples=examples, max_length=max_length, force=force)
     table = Table("", "layers", "hidden", "params", "non-embedding params",
-                  title=f"{model} -> {out}")
+                  title=escape(f"{model} -> {out}"))
     for row in ("before", "after"):
         r = result[row]
         table.add_row(row, str(r["layers"]), str(r["hidden_size"]), f"{r['params']:,}",
@@ -192,7 +270,7 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
 
 
 @app.command()
-@_user_errors
+@_user_errors(ATTACH_FLAGS)
 def attach(student: Annotated[str | None, typer.Argument(
                help="A saved student (HF directory).")] = None,
            method: Annotated[str, typer.Option(help="PEFT method (see --list).")] = "lora",
@@ -239,17 +317,17 @@ def attach(student: Annotated[str | None, typer.Argument(
     rec = attach_fn(student, method, cfg, parse_options(option or []), output=output,
                     force=force, console=console, epochs=epochs, learning_rate=learning_rate,
                     batch_size=batch_size, seed=seed, bf16=bf16)
-    table = Table("metric", "value", title=f"{method} on {student} for {data}")
+    table = Table("metric", "value", title=escape(f"{method} on {student} for {data}"))
     table.add_row("trainable params", f"{rec['trainable_params']:,}")
     table.add_row("share of the model", f"{rec['trainable_percent']:.3f} %")
     table.add_row("test accuracy", f"{rec['metric']['value']:.4f}")
     table.add_row("seconds per step", f"{rec['seconds_per_step']:.3f}")
-    table.add_row("adapter", f"{rec['run_dir']}/{rec['adapter']}")
+    table.add_row("adapter", escape(f"{rec['run_dir']}/{rec['adapter']}"))
     console.print(table)
 
 
 @app.command("eval")
-@_user_errors
+@_user_errors(DATA_FLAGS | {"data.max_eval_examples": "--max-examples"})
 def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier directory.")],
              data: Annotated[str, typer.Option(help="Dataset: builtin:NAME, file or folder.")]
              = "builtin:rotten_tomatoes",
@@ -269,7 +347,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier direc
     cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
                      max_length=max_length, max_eval_examples=max_examples)
     rec = evaluate_saved_model(model, cfg, split=split, latency=latency)
-    table = Table("metric", "value", title=f"{model} on {data} ({split})")
+    table = Table("metric", "value", title=escape(f"{model} on {data} ({split})"))
     table.add_row(rec["metric"]["name"], f"{rec['metric']['value']:.4f}")
     table.add_row("f1_macro", f"{rec['f1_macro']:.4f}")
     table.add_row("params", f"{rec['params']:,}")
@@ -280,13 +358,19 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier direc
 
 
 @app.command()
-@_user_errors
+@_user_errors()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a finished run's tables and re-render report.md and the plots."""
     from distill.report import load_report, print_report, write_report
 
+    from distill.ownership import FolderLock, is_ours
+
     data = load_report(run_dir)
-    write_report(run_dir, data)
+    if not is_ours(run_dir):
+        raise DistillError(f"{run_dir} was not made by distill (no .distill.json); `distill "
+                           "report` re-renders only runs of its own, and writes nothing here")
+    with FolderLock(run_dir):
+        write_report(run_dir, data)
     print_report(data, console)
 
 

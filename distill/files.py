@@ -49,17 +49,45 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything below it the permissions the umask allows.
+
+    Writers such as safetensors' `save_file` create their files 0600 whatever the umask; what
+    the toolkit saves is the user's, readable as any file they create would be.
+    """
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty folder beside `target` to fill; when the block ends without an error it
-    replaces `target` (an existing one is removed first), otherwise it is deleted."""
+    takes `target`'s place, otherwise it is deleted.
+
+    An existing `target` is renamed aside first and deleted only once the new folder is in
+    place, so a kill at any instant leaves the old folder or the new one under `target` (at
+    worst beside a `.tmp-*` leftover, which `distill.ownership.clean_leftovers` removes). The
+    caller decides whether `target` may be replaced (see `distill.ownership`).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    old = tmp.with_name(tmp.name + "-old")
     try:
         yield tmp
+        follow_umask(tmp)  # mkdtemp's folder is 0700, safetensors' files 0600
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, old)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -19,6 +19,7 @@ from transformers import (
 from distill import parallel
 from distill.errors import DistillError
 from distill.files import atomic_directory
+from distill.ownership import write_marker
 
 # name -> (pip package, folder inside it, one-line description)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -234,10 +235,11 @@ def teacher_load_options(dtype: str | None = None, device_map: str | None = None
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-               out_dir: Path) -> Path:
+               out_dir: Path, marker: dict[str, Any] | None = None) -> Path:
     """Save in Hugging Face format (safetensors) atomically: a temp folder, then a rename.
 
-    A crash mid-save never leaves a half-written `out_dir`.
+    A crash mid-save never leaves a half-written `out_dir`. With `marker` ({"kind": ..., ...})
+    the folder is marked as the toolkit's (`distill.ownership`) before it appears.
     """
     out_dir = Path(out_dir)
     parallel.name_deepspeed_device()  # save_pretrained imports DeepSpeed if installed
@@ -245,6 +247,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if marker is not None:
+            write_marker(tmp, **marker)
     return out_dir
 
 

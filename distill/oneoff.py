@@ -19,6 +19,7 @@ from distill.errors import DistillError
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
 from distill.models import (count_params, load_config, load_tokenizer, resolve_model_path,
                             save_model)
+from distill.ownership import check_claim, sibling_lock
 from distill.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
 
@@ -60,15 +61,28 @@ def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: i
     return batches
 
 
+def _inputs(name: str, data: str | None) -> list[Path]:
+    """The local files and folders `distill shrink` reads: `--out` must not hold any of them."""
+    paths = [Path(n).expanduser() for n in (name, data) if n and not n.startswith("builtin:")]
+    return [p for p in paths if p.exists()]
+
+
 def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str = "importance",
                  score: str = "loss", data: str | None = None, examples: int = 64,
-                 max_length: int = 128, trust_remote_code: bool = False) -> dict:
+                 max_length: int = 128, trust_remote_code: bool = False,
+                 force: bool = False) -> dict:
     """Cut `name` once by `step` and save the result (HF format) to `out`.
+
+    `out` is written only when it does not exist, is empty, or (with `force`) is an earlier
+    result of the toolkit's that holds neither the model nor the data read here
+    (`distill.ownership`); it is replaced in one rename, under a lock.
 
     Returns:
         {"before": {...}, "after": {...}, "kept_layers": [...]} with layers, hidden size and
         parameter counts.
     """
+    out = Path(out).expanduser().absolute()
+    check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # before any work
     model = load_any(name, trust_remote_code)
     tokenizer = load_tokenizer(name, trust_remote_code)
     needs_data = strategy == "importance" and step.layers is not None or any(
@@ -82,5 +96,7 @@ def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str 
 
     before = shape(model)
     small, info = cut(model, step, batches, strategy, score)
-    save_model(small, tokenizer, Path(out))
+    with sibling_lock(out):
+        check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # still so?
+        save_model(small, tokenizer, out, marker={"kind": "shrink", "source": name})
     return {"before": before, "after": shape(small), **info}

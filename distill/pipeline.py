@@ -4,19 +4,26 @@ Run directory (DESIGN.md, fixed):
 
     <run>/recipe.yaml  report.json  report.md  *.png
     <run>/stages/<NN>-<kind>/{model/, metrics.json, log.jsonl, ...}
+
+plus `.distill.json` (the marker that makes it ours: see `distill.ownership`; it also keeps the
+resolved recipe and its hash for `--resume`), `state.json` (what `--resume` continues from) and,
+while a process writes it, `.distill.lock`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from distill import parallel
+from distill.checkpoint import remove_all as remove_checkpoints
 from distill.context import ModelRef, RunContext, StageResult
 from distill.errors import DistillError
 from distill.files import atomic_write
@@ -26,38 +33,67 @@ from distill.models import (
     quiet_transformers,
     resolve_model_path,
 )
+from distill.ownership import FolderLock, check_claim, claim, clean_leftovers, read_marker
 from distill.preflight import preflight
-from distill.recipe import Recipe, dump_recipe
+from distill.recipe import AdaptStage, Recipe, dump_recipe, recipe_to_dict
 from distill.report import write_report
 from distill.stages import RUNNERS
 from distill.training import make_accelerator
-
-_RUN_MARKERS = ("recipe.yaml", "report.json", "stages")
-
 
 def stage_dir_name(index: int, kind: str) -> str:
     return f"{index:02d}-{kind}"
 
 
-def prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Create the run folder; an existing non-empty one needs `force` and must be a run."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise DistillError(f"run directory {run_dir} already exists; pass --force to "
-                               "replace it, --resume to continue it, or --output DIR for "
-                               "another one")
-        if not any((run_dir / m).exists() for m in _RUN_MARKERS):
-            raise DistillError(f"{run_dir} is not empty and is not a run directory; "
-                               "refusing to delete it: choose another --output")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise DistillError(f"cannot write to the run directory {run_dir}: "
-                           f"{exc.strerror or exc}") from None
+def _local(name: str | None) -> bool:
+    """A model or dataset named by a local path (not a built-in, not a hub id)."""
+    return bool(name) and not name.startswith("builtin:") and Path(name).expanduser().exists()
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with every local model, data and offload path made absolute, so that the
+    stored recipe means the same from any working folder (`--resume` from elsewhere)."""
+    def fix(name: str | None) -> str | None:
+        return str(Path(name).expanduser().absolute()) if _local(name) else name
+
+    teacher = dataclasses.replace(
+        recipe.teacher, model=fix(recipe.teacher.model),
+        offload_folder=None if recipe.teacher.offload_folder is None
+        else str(Path(recipe.teacher.offload_folder).expanduser().absolute()))
+    stages = []
+    for stage in recipe.stages:
+        if isinstance(stage, AdaptStage):
+            data = stage.data and dataclasses.replace(stage.data, dataset=fix(stage.data.dataset))
+            stage = dataclasses.replace(stage, model=fix(stage.model), data=data)
+        stages.append(stage)
+    return dataclasses.replace(recipe, teacher=teacher, stages=stages,
+                               data=dataclasses.replace(recipe.data,
+                                                        dataset=fix(recipe.data.dataset)))
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The local files and folders a recipe reads (models, data): a run never deletes them."""
+    names = [recipe.teacher.model, recipe.data.dataset]
+    for stage in recipe.stages:
+        if isinstance(stage, AdaptStage):
+            names += [stage.model, stage.data.dataset if stage.data else None]
+    return [Path(n).expanduser() for n in names if _local(n)]
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """SHA-256 of the resolved recipe (canonical JSON): what `--resume` must find unchanged."""
+    text = json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-data recipes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new))
+                for d in _differences(a, b, f"{path}.{i}")]
+    return [] if old == new else [path or "(the whole recipe)"]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -120,14 +156,30 @@ def load_state(run_dir: Path) -> dict:
 
 def resume_recipe(run_dir: str | Path, console: Console | None = None) -> dict:
     """Continue the run in `run_dir` with its own `recipe.yaml`: finished stages are skipped,
-    the stage that was running continues from its last complete checkpoint."""
+    the stage that was running continues from its last complete checkpoint.
+
+    Refused when the folder is not a run of ours, or when its recipe.yaml no longer is the
+    recipe the run started with (the differing keys are named).
+    """
     from distill.recipe import load_recipe
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()
+    marker = read_marker(run_dir)
+    if marker is None or marker.get("kind") != "run":
+        raise DistillError(f"--resume {run_dir}: not a run directory of distill (no "
+                           ".distill.json marking a run)")
     if not (run_dir / "recipe.yaml").is_file():
-        raise DistillError(f"--resume {run_dir}: not a run directory (no recipe.yaml)")
-    return run_recipe(load_recipe(run_dir / "recipe.yaml"), output=run_dir, console=console,
-                      resume=True)
+        raise DistillError(f"--resume {run_dir}: its recipe.yaml is missing; the run cannot be "
+                           "resumed (start it again with --force)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if marker.get("recipe_sha256") != recipe_digest(recipe):
+        changed = _differences(marker.get("recipe") or {}, recipe_to_dict(recipe))
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                          else "")
+        raise DistillError(f"--resume {run_dir}: recipe.yaml was changed since the run started "
+                           f"({shown}); a resumed run must continue the same recipe: undo the "
+                           "change, or start a new run with --output")
+    return run_recipe(recipe, output=run_dir, console=console, resume=True)
 
 
 def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = False,
@@ -137,25 +189,46 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
     Args:
         recipe: a validated recipe (see `distill.load_recipe`).
         output: the run directory; default `<recipe.output_dir>/<recipe.name>`.
-        force: replace an existing run directory.
+        force: replace an existing run directory (only one that distill made, and only when
+            none of the recipe's models or data lie inside it).
         resume: continue the run already in `output` (see `resume_recipe`).
     """
     console = console or Console()
     quiet_transformers()
-    run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
+    recipe = absolute_paths(recipe)
+    run_dir = (Path(output) if output else Path(recipe.output_dir) / recipe.name).absolute()
     accelerator = make_accelerator()
     main = accelerator.is_main_process
+    if not resume:  # may this folder be written? (nothing is changed yet)
+        check_claim(run_dir, force=force, inputs=recipe_inputs(recipe))
     # Everything that can be checked before hours of training is checked first.
     # (distill.preflight: data, models, tokenizers, stage plans), before the run dir exists.
     checked = preflight(recipe, run_dir,
                         sharded=parallel.strategy_for(accelerator).shards_gradients)
+    lock = FolderLock(run_dir, what="the run directory")
+    if main:
+        lock.acquire()
+    try:
+        if main:
+            if resume:
+                for path in clean_leftovers(run_dir):
+                    console.print(f"removed the leftover of an interrupted save: {escape(str(path))}")
+            else:
+                claim(run_dir, "run", force=force, inputs=recipe_inputs(recipe),
+                      recipe_sha256=recipe_digest(recipe), recipe=recipe_to_dict(recipe))
+                dump_recipe(recipe, run_dir / "recipe.yaml")
+        accelerator.wait_for_everyone()
+        return _run_stages(recipe, run_dir, checked, accelerator, console, resume)
+    finally:
+        lock.release()
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
+                console: Console, resume: bool) -> dict:
+    """The stages of a prepared run folder, in order (see `run_recipe`)."""
+    main = accelerator.is_main_process
     data, tokenizer = checked.data, checked.tokenizer
     state = load_state(run_dir) if resume else {"completed": 0}
-    if main and not resume:
-        prepare_run_dir(run_dir, force)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
-    accelerator.wait_for_everyone()
-
     ctx = RunContext(recipe=recipe, run_dir=run_dir, data=data, tokenizer=tokenizer,
                      accelerator=accelerator, teacher_source=recipe.teacher.model,
                      console=console)
@@ -168,15 +241,17 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         ctx.teacher_source = state["teacher_source"]
         ctx.models = [ModelRef(**m) for m in state["models"]]
         evaluated, report = state["evaluated"], state["report"]
-    console.print(f"[bold]{recipe.name}[/]: {len(recipe.stages)} stages -> {run_dir}  "
-                  f"(data {data.sizes()})")
+    console.print(f"[bold]{escape(recipe.name)}[/]: {len(recipe.stages)} stages -> "
+                  f"{escape(str(run_dir))}  (data {data.sizes()})")
     if resume:
         console.print(f"resuming after {done} finished stage(s)")
     for index, stage in enumerate(recipe.stages):
-        if index < done:
-            continue
         name = stage_dir_name(index, stage.kind)
         stage_dir = run_dir / "stages" / name
+        if index < done:
+            if main:  # a kill after the state was saved may have left them
+                remove_checkpoints(stage_dir)
+            continue
         console.rule(f"stage {name}")
         start = time.perf_counter()
         record: dict = {"index": index, "kind": stage.kind, "status": "running"}
@@ -207,9 +282,12 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         if stage.kind == "evaluate":
             evaluated.update(result.metrics["models"])
         if main:
+            # Order matters for a kill at any instant: the stage's own files, then the report,
+            # then the state that marks it finished, and only then its checkpoints go.
             _write_json(stage_dir / "metrics.json", result.metrics)
             write_report(run_dir, report)
             save_state(run_dir, index + 1, ctx, report, evaluated)
+            remove_checkpoints(stage_dir)
     if main:
         fill_model_metrics(report, ctx, evaluated)
         write_report(run_dir, report)

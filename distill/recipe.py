@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from distill.errors import DistillError, RecipeError
+from distill.files import atomic_write
 from distill.schema import Converter, value_range
 
 
@@ -409,6 +410,5 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe as YAML (keys in dataclass order)."""
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False),
-                          encoding="utf-8")
+    """Write the resolved recipe as YAML (keys in dataclass order), atomically."""
+    atomic_write(Path(path), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

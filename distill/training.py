@@ -42,7 +42,6 @@ from transformers import get_linear_schedule_with_warmup
 
 from distill import parallel
 from distill.checkpoint import load_latest, save_checkpoint
-from distill.checkpoint import remove as remove_checkpoints
 from distill.errors import DistillError
 from distill.files import json_lines
 from distill.precision import bf16_is_faster
@@ -272,7 +271,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
             `args.checkpoint_every` optimizer steps and at each epoch end the loop saves its
             whole state; a loop started again finds the newest complete checkpoint there and
             continues from it, reproducing the uninterrupted run bit for bit on CPU. The
-            checkpoints are removed when the loop finishes.
+            checkpoints outlive the loop: the caller removes them once the result is saved
+            (`checkpoint.remove_all`), so a kill before that retrains nothing finished.
     """
     main = accelerator.is_main_process
     if checkpoint_dir is None and log_path is not None:
@@ -438,8 +438,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     if best_state is not None:
         keep.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
-    if checkpoint_dir is not None and main:
-        remove_checkpoints(checkpoint_dir)
+    # The checkpoints stay: whoever saves the loop's result removes them once it is durable
+    # (the pipeline after the stage's state, the shrink stage after a step's step.json).
     return result
 
 

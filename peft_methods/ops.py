@@ -127,17 +127,26 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike) -> Path:
     state = adapter_state_dict(model)
     # tied tensors (the same storage under two names) must be saved as separate copies
     state = {k: v.clone() for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # `.tmp-*`: the name every writer of the toolkit gives its temporaries (a resume removes
+    # what a kill left); mkdtemp makes it private, the saved adapter gets the user's umask.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    old = tmp.with_name(tmp.name + "-old")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True,
                                                   default=_json_default) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if target.exists():
-            shutil.rmtree(target)
+        for path in (tmp / CONFIG_NAME, tmp / WEIGHTS_NAME):  # save_file writes 0600
+            path.chmod(0o666 & ~mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp's 0700
+        if target.exists():  # aside first: a kill at any instant leaves old or new in place
+            os.replace(target, old)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, SPECIAL, tiny_recipe, write_tiny_bert
 from distill.cli import app
+from distill.ownership import write_marker
 
 runner = CliRunner()
 
@@ -311,7 +312,7 @@ CASES: list[Case] = [
     # --- the output folder
     Case("output exists without --force", "already exists; pass --force",
          args=lambda e, out: ["--output", str(_old_run(out))], no_output=True),
-    Case("output is a folder that is not a run", "is not a run directory; refusing to delete",
+    Case("output is a folder that is not a run", "is not empty and was not made by distill",
          args=lambda e, out: ["--output", str(_foreign(out)), "--force"], no_output=True),
     Case("output is a file", "is a file, not a folder",
          args=lambda e, out: ["--output", e["a_file"]], no_output=True),
@@ -337,6 +338,7 @@ def _old_run(out: Path) -> Path:
     (out / "stages").mkdir(parents=True)
     (out / "recipe.yaml").write_text("name: tiny\n")
     (out / "report.json").write_text("{}\n")
+    write_marker(out, "run")
     return out
 
 
@@ -367,7 +369,8 @@ def _allowed_after_training_failure(rel: Path) -> bool:
     """The run's record of a failed stage (see the module docstring)."""
     parts = rel.parts
     if len(parts) == 1:
-        return parts[0] in ("recipe.yaml", "report.json", "report.md", "stages") or (
+        return parts[0] in ("recipe.yaml", "report.json", "report.md", "stages",
+                            ".distill.json") or (
             parts[0].startswith("loss_") and parts[0].endswith(".png"))
     if parts[0] != "stages":
         return False

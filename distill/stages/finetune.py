@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from torch import Tensor, nn
 
 from distill.context import RunContext, StageResult
@@ -35,8 +36,8 @@ def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
                                           ctx.recipe.teacher.trust_remote_code,
                                           ctx.recipe.teacher.allow_pickle)
     if head_trained and cfg.skip_if_tuned:
-        ctx.console.print(f"  finetune skipped: {ctx.teacher_source} already has a trained "
-                          f"head for {ctx.data.label_names}")
+        ctx.console.print(f"  finetune skipped: {escape(str(ctx.teacher_source))} already has a trained "
+                          f"head for {escape(str(ctx.data.label_names))}")
         return StageResult("skipped", metrics={"reason": "teacher already tuned"})
     model.train()
     result = train_loop(

@@ -17,8 +17,10 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.arch import num_layers
+from distill.checkpoint import remove_all
 from distill.context import RunContext, StageResult
 from distill.errors import DistillError
+from distill.files import atomic_write
 from distill.importance import select_layers
 from distill.models import count_params, load_classifier
 from distill.recipe import ShrinkStage, ShrinkStep
@@ -130,7 +132,7 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
                       "params": params, "params_non_embedding": non_emb,
                       "validation_before_heal": before, **summary})
         if ctx.is_main:  # written last: marks the step as finished for --resume
-            (step_dir / "step.json").write_text(json.dumps(steps[-1], default=str),
-                                                encoding="utf-8")
+            atomic_write(step_dir / "step.json", json.dumps(steps[-1], default=str))
+            remove_all(step_dir)  # the step's result is durable: its checkpoints may go
     return StageResult("done", outputs[-1][1], {"start": source, "steps": steps},
                        step_models=outputs)
