@@ -238,8 +238,9 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
            intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
            strategy: Annotated[str, typer.Option(
                help="Depth: importance, uniform or top.")] = "importance",
-           score: Annotated[str, typer.Option(help="Depth importance: loss or influence.")]
-           = "loss",
+           score: Annotated[str, typer.Option(
+               help="Depth importance: auto (loss with a task head, else hidden), loss, "
+                    "hidden (change of the final hidden states) or influence.")] = "auto",
            data: Annotated[str | None, typer.Option(
                help="Calibration data (default: the task data for classifiers, "
                     "Shakespeare for language models).")] = None,
@@ -266,7 +267,9 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
                       f"{r['params_non_embedding']:,}")
     console.print(table)
     if "kept_layers" in result:
-        console.print(f"kept layers ({strategy}): {result['kept_layers']}")
+        # The score is named because `auto` picks it from the model (task head or not).
+        by = f", by score {result['score']}" if "score" in result else ""
+        console.print(f"kept layers ({strategy}): {result['kept_layers']}{by}")
 
 
 @app.command()

@@ -4,7 +4,7 @@
     layers = select_layers(model, keep=20, strategy="importance", batches=batches)
     student = keep_layers(model, layers)
 
-Two scores, higher = more important:
+Three scores, higher = more important (plus `auto`, which picks one, see `resolve_score`):
 
 - `influence`: block influence `1 − cos(h_in, h_out)`, the mean over real tokens (attention
   mask 1) of the cosine between the hidden state entering and leaving the block. A block that
@@ -19,7 +19,18 @@ Two scores, higher = more important:
   types live outside the skipped block), so the loss is that of the cut model -- and it is fast,
   because no model copy is made (`keep_layers` deep-copies the whole model, 30 times for a
   30-layer model). The skipped block still computes its output, which is then thrown away;
-  that costs 1/L of each forward, less than a copy would.
+  that costs 1/L of each forward, less than a copy would. Needs a task head to have a loss:
+  a sequence classifier or a causal LM.
+- `hidden`: how much skipping the block (the same exact hook) changes the model's *output*,
+  its final hidden states `last_hidden_state`: `1 − cos(h_full, h_skipped)` per token, the
+  mean over real tokens. Needs no head and no labels, so it is the score of base models such
+  as sentence-embedding encoders (all-MiniLM-L6-v2), whose output *is* the hidden states.
+  Cosine rather than MSE because (a) embeddings are consumed by cosine similarity (after mean
+  pooling and normalisation), so a change of direction is what hurts and a change of scale
+  mostly does not; (b) it is scale-free, so it needs no normalising across models whose hidden
+  states differ in size by orders of magnitude (a few massive outlier channels would dominate
+  an MSE); (c) it is bounded (0..2) and reads like `influence`. Compared per token, not per
+  pooled sentence vector, so it holds for any pooling (mean, CLS, last token).
 
 Loss: cross-entropy against the batch's `labels` for sequence classifiers (MSE for a
 one-output regression head); next-token cross-entropy for causal LMs (labels = `labels` or the
@@ -42,9 +53,43 @@ from distill.perplexity import IGNORE_INDEX, next_token_labels, token_nll
 from distill.shrinking import evenly_spaced
 
 STRATEGIES: tuple[str, ...] = ("uniform", "top", "importance")
-SCORES: tuple[str, ...] = ("influence", "loss")
+# What `depth_importance` computes; `SCORE_CHOICES` adds `auto` (see `resolve_score`).
+SCORES: tuple[str, ...] = ("loss", "hidden", "influence")
+SCORE_CHOICES: tuple[str, ...] = ("auto", *SCORES)
 
 Batch = dict[str, torch.Tensor]
+
+
+def resolve_score(model: PreTrainedModel, score: str = "auto") -> str:
+    """The depth score `score` means for `model`: `auto` becomes `loss` when the model has a
+    task head to compute a loss with (`loss_head`), else `hidden`; the others are checked.
+
+    Raises:
+        DistillError: an unknown score, or `loss` for a model without a supported head (the
+            message names the scores that do work for it).
+    """
+    if score not in SCORE_CHOICES:
+        raise DistillError(f"importance score {score!r} is unknown; allowed: "
+                           + ", ".join(SCORE_CHOICES))
+    head = loss_head(model)
+    if score == "auto":
+        return "loss" if head is not None else "hidden"
+    if score == "loss" and head is None:
+        raise DistillError(f"importance score 'loss' needs a task head to compute a loss "
+                           f"(a sequence classifier or a causal LM); {type(model).__name__} "
+                           "has none (a base model such as a sentence-embedding encoder, or "
+                           "another head); allowed for it: auto, hidden, influence")
+    return score
+
+
+def loss_head(model: PreTrainedModel) -> str | None:
+    """`"classifier"` or `"causal-lm"`: the task heads whose loss the `loss` score can compute;
+    None for base models (`BertModel`, `LlamaModel`) and other heads (masked LM, ...)."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "classifier"
+    if _is_causal_lm(model):
+        return "causal-lm"
+    return None
 
 
 def depth_importance(model: PreTrainedModel, batches: Iterable[Batch],
@@ -52,24 +97,25 @@ def depth_importance(model: PreTrainedModel, batches: Iterable[Batch],
     """Importance of each block of the model's layer stack (higher = keep it).
 
     Args:
-        model: a single-stack model of a family in `distill.arch` (encoder classifier or
-            causal LM); run in eval mode, gradients off, and left in its previous mode.
+        model: a single-stack model of a family in `distill.arch` (encoder or decoder, with a
+            classifier head, an LM head or none); run in eval mode, gradients off, and left in
+            its previous mode.
         batches: calibration batches: `input_ids` (B, T), `attention_mask` (B, T) optional,
-            `labels` ((B,) for classifiers; optional (B, T) for causal LMs), plus any other
-            model inputs (`token_type_ids`, ...). Read once for `influence`, L + 1 times for
-            `loss`, so an iterator is materialised first.
-        method: "influence" or "loss" (see the module docstring).
+            `labels` ((B,) for classifiers; optional (B, T) for causal LMs; only `loss` reads
+            them), plus any other model inputs (`token_type_ids`, ...). Read once for
+            `influence`, L + 1 times for `loss` and `hidden`, so an iterator is materialised
+            first.
+        method: "influence", "loss", "hidden" or "auto" (see the module docstring and
+            `resolve_score`).
 
     Returns:
         L floats, index i = block i.
 
     Raises:
-        DistillError: unknown method, no batches, an encoder–decoder model, or a classifier
-            batch without labels (loss method).
+        DistillError: unknown method, `loss` without a supported head, no batches, an
+            encoder–decoder model, or a classifier batch without labels (loss method).
     """
-    if method not in SCORES:
-        raise DistillError(f"importance score {method!r} is unknown; allowed: "
-                           + ", ".join(SCORES))
+    method = resolve_score(model, method)
     blocks = _single_stack(model)
     batches = list(batches)
     if not batches:
@@ -80,6 +126,8 @@ def depth_importance(model: PreTrainedModel, batches: Iterable[Batch],
         with torch.no_grad():
             if method == "influence":
                 return _influence(model, blocks, batches)
+            if method == "hidden":
+                return _hidden_change(model, blocks, batches)
             base = calibration_loss(model, batches)
             scores = []
             for block in blocks:
@@ -105,11 +153,11 @@ def select_layers(model: PreTrainedModel, keep: int, strategy: str = "uniform",
             the top blocks: keep 0..keep-1), or `importance` (the `keep` blocks with the
             highest `score`, see `depth_importance`).
         batches: calibration batches; required for `importance`.
-        score: "influence" or "loss", for `importance`.
+        score: "influence", "loss", "hidden" or "auto", for `importance`.
 
     Raises:
-        DistillError: `keep` not an integer in 1..L, unknown strategy or score, or
-            `importance` without batches.
+        DistillError: `keep` not an integer in 1..L, unknown strategy or score, `loss` for a
+            model without a supported head, or `importance` without batches.
     """
     total = num_layers(model)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= total:
@@ -120,9 +168,7 @@ def select_layers(model: PreTrainedModel, keep: int, strategy: str = "uniform",
     if strategy == "top":
         return list(range(keep))
     if strategy == "importance":
-        if score not in SCORES:
-            raise DistillError(f"importance score {score!r} is unknown; allowed: "
-                               + ", ".join(SCORES))
+        score = resolve_score(model, score)  # before the batches: the clearer error first
         if batches is None:
             raise DistillError("strategy 'importance' needs calibration batches to score "
                                "the layers; pass batches, or use 'uniform' or 'top'")
@@ -145,7 +191,13 @@ def calibration_loss(model: PreTrainedModel, batches: Iterable[Batch]) -> float:
     """Mean loss over `batches`, weighted by predictions (examples or tokens), in float32.
 
     The model is run as it is (call `model.eval()` first to switch dropout off).
+
+    Raises:
+        DistillError: the model has no head with a loss (see `loss_head`), or nothing to
+            predict.
     """
+    if loss_head(model) is None:
+        resolve_score(model, "loss")  # raises the error that names the scores that do work
     total, count = 0.0, 0
     for batch in batches:
         loss_sum, n = _batch_loss(model, batch)
@@ -176,11 +228,25 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
     return bool(model.can_generate()) and not model.config.is_encoder_decoder
 
 
-def _forward(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """The model's logits for a batch, labels withheld (the loss is ours, in float32)."""
+def _inputs(model: PreTrainedModel, batch: Batch) -> Batch:
+    """The batch's model inputs on the model's device, labels withheld (the loss is ours, in
+    float32, and a base model's forward takes no `labels`)."""
     device = _device(model)
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def _forward(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """The logits of a model with a task head: (B, C) for classifiers, (B, T, V) for LMs."""
+    return model(**_inputs(model, batch)).logits
+
+
+def _final_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """(B, T, d) final hidden states: `last_hidden_state` of the base model.
+
+    The base model is called directly, head or not: its output is what every head reads and
+    what an embedding model returns, and skipping the head saves a vocabulary projection."""
+    output = model.base_model(**_inputs(model, batch))
+    return output[0]  # last_hidden_state, whatever the output class
 
 
 def _batch_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -191,7 +257,8 @@ def _batch_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, int
     labels = batch.get("labels")
     if labels is None:
         raise DistillError("the 'loss' importance score of a classifier needs 'labels' in "
-                           "the calibration batches; add them or use score 'influence'")
+                           "the calibration batches; add them or use score 'hidden' or "
+                           "'influence'")
     labels = labels.to(logits.device)
     logits = logits.float()
     if logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point():
@@ -244,10 +311,38 @@ def _influence(model: PreTrainedModel, blocks: nn.ModuleList,
             ids = batch["input_ids"]
             mask = batch.get("attention_mask", torch.ones_like(ids)).float()
             tokens += int(mask.sum())
-            _forward(model, batch)
+            _final_hidden(model, batch)  # the hooks record; the head (if any) is not needed
     finally:
         for handle in handles:
             handle.remove()
     if tokens == 0:
         raise DistillError("the calibration batches hold no real tokens (attention mask all 0)")
     return (1.0 - sums / tokens).tolist()
+
+
+def _hidden_change(model: PreTrainedModel, blocks: nn.ModuleList,
+                   batches: list[Batch]) -> list[float]:
+    """1 − mean cos(h_full, h_skipped) of the final hidden states, per skipped block.
+
+    The loop runs batch-outer, block-inner so that only one batch's full-model output (B, T, d)
+    is held at a time, however many calibration batches there are.
+    """
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    tokens = 0
+    for batch in batches:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids)).float()  # (B, T)
+        tokens += int(mask.sum())
+        full = _final_hidden(model, batch).float()  # (B, T, d)
+        mask = mask.to(full.device)
+        for i, block in enumerate(blocks):
+            handle = block.register_forward_hook(_skip_block, with_kwargs=True)
+            try:
+                skipped = _final_hidden(model, batch).float()  # (B, T, d)
+            finally:
+                handle.remove()
+            cos = F.cosine_similarity(full, skipped, dim=-1)  # (B, T)
+            sums[i] += ((1.0 - cos) * mask).sum().double().cpu()
+    if tokens == 0:
+        raise DistillError("the calibration batches hold no real tokens (attention mask all 0)")
+    return (sums / tokens).tolist()

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from distill.arch import num_layers
 from distill.data import load_task_data, make_loader, tokenize_split
 from distill.errors import DistillError
+from distill.importance import resolve_score
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
 from distill.models import (count_params, load_config, load_tokenizer, resolve_model_path,
                             save_model)
@@ -68,7 +69,7 @@ def _inputs(name: str, data: str | None) -> list[Path]:
 
 
 def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str = "importance",
-                 score: str = "loss", data: str | None = None, examples: int = 64,
+                 score: str = "auto", data: str | None = None, examples: int = 64,
                  max_length: int = 128, trust_remote_code: bool = False,
                  force: bool = False) -> dict:
     """Cut `name` once by `step` and save the result (HF format) to `out`.
@@ -77,14 +78,20 @@ def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str 
     result of the toolkit's that holds neither the model nor the data read here
     (`distill.ownership`); it is replaced in one rename, under a lock.
 
+    `score` ranks the layers of an importance depth cut: `auto` is `loss` for a model with a
+    task head and `hidden` for one without (`distill.importance.resolve_score`).
+
     Returns:
-        {"before": {...}, "after": {...}, "kept_layers": [...]} with layers, hidden size and
-        parameter counts.
+        {"before": {...}, "after": {...}, "kept_layers": [...], "score": "..."} with layers,
+        hidden size and parameter counts; `kept_layers` for a depth cut, `score` (resolved)
+        when it ranked the layers by importance.
     """
     out = Path(out).expanduser().absolute()
     check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # before any work
     model = load_any(name, trust_remote_code)
     tokenizer = load_tokenizer(name, trust_remote_code)
+    if strategy == "importance" and step.layers is not None:
+        resolve_score(model, score)  # a score this model cannot use fails before data loads
     needs_data = strategy == "importance" and step.layers is not None or any(
         v is not None for v in (step.hidden, step.heads, step.intermediate))
     batches = calibration(model, tokenizer, data, examples, max_length) if needs_data else []

@@ -222,9 +222,11 @@ class ShrinkStage:
     start: Literal["previous", "teacher"] = "previous"
     # How a depth cut picks the layers to keep.
     depth_strategy: Literal["importance", "uniform", "top"] = "importance"
-    # Depth importance: the loss increase when a block is skipped (measured best on SmolLM2:
-    # ppl x3.0 vs x13 for block influence 1 − cos(h_in, h_out) when 10 of 30 layers go).
-    importance_score: Literal["influence", "loss"] = "loss"
+    # Depth importance: `loss`, the loss increase when a block is skipped (measured best on
+    # SmolLM2: ppl x3.0 vs x13 for block influence 1 − cos(h_in, h_out) when 10 of 30 layers
+    # go); `hidden`, how much skipping it changes the final hidden states (models without a
+    # task head); `influence`; `auto`: `loss` with a task head, else `hidden`.
+    importance_score: Literal["auto", "loss", "hidden", "influence"] = "auto"
     # Training examples in the calibration batch (importance of layers, heads, neurons).
     calibration_examples: int = field(default=256, metadata=value_range(1))
     heal: HealConfig = field(default_factory=HealConfig)

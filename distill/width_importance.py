@@ -18,6 +18,7 @@ Means are over the real tokens of the batch (padding, by `attention_mask`, exclu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -129,9 +130,12 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
 
     Args:
         model: a model of a supported family; run in eval mode without gradients, restored to
-            its training mode afterwards, otherwise untouched.
+            its training mode afterwards, otherwise untouched. With a task head or without
+            one (a base model such as a sentence-embedding encoder): the scores read
+            activations only, never logits or a loss.
         batches: dicts of model inputs ([B, S] `input_ids`, `attention_mask`, and
-            `decoder_input_ids` / `decoder_attention_mask` for T5).
+            `decoder_input_ids` / `decoder_attention_mask` for T5); `labels` reach only a
+            model whose forward takes them.
 
     Returns:
         The scores (see the module docstring); higher means more important.
@@ -186,9 +190,14 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     model.eval()
     device = next(model.parameters()).device
     first = stacks[0][0].name
+    # A base model (no task head) has no `labels` argument: a labelled calibration batch would
+    # crash it, so labels go only to models that take them (T5 builds its decoder inputs
+    # from them when the batch has none; a classifier just computes an unused loss).
+    takes_labels = "labels" in inspect.signature(model.forward).parameters
     try:
         for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()
+                     if k != "labels" or takes_labels}
             masks.clear()
             masks[first] = batch.get("attention_mask")
             masks["decoder"] = batch.get("decoder_attention_mask")

@@ -141,7 +141,7 @@ def test_scoring_leaves_the_model_as_it_was() -> None:
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = self_labelled_batch(model, True, 4)
-    for method in ("influence", "loss"):
+    for method in ("influence", "loss", "hidden"):
         depth_importance(model, iter([batch]), method=method)  # an iterator is fine
     assert model.training
     assert all(not block._forward_hooks for block in model.model.layers)
@@ -182,7 +182,7 @@ def test_other_errors_name_what_is_allowed() -> None:
         select_layers(model, 2, "random")
     with pytest.raises(DistillError, match="needs calibration batches"):
         select_layers(model, 2, "importance")
-    with pytest.raises(DistillError, match="allowed: influence, loss"):
+    with pytest.raises(DistillError, match="allowed: auto, loss, hidden, influence"):
         select_layers(model, 2, "importance", [batch], score="fisher")
     with pytest.raises(DistillError, match="at least one calibration batch"):
         depth_importance(model, [])

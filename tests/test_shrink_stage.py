@@ -55,6 +55,8 @@ def test_step_metrics_record_the_cut_and_the_heal(shrink_run: tuple[Path, dict])
     steps = metrics["steps"]
     assert [s["layers"] for s in steps] == [3, 2, 2]
     assert len(steps[0]["kept_layers"]) == 3 and len(steps[1]["kept_layers"]) == 2
+    # The default score `auto` is `loss` here: the stage's model has a classifier head.
+    assert steps[0]["score"] == steps[1]["score"] == "loss" and "score" not in steps[2]
     # layers of the starting model that survive, composed across steps
     assert steps[1]["start_layers"] == [steps[0]["start_layers"][i]
                                         for i in steps[1]["kept_layers"]]

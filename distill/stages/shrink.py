@@ -21,7 +21,7 @@ from distill.checkpoint import remove_all
 from distill.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.files import atomic_write
-from distill.importance import select_layers
+from distill.importance import resolve_score, select_layers
 from distill.models import count_params, load_classifier
 from distill.recipe import ShrinkStage, ShrinkStep
 from distill.shrinking import keep_layers
@@ -48,16 +48,23 @@ def calibration_batches(ctx: RunContext, examples: int, batch_size: int = 32
 
 
 def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.Tensor]],
-        strategy: str = "importance", score: str = "influence",
+        strategy: str = "importance", score: str = "auto",
         agree: Callable[[Any], Any] | None = None) -> tuple[PreTrainedModel, dict]:
     """Apply one schedule step to `model` (depth first, then width); returns a new model.
 
     Args:
+        model: with a task head (classifier, causal LM) or without one (a base model).
         step: the targets (layers and/or hidden, heads, intermediate).
-        batches: calibration batches (model inputs; `labels` for the loss-based score).
-        strategy / score: how a depth cut picks its layers (see `distill.importance`).
+        batches: calibration batches (model inputs: `input_ids` (B, T), `attention_mask`
+            (B, T), ...; `labels` for the loss-based score).
+        strategy / score: how a depth cut picks its layers (see `distill.importance`); score
+            `auto` is `loss` for a model with a task head, `hidden` for one without.
         agree: makes every process use the same choice (`RunContext.from_main`: rank 0's),
             so that all ranks cut the same units even if their scores differed in a tie.
+
+    Returns:
+        (the cut model, info): info has `kept_layers` for a depth cut and, when the layers
+        were ranked by importance, `score`: the score that ranked them (`auto` resolved).
     """
     info: dict = {}
     agree = agree or (lambda value: value)
@@ -67,6 +74,9 @@ def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.
         if step.layers > depth:
             raise DistillError(f"shrink step {step.describe()}: the model has only {depth} "
                                f"layers; allowed: 1..{depth}")
+        if strategy == "importance":
+            # Resolved here (not only inside select_layers) so the record says which ran.
+            score = info["score"] = resolve_score(model, score)
         kept = agree(select_layers(model, step.layers, strategy, batches, score))
         info["kept_layers"] = kept
         model = keep_layers(model, kept)
