@@ -91,13 +91,18 @@ def verify(folder: Path) -> bool:
     return True
 
 
-def load_latest(directory: Path) -> dict[str, Any] | None:
+def load_latest(directory: Path, damaged: list[Path] | None = None) -> dict[str, Any] | None:
     """The newest verified checkpoint under `directory` as
-    `{"path", "weights", "best", "state", "loop"}`, or None when there is none."""
+    `{"path", "weights", "best", "state", "loop"}`, or None when there is none.
+
+    Newer checkpoints that fail verification are skipped and appended to `damaged`.
+    """
     if not directory.is_dir():
         return None
     for folder in _candidates(directory):
         if not verify(folder):
+            if damaged is not None:
+                damaged.append(folder)
             continue
         best = folder / "best.safetensors"
         return {

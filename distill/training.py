@@ -28,6 +28,7 @@ from accelerate.utils import (
     gather_object,
 )
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -203,10 +204,21 @@ def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict
 
 
 def _load_checkpoint(directory: Path | None, strategy: parallel.Strategy, unit: nn.Module,
-                     desc: str) -> dict | None:
+                     desc: str, console: Console | None) -> dict | None:
     """The loop's newest complete checkpoint (see `checkpoint.load_latest`), its whole weights
-    already in `unit` (loaded before any wrapping; every rank reads the same file)."""
-    ckpt = load_latest(directory) if directory is not None else None
+    already in `unit` (loaded before any wrapping; every rank reads the same file).
+
+    Damaged checkpoints are named on `console` (when given: the main process), with what the
+    loop does instead, before it starts.
+    """
+    damaged: list[Path] = []
+    ckpt = load_latest(directory, damaged) if directory is not None else None
+    if damaged and console is not None:
+        names = ", ".join(p.name for p in damaged)
+        then = (f"resuming from the older {ckpt['path'].name}" if ckpt is not None
+                else "no complete checkpoint is left: the stage starts again from step 0")
+        console.print(f"  [yellow]{desc}: damaged checkpoint(s) in {escape(str(directory))} "
+                      f"skipped ({names}: a file missing, cut short or changed); {then}[/]")
     if ckpt is None:
         return None
     written_by = ckpt["loop"].get("parallel", "data-parallel")
@@ -287,7 +299,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         raise DistillError(f"{desc}: {type(unit).__name__} reads whole gradients after each "
                            f"step, which a {strategy.name} launch partitions; launch it with "
                            "--multi_gpu (DDP) instead")
-    ckpt = _load_checkpoint(checkpoint_dir, strategy, unit, desc)
+    ckpt = _load_checkpoint(checkpoint_dir, strategy, unit, desc,
+                            (console or Console()) if main else None)
     # The shuffle order of every epoch comes from this generator (data.make_loader).
     generator = train_loader.generator
     _check_global_batch(train_loader, accelerator, desc, console)
@@ -310,6 +323,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     micro, epoch, skip = 0, 0, 0
     epoch_generator_state = generator.get_state() if generator is not None else None
     resumed_rng = None
+    if ckpt is None and main and log_path is not None:
+        # A loop that starts at step 0 writes its log afresh: lines there are from an earlier
+        # attempt killed before its first checkpoint, and would be logged twice.
+        log_path.unlink(missing_ok=True)
     if ckpt is not None:
         loop = ckpt["loop"]
         strategy.load_optimizer_state(ckpt["state"]["optimizer"])

@@ -95,6 +95,38 @@ def test_crash_in_a_stage_resumes_bitwise(tiny_bert: Path, tiny_csv: Path, tmp_p
     assert steps == sorted(set(steps))  # no step logged twice after the resume
 
 
+def test_damaged_checkpoints_are_named_before_the_stage_starts_again(
+        tiny_bert: Path, tiny_csv: Path, tmp_path: Path, reference: Path, monkeypatch) -> None:
+    from rich.console import Console
+
+    from distill.stages import distill as distill_stage
+
+    original, calls = distill_stage.DistillUnit.forward, {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 9 + 1:  # step 9: checkpoints step-6 and step-8 exist
+            raise Crash("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(distill_stage.DistillUnit, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_recipe(recipe_from_dict(crashing_recipe(tiny_bert, tiny_csv)), output=out)
+    monkeypatch.setattr(distill_stage.DistillUnit, "forward", original)
+    folders = sorted((out / "stages/01-distill/checkpoint").glob("step-*"))
+    assert [p.name for p in folders] == ["step-6", "step-8"]
+    for folder in folders:  # cut short, as a full disk would leave them
+        weights_file = folder / "weights.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:-9])
+    console = Console(record=True, width=400)
+    resume_recipe(out, console=console)
+    said = console.export_text()
+    assert "damaged checkpoint(s)" in said and "(step-8, step-6:" in said, said
+    assert "the stage starts again from step 0" in said
+    assert_same_run(out, reference)
+
+
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
         tiny_bert: Path, tiny_csv: Path, tmp_path: Path, reference: Path) -> None:
     recipe_path = tmp_path / "recipe.yaml"
