@@ -55,7 +55,11 @@ def _os_error(exc: OSError) -> str:
         return f"permission denied{where}"
     if exc.errno == errno.EROFS:
         return f"the file system is read-only{where}; write elsewhere"
-    return f"{exc.strerror or type(exc).__name__}{where}"
+    if exc.strerror:
+        return f"{exc.strerror}{where}"
+    # A library's own OSError (transformers raises them for unloadable folders): its first line.
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first[:300]
 
 
 def explain(exc: BaseException) -> str | None:
@@ -245,7 +249,9 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
                help="Calibration data (default: the task data for classifiers, "
                     "Shakespeare for language models).")] = None,
            examples: Annotated[int, typer.Option(help="Calibration examples.")] = 64,
-           max_length: int = 128,
+           max_length: Annotated[int | None, typer.Option(
+               help="Calibration tokens per example (default: 128, or the model's limit).")]
+           = None,
            force: Annotated[bool, typer.Option(
                help="Replace an earlier `distill shrink` result in --out.")] = False) -> None:
     """Cut a model once — fewer layers and/or narrower — from its own weights; no training."""

@@ -6,22 +6,17 @@ from pathlib import Path
 
 from transformers import AutoModel
 
-from distill.errors import DistillError
-from distill.models import (count_params, dir_size_mb, load_config, load_error,
-                            resolve_model_path)
+from distill.models import count_params, dir_size_mb, load_checked, load_config, resolve_model_path
 
 
 def describe_model(name: str, trust_remote_code: bool = False) -> dict[str, object]:
     """Family, depth, widths, vocabulary, parameter counts and size on disk of a model."""
     path = resolve_model_path(name)
     config = load_config(name, trust_remote_code)  # clear errors, remote code refused
-    try:
-        model = AutoModel.from_pretrained(path, use_safetensors=True,
-                                          trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise DistillError(f"could not load {name}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise load_error(name, "weights", exc) from None
+    # Safetensors only, checked before transformers opens the folder; weights that do not
+    # fit the config are an error, not a model with random parts described as if loaded.
+    model, _ = load_checked(AutoModel, name, trust_remote_code=trust_remote_code,
+                            key=None)
     params, non_emb = count_params(model)
     get = lambda *keys: next((getattr(config, k) for k in keys if hasattr(config, k)), None)  # noqa: E731
     info: dict[str, object] = {

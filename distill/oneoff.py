@@ -18,23 +18,24 @@ from distill.data import load_task_data, make_loader, tokenize_split
 from distill.errors import DistillError
 from distill.importance import resolve_score
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
-from distill.models import (count_params, load_config, load_tokenizer, resolve_model_path,
-                            save_model)
+from distill.models import count_params, load_checked, load_config, load_tokenizer, save_model
 from distill.ownership import check_claim, sibling_lock
+from distill.preflight import position_limit
 from distill.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
 
 
 def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """A saved model with the head its config names (safetensors only)."""
-    path = resolve_model_path(name)
     config = load_config(name, trust_remote_code)  # clear errors, remote code refused
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModel
-    return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
-                               dtype=torch.float32).eval()
+    # Every weight file checked first (no pickle, ever), then weights that must fit the config.
+    model, _ = load_checked(cls, name, trust_remote_code=trust_remote_code, key=None,
+                            dtype=torch.float32)
+    return model.eval()
 
 
 def is_classifier(model: PreTrainedModel) -> bool:
@@ -68,9 +69,29 @@ def _inputs(name: str, data: str | None) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+def check_options(model: PreTrainedModel, step: ShrinkStep, examples: int,
+                  max_length: int | None) -> int:
+    """The one-off's own options against the loaded model, named as the user typed them;
+    returns the calibration length (default: 128 tokens, or fewer if the model takes fewer)."""
+    depth = num_layers(model)
+    if step.layers is not None and not 1 <= step.layers <= depth:
+        raise DistillError(f"--layers {step.layers}: the model has {depth} layers; allowed: "
+                           f"1..{depth}")
+    if examples < 1:
+        raise DistillError(f"--examples {examples}: allowed: 1 or more calibration examples")
+    limit = position_limit(model.config)
+    if max_length is None:
+        return min(128, limit or 128)
+    if not 8 <= max_length <= (limit or 4096):
+        raise DistillError(f"--max-length {max_length}: allowed: 8..{limit or 4096} tokens"
+                           + (f" ({model.config.model_type} has {limit} positions)"
+                              if limit else ""))
+    return max_length
+
+
 def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str = "importance",
                  score: str = "auto", data: str | None = None, examples: int = 64,
-                 max_length: int = 128, trust_remote_code: bool = False,
+                 max_length: int | None = None, trust_remote_code: bool = False,
                  force: bool = False) -> dict:
     """Cut `name` once by `step` and save the result (HF format) to `out`.
 
@@ -90,6 +111,7 @@ def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str 
     check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # before any work
     model = load_any(name, trust_remote_code)
     tokenizer = load_tokenizer(name, trust_remote_code)
+    max_length = check_options(model, step, examples, max_length)
     if strategy == "importance" and step.layers is not None:
         resolve_score(model, score)  # a score this model cannot use fails before data loads
     needs_data = strategy == "importance" and step.layers is not None or any(

@@ -35,12 +35,14 @@ from distill.data import TaskData, load_task_data
 from distill.errors import DistillError
 from distill.models import (
     check_weights,
+    checkpoint_shapes,
     config_num_layers,
+    head_is_fresh,
     load_config,
     load_tokenizer,
     resolve_model_path,
 )
-from distill.recipe import AdaptStage, DistillStage, Recipe, ShrinkStage
+from distill.recipe import AdaptStage, DistillStage, FinetuneStage, Recipe, ShrinkStage
 from peft_methods.prompt_tuning import PromptLearningMethod
 
 # Families whose position embeddings are a learned table: inputs longer than the table fail
@@ -114,10 +116,12 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
     problems += fits_model(tokenizer, config, recipe.data.max_length, spec.model,
                            "teacher.model", "data.max_length")
     problems += stage_problems(recipe, config, model, tokenizer, len(data.label_names))
+    problems += teacher_head_problems(recipe, model)
     if sharded:
         problems += sharding_problems(recipe)
     if problems:
-        raise PreflightError(problems)
+        # An adapt stage on the teacher meets the teacher's own limits again: say each once.
+        raise PreflightError(list(dict.fromkeys(problems)))
     return Checked(data, tokenizer)
 
 
@@ -153,7 +157,8 @@ def check_output_location(run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- models
 def check_model_source(name: str, allow_pickle: bool, key: str) -> None:
-    """A model folder has a config, loadable weights and tokenizer files (no weights read).
+    """A model folder has a config, loadable and readable weight files (their headers are
+    read, not their weights) and tokenizer files.
 
     Args:
         name: as the recipe gives it (built-in, path or hub id).
@@ -162,7 +167,10 @@ def check_model_source(name: str, allow_pickle: bool, key: str) -> None:
     """
     try:
         path = Path(resolve_model_path(name))
-        check_weights(name, allow_pickle, f"{key}.allow_pickle")
+        files = check_weights(name, allow_pickle, f"{key}.allow_pickle")
+        # Headers only (no weights): a file cut short by a failed copy fails here, before
+        # the run folder exists, not in the middle of the run.
+        checkpoint_shapes([f for f in files if f.name.endswith(".safetensors")], name)
     except DistillError as exc:
         raise DistillError(f"{key}.model: {exc}") from None
     if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
@@ -240,6 +248,44 @@ def meta_model(config: PretrainedConfig, num_labels: int, trust_remote_code: boo
 
 
 # ----------------------------------------------------------------------------- stages
+def teacher_head_problems(recipe: Recipe, model: PreTrainedModel) -> list[str]:
+    """A stage that distills from the teacher's outputs before any `finetune` stage needs a
+    teacher whose classification head was trained: a base model's head (a sentence encoder
+    loaded as a classifier) is random, and a student taught by it learns noise.
+
+    Args:
+        model: the teacher's classifier for the run's labels, on the meta device.
+    """
+    index = first_stage_taught_by_raw_teacher(recipe)
+    if index is None:
+        return []
+    name = recipe.teacher.model
+    try:
+        fresh = head_is_fresh(name, model, recipe.teacher.allow_pickle)
+    except DistillError as exc:  # unreadable weight files: the teacher's own check says so
+        return [f"teacher.model: {exc}"]
+    if not fresh:  # trained, or a hub id (nothing local to read before the download)
+        return []
+    return [f"stages.{index}: the teacher {name} has no trained classification head for the "
+            f"{model.config.num_labels} labels (its weights hold none, as a base model's, or "
+            "one for another number of labels), so this stage would distill a random head; "
+            "add a `finetune` stage before it, which trains the teacher's head, or give a "
+            "teacher fine-tuned on this task"]
+
+
+def first_stage_taught_by_raw_teacher(recipe: Recipe) -> int | None:
+    """The first stage that learns from the recipe's teacher as given, its logits weighted
+    (`loss.alpha` < 1), before a `finetune` stage replaces the teacher; None if none."""
+    for index, stage in enumerate(recipe.stages):
+        if isinstance(stage, FinetuneStage):
+            return None  # later stages learn from the tuned teacher
+        loss = stage.loss if isinstance(stage, DistillStage) else \
+            stage.heal.loss if isinstance(stage, ShrinkStage) else None
+        if loss is not None and loss.alpha < 1:
+            return index
+    return None
+
+
 def stage_problems(recipe: Recipe, config: PretrainedConfig, model: PreTrainedModel,
                    tokenizer: PreTrainedTokenizerBase, num_labels: int) -> list[str]:
     """Plan every stage against the shapes the run will have; one line per problem.

@@ -51,6 +51,23 @@ def write_tiny_bert(path: Path, layers: int = 4, hidden: int = 32, heads: int = 
     return path
 
 
+def write_tiny_teacher(path: Path, base: Path, labels: tuple[str, ...] = ("neg", "pos"),
+                       seed: int = 0) -> Path:
+    """`base` with a classification head for `labels` in its weights, as a finetune stage
+    saves it (the head is random but stored), so distill stages accept it as a teacher."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    id2label = dict(enumerate(labels))
+    model = BertForSequenceClassification.from_pretrained(
+        base, num_labels=len(labels), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()})
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
+
+
 def write_tiny_dataset(path: Path, n: int = 240, seed: int = 0) -> Path:
     """A csv of short 'reviews' whose label follows the majority of sentiment words."""
     rng = random.Random(seed)
@@ -96,6 +113,11 @@ def _threads(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"), tiny_bert)
 
 
 @pytest.fixture(scope="session")

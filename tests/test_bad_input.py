@@ -1,5 +1,7 @@
-"""Bad input, table-driven, through the real CLI: each kind exits with code 2, names the problem
-in one or two lines without a traceback, and leaves no partial artifacts.
+"""Bad input, table-driven, through the real CLI (every command): each kind exits with code 2,
+names the problem in one or two lines without a traceback, and leaves every file around it as
+it was: the test, its fixtures' model and data folders, and the output folder are hashed file
+by file before and after the command.
 
 What a failed run may leave (the contract this file pins):
 - a failure found before any work (recipe, files, columns, labels, models, tokenizers, stage
@@ -27,7 +29,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, SPECIAL, tiny_recipe, write_tiny_bert
+from conftest import (NEGATIVE, NEUTRAL, POSITIVE, SPECIAL, tiny_recipe, write_tiny_bert,
+                      write_tiny_teacher)
 from distill.cli import app
 from distill.ownership import write_marker
 
@@ -75,6 +78,29 @@ def make_env(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathF
     e = Env(root, tiny_bert, tiny_csv)
     p = e.paths
     # --- models
+    p["tuned"] = write_tiny_teacher(root / "tuned", tiny_bert)  # a teacher distill accepts
+    # a shard index naming a pickle (transformers would torch.load it), and one naming a
+    # shard outside the folder
+    from safetensors.torch import load_file, save_file
+    for name, shard in (("bin_index", "pytorch_model.bin"),
+                        ("outside_index", "../outside.safetensors")):
+        folder = _copy_model(tiny_bert, root / name.replace("_", "-"))
+        state = load_file(str(folder / "model.safetensors"))
+        (folder / "model.safetensors").unlink()
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": dict.fromkeys(state, shard)}))
+        p[name] = folder
+    # a tensor of another shape than the config gives it
+    reshaped = _copy_model(tiny_bert, root / "reshaped")
+    state = load_file(str(reshaped / "model.safetensors"))
+    state["encoder.layer.1.intermediate.dense.weight"] = torch.zeros(5, 5)
+    save_file(state, str(reshaped / "model.safetensors"), metadata={"format": "pt"})
+    p["reshaped"] = reshaped
+    # a model folder with a PEFT adapter beside it (transformers would apply it)
+    with_adapter = _copy_model(tiny_bert, root / "with-adapter")
+    (with_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    p["with_adapter"] = with_adapter
     p["no_weights"] = _copy_model(tiny_bert, root / "no-weights", ("model.safetensors",))
     p["no_config"] = _copy_model(tiny_bert, root / "no-config", ("config.json",))
     p["no_tokenizer"] = _copy_model(tiny_bert, root / "no-tokenizer",
@@ -127,6 +153,15 @@ def make_env(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathF
     shutil.copy(tiny_csv, unseen / "train.csv")
     _write_csv(unseen / "validation.csv", ["good film,pos", "so so film,meh", "bad,neg"])
     p["unseen_label"] = unseen
+    damaged = _copy_model(tiny_bert, root / "damaged")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as a failed copy leaves it
+    p["damaged"] = damaged
+    p["bad_config"] = _copy_model(tiny_bert, root / "bad-config")
+    (p["bad_config"] / "config.json").write_text('{"model_type": "bert", ')
+    p["latin1"] = root / "latin1.csv"
+    p["latin1"].write_bytes(tiny_csv.read_text().replace("film", "caf\u00e9")
+                            .encode("latin-1"))
     # --- output places
     p["a_file"] = root / "a-file.txt"
     p["a_file"].write_text("not a folder\n")
@@ -173,6 +208,14 @@ def set_key(dotted: str, value: Any | Callable[[Env], Any]) -> Patch:
         node[int(last) if isinstance(node, list) else last] = value(e) if callable(value) \
             else value
     return patch
+
+
+def tuned(patch: Patch) -> Patch:
+    """`patch` on a recipe whose teacher has a trained head (distilling needs one)."""
+    def apply(e: Env, r: dict) -> Any:
+        r["teacher"]["model"] = e["tuned"]
+        return patch(e, r)
+    return apply
 
 
 def raw(text: str) -> Patch:
@@ -232,10 +275,10 @@ CASES: list[Case] = [
     Case("num_layers deeper than the teacher", "num_layers: 7 is out of range",
          set_key("stages.1.student", {"num_layers": 7})),
     Case("shrink step deeper than its model", "stages.1.schedule.0.layers: 3 is out of range",
-         set_stages(stage("distill", student={"layers": [0, 2]}),
-                    stage("shrink", schedule=[{"layers": 3}], heal={"epochs": 1}))),
+         tuned(set_stages(stage("distill", student={"layers": [0, 2]}),
+                          stage("shrink", schedule=[{"layers": 3}], heal={"epochs": 1})))),
     Case("shrink width that breaks heads x head size", "hidden 24 ≠ 4 heads × 8",
-         set_stages(stage("shrink", start="teacher", schedule=[{"hidden": 24}]))),
+         tuned(set_stages(stage("shrink", start="teacher", schedule=[{"hidden": 24}])))),
     # --- data
     Case("missing data file", "no such file or folder",
          set_key("data.dataset", lambda e: str(e.root / "nope.csv"))),
@@ -273,6 +316,17 @@ CASES: list[Case] = [
          set_key("teacher.model", lambda e: e["no_config"])),
     Case("model directory without weights", "no model weights in the folder",
          set_key("teacher.model", lambda e: e["no_weights"])),
+    Case("shard index naming a pickle", "model.safetensors.index.json names pickled shards "
+         "(pytorch_model.bin)", set_key("teacher.model", lambda e: e["bin_index"])),
+    Case("shard index naming a file elsewhere", "outside the model folder",
+         set_key("teacher.model", lambda e: e["outside_index"])),
+    Case("model folder holding an adapter", "holds a PEFT adapter (adapter_config.json)",
+         set_key("teacher.model", lambda e: e["with_adapter"])),
+    Case("untrained teacher distilled before finetune", "add a `finetune` stage before it",
+         set_stages(stage("distill", student={"layers": [0, 2]}))),
+    Case("weights that do not fit the config", "weights do not fit its config: shape of "
+         "bert.encoder.layer.1.intermediate.dense.weight is [5, 5] in the file but [64, 32]",
+         set_key("teacher.model", lambda e: e["reshaped"]), during_training=True),
     Case("pickled weights only", "has only pickled weights (pytorch_model.bin)",
          set_key("teacher.model", lambda e: e["pickled"])),
     Case("a pickled weights file as the model", "is a weights file (a pickled checkpoint)",
@@ -323,22 +377,198 @@ CASES: list[Case] = [
     Case("read-only output folder", "is not writable",
          args=lambda e, out: ["--output", str(_read_only(out) / "run")], no_output=True,
          root_skip=True),
+    # --- whose folder it is (distill.ownership)
+    Case("--force into an old run that holds the teacher", "which this command reads",
+         args=lambda e, out: _force_into_a_run_holding(e, out, "teacher")),
+    Case("--force into an old run that holds the data", "which this command reads",
+         args=lambda e, out: _force_into_a_run_holding(e, out, "data")),
+    Case("--force into a run another process writes", "is in use by another distill process",
+         args=lambda e, out: ["--output", str(_locked_run(out)), "--force"], no_output=True),
+    Case("--resume of a folder distill did not make", "not a run directory of distill",
+         args=lambda e, out: ["run", "--resume", str(_foreign(out))]),
+    Case("--resume of a missing folder", "not a run directory of distill",
+         args=lambda e, out: ["run", "--resume", str(out)]),
+    Case("--resume after recipe.yaml was edited", "recipe.yaml was changed since the run "
+         "started (seed)", args=lambda e, out: ["run", "--resume", str(_edited_run(e, out))]),
+    Case("--resume of a run whose recipe.yaml is gone", "its recipe.yaml is missing",
+         args=lambda e, out: ["run", "--resume", str(_old_run(out, recipe=False))]),
+    Case("--resume with a recipe", "give no RECIPE, --set, --output or --force with it",
+         args=lambda e, out: ["run", str(e.root / "x.yaml"), "--resume", str(out)]),
+    Case("recipe file not UTF-8", "not UTF-8 text", lambda e, r: "name: caf\xe9\n".encode(
+        "latin-1")),
+    Case("validate: missing recipe", "recipe not found",
+         args=lambda e, out: ["validate", str(e.root / "nope.yaml")]),
+    Case("report of a folder distill did not make", "not a run",
+         args=lambda e, out: ["report", str(_foreign(out))]),
+    Case("report of a missing folder", "not a run directory",
+         args=lambda e, out: ["report", str(out)]),
+    Case("report of a file", "not a run directory", args=lambda e, out: ["report", e["a_file"]]),
+    # --- damaged files
+    Case("teacher weights cut short", "a safetensors weights file could not be read",
+         set_key("teacher.model", lambda e: e["damaged"])),
+    Case("data file not UTF-8", "not UTF-8 text",
+         set_key("data.dataset", lambda e: e["latin1"])),
+    Case("config.json that is not JSON", "config.json: not a valid config",
+         set_key("teacher.model", lambda e: e["bad_config"])),
+    Case("inspect: config.json that is not JSON", "config.json: not a valid config",
+         args=lambda e, out: ["inspect", e["bad_config"]]),
+    # --- distill shrink
+    *[Case(f"shrink: {what}", needle, args=lambda e, out, a=argv: ["shrink", *a(e, out)])
+      for what, needle, argv in [
+        ("--out a folder distill did not make", "is not empty and was not made by distill",
+         lambda e, out: [str(e.bert), "--layers", "2", "--out", str(_foreign(out)), "--force"]),
+        ("--out is the model it reads", "which this command reads",
+         lambda e, out: [str(e.bert), "--layers", "2", "--out", str(e.bert), "--force"]),
+        ("--out is a file", "is a file, not a folder",
+         lambda e, out: [str(e.bert), "--layers", "2", "--out", e["a_file"]]),
+        ("--out exists without --force", "already exists; pass --force",
+         lambda e, out: [str(e.bert), "--layers", "2", "--out", str(_old_shrink(out))]),
+        ("no cut asked for", "pass at least one of --layers, --hidden",
+         lambda e, out: [str(e.bert), "--out", str(out)]),
+        ("missing model", "model path not found",
+         lambda e, out: [str(e.root / "no-model"), "--layers", "2", "--out", str(out)]),
+        ("pickled model", "pickled",
+         lambda e, out: [e["pickled"], "--layers", "2", "--out", str(out)]),
+        ("damaged weights", "a safetensors weights file could not be read",
+         lambda e, out: [e["damaged"], "--layers", "2", "--out", str(out)]),
+        ("--layers 0", "--layers 0: the model has 4 layers; allowed: 1..4",
+         lambda e, out: [str(e.bert), "--layers", "0", "--out", str(out)]),
+        ("--layers deeper than the model", "--layers 9: the model has 4 layers",
+         lambda e, out: [str(e.bert), "--layers", "9", "--out", str(out)]),
+        ("unknown strategy", "layer selection strategy 'bogus' is unknown",
+         lambda e, out: [str(e.bert), "--layers", "2", "--strategy", "bogus", "--out",
+                         str(out)]),
+        ("unknown score", "importance score 'bogus' is unknown",
+         lambda e, out: [str(e.bert), "--layers", "2", "--score", "bogus", "--out", str(out)]),
+        ("--examples 0", "--examples 0: allowed: 1 or more",
+         lambda e, out: [str(e.bert), "--layers", "2", "--examples", "0", "--out", str(out)]),
+        ("--max-length past the model's positions", "--max-length 100: allowed: 8..64",
+         lambda e, out: [str(e.bert), "--hidden", "16", "--heads", "2", "--max-length", "100",
+                         "--out", str(out)]),
+        ("calibration data missing", "not found",
+         lambda e, out: [str(e.bert), "--layers", "2", "--data", str(e.root / "none.csv"),
+                         "--out", str(out)]),
+        ("a width that breaks heads x head size", "hidden 24",
+         lambda e, out: [str(e.bert), "--hidden", "24", "--out", str(out)]),
+    ]],
+    # --- distill attach
+    *[Case(f"attach: {what}", needle, args=lambda e, out, a=argv: ["attach", *a(e, out)])
+      for what, needle, argv in [
+        ("no student", "give the student to adapt", lambda e, out: []),
+        ("missing student", "STUDENT: model path not found",
+         lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv)]),
+        ("unknown method", "--method: unknown PEFT method 'lorra'",
+         lambda e, out: [str(e.bert), "--method", "lorra", "--data", str(e.csv)]),
+        ("option without =", "--option 'r': expected KEY=VALUE",
+         lambda e, out: [str(e.bert), "-O", "r", "--data", str(e.csv)]),
+        ("unknown option", "--option: lora: unknown option 'rank'",
+         lambda e, out: [str(e.bert), "-O", "rank=8", "--data", str(e.csv)]),
+        ("missing data", "--data: ",
+         lambda e, out: [str(e.bert), "--data", str(e.root / "none.csv")]),
+        ("output a folder distill did not make", "is not empty and was not made by distill",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--output", str(_foreign(out)),
+                         "--force"]),
+        ("--epochs -1", "--epochs: -1.0 is out of range",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--epochs", "-1", "-o", str(out)]),
+        ("--lr 0", "--lr: 0.0 is out of range",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--lr", "0", "-o", str(out)]),
+        ("--batch-size 0", "--batch-size: 0 is out of range",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--batch-size", "0", "-o",
+                         str(out)]),
+        ("--max-length past the model's positions", "--max-length: 100 is longer than",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--max-length", "100", "-o",
+                         str(out)]),
+        ("missing text column", "--text-column: column 'review' not found",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review", "-o",
+                         str(out)]),
+    ]],
+    # --- distill eval
+    *[Case(f"eval: {what}", needle, args=lambda e, out, a=argv: ["eval", *a(e, out)])
+      for what, needle, argv in [
+        ("missing model", "model path not found",
+         lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv)]),
+        ("unknown split", "--split: 'bogus' is not allowed; allowed: test, validation",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--split", "bogus"]),
+        ("missing data", "--data: ",
+         lambda e, out: [str(e.bert), "--data", str(e.root / "none.csv")]),
+        ("damaged weights", "a safetensors weights file could not be read",
+         lambda e, out: [e["damaged"], "--data", str(e.csv)]),
+        ("pickled model", "pickled", lambda e, out: [e["pickled"], "--data", str(e.csv)]),
+        ("data not UTF-8", "not UTF-8 text", lambda e, out: [str(e.bert), "--data",
+                                                             e["latin1"]]),
+        ("missing text column", "--text-column: column 'review' not found",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review"]),
+    ]],
+    # --- distill inspect
+    *[Case(f"inspect: {what}", needle, args=lambda e, out, a=argv: ["inspect", *a(e, out)])
+      for what, needle, argv in [
+        ("missing model", "model path not found", lambda e, out: [str(e.root / "no-model")]),
+        ("damaged weights", "a safetensors weights file could not be read",
+         lambda e, out: [e["damaged"]]),
+        ("a file", "not a Hugging Face model directory", lambda e, out: [e["a_file"]]),
+        ("pickled model", "pickled", lambda e, out: [e["pickled"]]),
+    ]],
     # --- found during training
     Case("NaN-producing learning rate", "the loss became nan",
          set_stages(stage("finetune", learning_rate=1e6, warmup_ratio=0, log_every=1)),
          during_training=True),
     Case("NaN in a distill stage (teacher cache kept)", "distill: the loss became nan",
-         set_stages(stage("distill", learning_rate=1e6, warmup_ratio=0, log_every=1,
-                          student={"layers": [0, 2]})), during_training=True),
+         tuned(set_stages(stage("distill", learning_rate=1e6, warmup_ratio=0, log_every=1,
+                                student={"layers": [0, 2]}))), during_training=True),
 ]
 
 
-def _old_run(out: Path) -> Path:
+def _old_run(out: Path, recipe: bool = True) -> Path:
     """A finished run's folder (a previous run of the same recipe)."""
     (out / "stages").mkdir(parents=True)
-    (out / "recipe.yaml").write_text("name: tiny\n")
+    if recipe:
+        (out / "recipe.yaml").write_text("name: tiny\n")
     (out / "report.json").write_text("{}\n")
     write_marker(out, "run")
+    return out
+
+
+def _old_shrink(out: Path) -> Path:
+    """An earlier `distill shrink` result."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}\n")
+    write_marker(out, "shrink")
+    return out
+
+
+def _force_into_a_run_holding(e: Env, out: Path, what: str) -> list[str]:
+    """`run --force` into an old run of ours that holds the teacher (or the data) the recipe
+    reads: refused before the old run is touched."""
+    _old_run(out)
+    recipe = tiny_recipe(e.bert, e.csv)
+    if what == "teacher":
+        recipe["teacher"]["model"] = str(_copy_model(e.bert, out / "stages/00-finetune/model"))
+    else:
+        recipe["data"]["dataset"] = str(shutil.copy(e.csv, out / "reviews.csv"))
+    path = out.parent / f"reads-{what}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return ["run", str(path), "--output", str(out), "--force"]
+
+
+def _locked_run(out: Path) -> Path:
+    """An old run of ours that a live process (this one) is writing."""
+    from distill.ownership import FolderLock
+
+    FolderLock(_old_run(out)).acquire()  # left held: the test's own PID, alive
+    return out
+
+
+def _edited_run(e: Env, out: Path) -> Path:
+    """A run whose recipe.yaml differs (in `seed`) from the recipe it started with."""
+    from distill import recipe_from_dict
+    from distill.pipeline import absolute_paths, recipe_digest
+    from distill.recipe import dump_recipe, recipe_to_dict
+
+    started = absolute_paths(recipe_from_dict(tiny_recipe(e.bert, e.csv)))
+    _old_run(out)
+    write_marker(out, "run", recipe_sha256=recipe_digest(started),
+                 recipe=recipe_to_dict(started))
+    dump_recipe(recipe_from_dict(tiny_recipe(e.bert, e.csv, seed=7)), out / "recipe.yaml")
     return out
 
 
@@ -355,14 +585,18 @@ def _read_only(out: Path) -> Path:
     return out
 
 
-def _snapshot(path: Path) -> dict[str, bytes] | None:
-    """Every file under `path` with its content (None when `path` does not exist)."""
+def _snapshot(path: Path) -> dict[str, str] | None:
+    """Every file and folder under `path` with its SHA-256 and mode (None when `path` does not
+    exist): a command that failed must leave it exactly so."""
+    import hashlib
+    import stat
+
     if not path.exists():
         return None
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>"
-            for p in sorted(path.rglob("*"))}
+    items = [path] if path.is_file() else sorted(path.rglob("*"))
+    return {str(p.relative_to(path)) if p != path else "": (
+        hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>")
+        + f" {stat.S_IMODE(p.lstat().st_mode):o}" for p in items}
 
 
 def _allowed_after_training_failure(rel: Path) -> bool:
@@ -377,6 +611,9 @@ def _allowed_after_training_failure(rel: Path) -> bool:
     return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint", "teacher_cache")
 
 
+COMMANDS = ("run", "validate", "recipes", "inspect", "shrink", "attach", "eval", "report")
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, env: Env, tmp_path: Path) -> None:
     if case.root_skip and os.geteuid() == 0:
@@ -386,15 +623,21 @@ def test_bad_input(case: Case, env: Env, tmp_path: Path) -> None:
     recipe = tiny_recipe(env.bert, env.csv)
     text = case.patch(env, recipe) if case.patch else None
     path = tmp_path / "recipe.yaml"
-    path.write_text(text if isinstance(text, str) else yaml.safe_dump(recipe))
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text if isinstance(text, str) else yaml.safe_dump(recipe))
     extra = case.args(env, out)
-    if extra and extra[0] == "run":
+    if extra and extra[0] in COMMANDS:  # a whole command line
         argv = extra
     else:
         argv = ["run", str(path), *([] if case.no_output else ["--output", str(out)]), *extra]
-    watched = [out] + [Path(a) for a in argv if a.startswith(("/proc/",))]
+    # Everything around the command: this test's folder (recipe, output), the broken fixtures,
+    # the tiny model and data, and any other path the command names.
+    watched = {tmp_path, env.root, env.bert, env.csv.parent}
+    watched |= {Path(a) for a in argv if a.startswith("/") and not Path(a).is_relative_to(
+        tmp_path) and not Path(a).is_relative_to(env.root)}
     before = {str(w): _snapshot(w) for w in watched}
-    before_root = sorted(p.name for p in tmp_path.iterdir())
 
     result = runner.invoke(app, argv)
 
@@ -406,14 +649,21 @@ def test_bad_input(case: Case, env: Env, tmp_path: Path) -> None:
     assert case.needle in message, (case.id, message)
     assert len(message.splitlines()) <= 2, (case.id, message)
     assert not env.paths["remote_marker"].exists(), "a model folder's code ran"
-    # the recipe folder holds what the test put there, and the run folder is as before...
-    assert sorted(p.name for p in tmp_path.iterdir()) == before_root \
-        or case.during_training, (case.id, sorted(tmp_path.iterdir()))
-    if not case.during_training:
+    if not case.during_training:  # every file around the command is as it was
         for w in watched:
-            assert _snapshot(w) == before[str(w)], (case.id, w, _snapshot(w))
+            assert _snapshot(w) == before[str(w)], (case.id, w, _changes(before[str(w)],
+                                                                          _snapshot(w)))
         return
-    # ...or, for a failure found while training, holds the record of the failed stage only
+    # ...or, for a failure found while training, the run folder holds the record of the
+    # failed stage only, and nothing else changed
+    for w in watched - {tmp_path}:
+        assert _snapshot(w) == before[str(w)], (case.id, w)
+    made = {str(out.relative_to(tmp_path)), *map(str, out.relative_to(tmp_path).parents)}
+
+    def outside(snapshot: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in snapshot.items() if k not in made and not Path(k)
+                .is_relative_to(out.relative_to(tmp_path))}
+    assert outside(_snapshot(tmp_path) or {}) == outside(before[str(tmp_path)]), case.id
     leftovers = [p.relative_to(out) for p in out.rglob("*")]
     assert all(_allowed_after_training_failure(r) for r in leftovers), (case.id, leftovers)
     report = json.loads((out / "report.json").read_text())
@@ -421,13 +671,19 @@ def test_bad_input(case: Case, env: Env, tmp_path: Path) -> None:
     assert case.needle in report["stages"][-1]["error"]
 
 
-def test_at_least_thirty_kinds() -> None:
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+def _changes(before: dict | None, after: dict | None) -> list[str]:
+    """What differs between two snapshots (for the assertion message)."""
+    before, after = before or {}, after or {}
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def test_at_least_a_hundred_kinds() -> None:
+    assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
 
 
 def test_validate_runs_the_same_checks(env: Env, tmp_path: Path) -> None:
     """`distill validate` checks data, models and stage plans too, all problems at once."""
-    recipe = tiny_recipe(env.bert, env.csv)
+    recipe = tiny_recipe(env["tuned"], env.csv)
     recipe["stages"] = [stage("adapt", config={"target_modules": ["qkv"]}),
                         stage("distill", student={"layers": [0, 9]})]
     path = tmp_path / "two-problems.yaml"

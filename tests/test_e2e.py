@@ -124,9 +124,9 @@ def test_eval_command_matches_the_report(finished_run: Path, tiny_csv: Path) -> 
     assert f"{report['final']['metric']['value']:.4f}" in result.output
 
 
-def test_logit_only_kd_uses_the_teacher_cache(tiny_bert: Path, tiny_csv: Path,
+def test_logit_only_kd_uses_the_teacher_cache(tiny_teacher: Path, tiny_csv: Path,
                                               tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe = tiny_recipe(tiny_teacher, tiny_csv)
     recipe["stages"] = [recipe["stages"][1] | {"epochs": 1, "loss": {"alpha": 0.5}}]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -69,9 +69,9 @@ def test_bfloat16_teacher_halves_its_memory_and_the_student_stays_float32(
     assert torch.allclose(a, b, atol=0.05), (a, b)  # bf16 keeps ~3 significant digits
 
 
-def test_distill_stage_with_a_bfloat16_teacher(tiny_bert: Path, tiny_csv: Path,
+def test_distill_stage_with_a_bfloat16_teacher(tiny_teacher: Path, tiny_csv: Path,
                                                tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    recipe = tiny_recipe(tiny_teacher, tiny_csv)
     recipe["teacher"] |= {"dtype": "bfloat16"}
     distill = recipe["stages"][1] | {"epochs": 1}  # hidden-state MSE: the live bf16 teacher
     recipe["stages"] = [distill, dict(distill, loss={"alpha": 0.5})]  # then: cached logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
@@ -16,23 +17,39 @@ from distill.context import ModelRef, RunContext, StageResult
 from distill.data import Split
 from distill.errors import DistillError
 from distill.metrics import latency_ms
-from distill.models import check_weights, count_params, dir_size_mb, resolve_model_path
+from distill.models import count_params, dir_size_mb, load_checked, resolve_model_path
 from distill.recipe import DataConfig, EvaluateStage
 
 
 def load_saved_classifier(path: str, trust_remote_code: bool = False,
                           allow_pickle: bool = False) -> nn.Module:
     """A saved sequence classifier, weights from safetensors only (pickled weights, when
-    allowed, with `torch.load(weights_only=True)`; see `models.load_classifier`)."""
-    resolved = resolve_model_path(path)
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolved, use_safetensors=None if allow_pickle else True, weights_only=True,
-            trust_remote_code=trust_remote_code).eval()
-    except OSError as exc:
-        check_weights(path, allow_pickle)  # names the problem: pickled weights only, or none
-        raise DistillError(f"could not load {path} as a classifier: {exc}".splitlines()[0]
-                           ) from None
+    allowed, with `torch.load(weights_only=True)`; see `models.load_checked`)."""
+    return load_classifier_checked(path, trust_remote_code, allow_pickle)[0]
+
+
+def load_classifier_checked(path: str, trust_remote_code: bool = False,
+                            allow_pickle: bool = False, key: str | None = "teacher.allow_pickle"
+                            ) -> tuple[nn.Module, bool]:
+    """A saved sequence classifier in eval mode, and whether its head was never trained
+    (not in its weights, so freshly initialised: a base model such as a sentence encoder).
+    `key`: the recipe key that allows pickles, for messages (None: `distill eval`, no recipe).
+
+    Raises:
+        DistillError: weight files that may not be read, or weights that do not fit the
+            config (anything but the head missing or of another shape).
+    """
+    model, fresh_head = load_checked(AutoModelForSequenceClassification, path,
+                                     trust_remote_code=trust_remote_code,
+                                     allow_pickle=allow_pickle, key=key)
+    return model.eval(), fresh_head
+
+
+def untrained_head_warning(path: str) -> str:
+    """The line printed beside the metrics of a model whose head was never trained."""
+    return (f"warning: {path} has no trained classification head (none in its weights, so a "
+            "random one was made): its accuracy is that of a random head; fine-tune it first "
+            "(a recipe's `finetune` stage)")
 
 
 def latency_inputs(tokenizer: PreTrainedTokenizerBase, split: Split, batch: int,
@@ -74,8 +91,12 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
     results: dict[str, dict] = {}
     for ref in refs:
         ctx.console.print(f"  evaluating {ref.label} ({ref.path}) on {cfg.split}")
-        model = load_saved_classifier(ref.path, ctx.recipe.teacher.trust_remote_code,
-                                      ctx.recipe.teacher.allow_pickle)
+        model, fresh_head = load_classifier_checked(ref.path,
+                                                    ctx.recipe.teacher.trust_remote_code,
+                                                    ctx.recipe.teacher.allow_pickle)
+        if fresh_head:
+            ctx.console.print(f"  [yellow]{escape(untrained_head_warning(ref.path))}[/]",
+                              soft_wrap=True)
         results[ref.label] = model_metrics(model, ref.path, ctx=ctx, split=cfg.split,
                                            batch_size=cfg.batch_size, latency=cfg.latency,
                                            runs=cfg.latency_runs)
@@ -118,11 +139,14 @@ def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "te
     from distill.training import make_accelerator
 
     data = load_task_data(data_cfg)
-    model = load_saved_classifier(model_path)
+    model, fresh_head = load_classifier_checked(model_path, key=None)
     check_label_names(model, data.label_names, model_path)
     ctx = RunContext(recipe=Recipe(name="eval", teacher=ModelSpec(model=model_path),
                                    data=data_cfg),
                      run_dir=Path("."), data=data, tokenizer=load_tokenizer(model_path),
                      accelerator=make_accelerator(), teacher_source=model_path)
+    if fresh_head:  # the run goes on (exit code 0), but the number means nothing
+        ctx.console.print(f"[yellow]{escape(untrained_head_warning(model_path))}[/]",
+                          soft_wrap=True)
     return model_metrics(model, model_path, ctx=ctx, split=split, batch_size=batch_size,
                          latency=latency, runs=runs)
