@@ -21,6 +21,7 @@ from distill.recipe import (
     recipe_from_dict,
     recipe_to_dict,
 )
+from distill.schema import YAMLInputError, load_yaml
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -31,8 +32,10 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DistillError(f"--option {item!r}: expected KEY=VALUE, e.g. r=8")
-        try:
-            options[key.strip()] = yaml.safe_load(raw)
+        try:  # the recipe file's strict loader: no tags, duplicate keys, alias bombs
+            options[key.strip()] = load_yaml(raw) if raw.strip() else ""
+        except YAMLInputError as exc:
+            raise DistillError(f"--option {item!r}: {exc.problem}") from None
         except yaml.YAMLError:
             raise DistillError(f"--option {item!r}: {raw!r} is not a valid value") from None
     return options

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.errors import DistillError
 from distill.files import json_lines
 from distill.recipe import DataConfig
+from distill.schema import check_seed
 
 _BUILTINS: dict[str, str] = {
     "rotten_tomatoes": "Rotten Tomatoes critic snippets, binary sentiment (rotten/fresh), "
@@ -105,6 +107,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
                      ("max_eval_examples", cfg.max_eval_examples)):
         if cap is not None and cap < 1:  # the recipe loader checks this; direct callers may not
             raise DistillError(f"data.{key}: {cap} is out of range; allowed: >= 1 or null")
+    check_seed(cfg.split_seed, "data.split_seed")
     names: list[str] | None = None
     if cfg.dataset.startswith("builtin:"):
         source = cfg.dataset
@@ -170,10 +173,41 @@ def _load_builtin(name: str) -> tuple[_Table, list[str]]:
                        "built-ins: " + ", ".join(f"builtin:{n}" for n in _BUILTINS))
 
 
+def _split_stem(entry: Path) -> str:
+    """The name an entry would have as a split file: `test` for test.csv, test.txt, test.csv.gz
+    and a bare `test`; lower case."""
+    name = Path(entry.name.lower())
+    if len(name.suffixes) >= 2 and name.suffixes[-2] in _EXTENSIONS:  # test.csv.gz
+        return Path(name.stem).stem
+    return name.stem
+
+
+def _unusable(entry: Path) -> str | None:
+    """Why `entry` cannot be read as a split file, or None when it can."""
+    if entry.is_symlink() and not entry.exists():
+        return "is a broken link"
+    if entry.is_dir():
+        return "is a folder, not a file"
+    if entry.suffix.lower() not in _EXTENSIONS:
+        return f"has the unsupported type {entry.suffix.lower() or '(none)'!r}"
+    if not entry.is_file():
+        return "is not a regular file"
+    return None
+
+
 def _load_folder(path: Path, cfg: DataConfig) -> dict[str, _Table]:
-    """Read train[/validation/test] files of a folder; carve missing eval splits from train."""
-    files = sorted(p for p in path.iterdir()
-                   if p.is_file() and p.suffix.lower() in _EXTENSIONS)
+    """Read train[/validation/test] files of a folder; carve missing eval splits from train.
+
+    An entry named like a split that cannot be read as one (test.txt, a broken link, a folder
+    validation.csv, test.csv.gz) is an error, not a missing split: carving that split out of
+    train instead would quietly evaluate on other examples than the user's.
+    """
+    try:
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise DistillError(f"data.dataset: cannot list the folder {path}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in _EXTENSIONS]
     found: dict[str, Path] = {}
     for split, stems in _SPLIT_STEMS.items():
         matches = [p for p in files if p.stem.lower() in stems]
@@ -182,6 +216,15 @@ def _load_folder(path: Path, cfg: DataConfig) -> dict[str, _Table]:
                                f"({', '.join(p.name for p in matches)}); keep one")
         if matches:
             found[split] = matches[0]
+            continue
+        for entry in entries:
+            why = _split_stem(entry) in stems and _unusable(entry)
+            if why:
+                instead = "" if split == "train" else f", or no {split} file (then 10 % of " \
+                    "train is held out for it)"
+                raise DistillError(f"data.dataset: {entry} looks like the {split} split but "
+                                   f"{why}; allowed: a {split}{{{','.join(_EXTENSIONS)}}} "
+                                   f"file{instead}")
     if "train" not in found:
         raise DistillError(
             f"data.dataset: folder {path} has no train file; expected train"
@@ -250,28 +293,45 @@ def _json_lines(text: str, path: Path) -> Iterator[Any]:
                                "line") from None
 
 
+def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
+    """One local data file as a DataFrame, every failure a `DistillError` naming the file."""
+    try:
+        if path.stat().st_size == 0:
+            raise DistillError(f"{path}: the dataset is empty (an empty file)")
+        if suffix in (".csv", ".tsv"):
+            with warnings.catch_warnings():
+                # A row with more fields than the header makes pandas take the extra leading
+                # fields as an index and shift the columns (index_col=None), or drop the rest
+                # with this warning (index_col=False); either way the texts would be wrong.
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                # Only empty cells are missing: a text that reads "NA" or "null" stays a text.
+                # The text column stays text: "007" or "1e5" are texts, not numbers.
+                return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",",
+                                   keep_default_na=False, na_values=[""], index_col=False,
+                                   dtype={text_column: str})
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        return _read_records(path)
+    except pd.errors.ParserWarning:
+        sep = "tab" if suffix == ".tsv" else "comma"
+        raise DistillError(f"{path}: a row has more fields than the header; quote texts that "
+                           f"contain a {sep}") from None
+    except UnicodeDecodeError:
+        raise DistillError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except PermissionError:
+        raise DistillError(f"{path}: permission denied; make the file readable") from None
+    except (ValueError, OSError) as exc:  # pandas' ParserError is a ValueError
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DistillError(f"{path}: cannot read it as {suffix}: {first}") from None
+
+
 def _read_table(path: Path, cfg: DataConfig) -> _Table:
     """Read one local file and check its text and label columns."""
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
         raise DistillError(f"data.dataset: {path}: unsupported file type {suffix or '(none)'!r}; "
                            f"{_ALLOWED_FORMS}")
-    if path.stat().st_size == 0:
-        raise DistillError(f"{path}: the dataset is empty (an empty file)")
-    try:
-        if suffix in (".csv", ".tsv"):
-            # Only empty cells are missing: a text that reads "NA" or "null" stays a text.
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",",
-                             keep_default_na=False, na_values=[""])
-        elif suffix == ".parquet":
-            df = pd.read_parquet(path)
-        else:
-            df = _read_records(path)
-    except UnicodeDecodeError:
-        raise DistillError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except (ValueError, OSError) as exc:  # pandas' ParserError is a ValueError
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"{path}: cannot read it as {suffix}: {first}") from None
+    df = _read_frame(path, suffix, cfg.text_column)
     if len(df) == 0:
         raise DistillError(f"{path}: the dataset is empty (no rows)")
     columns = [str(c) for c in df.columns]
@@ -282,20 +342,95 @@ def _read_table(path: Path, cfg: DataConfig) -> _Table:
             raise DistillError(f"data.{key}: column {column!r} not found in {path}; {hint}"
                                f"columns: {', '.join(columns)}")
     texts, labels = df[cfg.text_column].tolist(), df[cfg.label_column].tolist()
-    for what, column, bad in (
-            ("an empty or missing text", cfg.text_column,
-             [i for i, t in enumerate(texts) if _is_null(t) or not str(t).strip()]),
-            ("no label", cfg.label_column, [i for i, v in enumerate(labels) if _is_null(v)])):
-        if bad:
-            rows = ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-            count = f"{len(bad)} rows have" if len(bad) > 1 else "1 row has"
-            raise DistillError(f"{path}: {count} {what} in column {column!r} "
-                               f"(data rows, counting from 1: {rows})")
-    return _Table([str(t) for t in texts], labels, str(path))
+    _check_texts(texts, path, cfg.text_column)
+    _check_labels(labels, path, cfg.label_column)
+    return _Table(texts, labels, str(path))
+
+
+def _rows(bad: list[int]) -> str:
+    """Row indices as the messages count them (data rows from 1), the first five."""
+    return ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+
+
+def _count(bad: list[int], one: str = "has", many: str = "have") -> str:
+    """`1 row has` / `3 rows have` (or the verbs given)."""
+    return f"{len(bad)} rows {many}" if len(bad) > 1 else f"1 row {one}"
+
+
+def _show(value: Any) -> str:
+    """What a cell holds, for an error message: its kind and a short repr."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    kind = ("true/false" if isinstance(value, (bool, np.bool_))
+            else "a list" if isinstance(value, (list, tuple))
+            else "a mapping" if isinstance(value, dict)
+            else "bytes" if isinstance(value, (bytes, bytearray))
+            else "an integer" if isinstance(value, (int, np.integer))
+            else "a number" if isinstance(value, (float, np.floating))
+            else type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check_texts(texts: list[Any], path: Path, column: str) -> None:
+    """Every text is a non-blank string; anything else names its rows.
+
+    A number, list, mapping or bytes in the text column is a wrong column or a broken export;
+    turned into a string it would train on "[1, 2]" or "b'...'" without a word.
+    """
+    blank = [i for i, t in enumerate(texts)
+             if _is_null(t) or (isinstance(t, str) and not t.strip())]
+    if blank:
+        raise DistillError(f"{path}: {_count(blank)} an empty or missing text in column "
+                           f"{column!r} (data rows, counting from 1: {_rows(blank)})")
+    wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if wrong:
+        raise DistillError(f"{path}: {_count(wrong, 'is', 'are')} not text in column {column!r} (data "
+                           f"rows, counting from 1: {_rows(wrong)}; row {wrong[0] + 1} holds "
+                           f"{_show(texts[wrong[0]])}); allowed: strings")
+
+
+def _label_kind(value: Any) -> str | None:
+    """`string`, `integer` or `true/false` for a usable label (1.0 counts as an integer)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, str):
+        return "string"
+    return "integer" if _as_int(value) is not None else None
+
+
+def _check_labels(labels: list[Any], path: Path, column: str) -> None:
+    """Every label is present and of one kind: all strings, all integers or all true/false.
+
+    Mixed kinds would meet as text (1 and "1" the same class, 2 sorted after "10"), and floats,
+    lists or bytes are no class names at all.
+    """
+    missing = [i for i, v in enumerate(labels)
+               if _is_null(v) or (isinstance(v, str) and not v.strip())]
+    if missing:
+        raise DistillError(f"{path}: {_count(missing)} no label in column {column!r} "
+                           f"(data rows, counting from 1: {_rows(missing)})")
+    first: dict[str, int] = {}
+    for i, value in enumerate(labels):
+        kind = _label_kind(value)
+        if kind is None and isinstance(value, (float, np.floating)):
+            raise DistillError(f"{path}: label {value!r} in column {column!r} (data row {i + 1}) "
+                               "is not a class; allowed: string or integer labels (this is "
+                               "classification)")
+        if kind is None:
+            raise DistillError(f"{path}: data row {i + 1} of column {column!r} holds "
+                               f"{_show(value)}; allowed: string or integer labels")
+        first.setdefault(kind, i)
+        if len(first) > 1:
+            (a, j), (b, k) = first.items()
+            raise DistillError(f"{path}: column {column!r} mixes {a} labels (data row {j + 1}: "
+                               f"{labels[j]!r}) and {b} labels (data row {k + 1}: "
+                               f"{labels[k]!r}); allowed: one kind per column")
 
 
 def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+    return value is None or value is pd.NA or (
+        isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
 
 
 def _as_int(value: Any) -> int | None:

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import DistillError
+from distill.schema import check_seed
 
 SHAKESPEARE = "builtin:shakespeare"
 _EVAL_FRACTION = 0.1
@@ -90,10 +91,25 @@ def _read_documents(source: str) -> tuple[list[str], list[str]]:
         root = Path(source).expanduser()
         if not root.is_dir():
             raise DistillError(f"text source not found or not a folder: {source}; {_ALLOWED}")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES)
+        # Folders named like `notes.md` are no documents; broken links are, and fail below.
+        files = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in _TEXT_SUFFIXES and not p.is_dir())
     names = [p.relative_to(root).as_posix() for p in files]
-    texts = [strip_markdown(p.read_text(encoding="utf-8")) for p in files]
+    texts = [strip_markdown(_read_document(p)) for p in files]
     return names, texts
+
+
+def _read_document(path: Path) -> str:
+    """One document's text; a file that cannot be read is an error naming it (skipping it
+    would move the other documents between splits)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                           "it as UTF-8") from None
+    except OSError as exc:
+        raise DistillError(f"{path}: cannot read it: {exc.strerror or type(exc).__name__}"
+                           ) from None
 
 
 def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
@@ -103,6 +119,7 @@ def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
         DistillError: unknown source, missing package, or fewer than 10 documents (too few to
             hold out 10 % for test and validation).
     """
+    check_seed(split_seed, "split_seed")
     names, texts = _read_documents(source)
     n = len(texts)
     k = int(_EVAL_FRACTION * n)
@@ -156,6 +173,7 @@ def sample_blocks(blocks: torch.Tensor, num: int | None, seed: int = 0) -> torch
     Returns:
         (min(num, N), T) token ids.
     """
+    check_seed(seed, "seed")
     n = blocks.shape[0]
     if num is None or num >= n:
         return blocks
@@ -181,6 +199,7 @@ def lm_batches(blocks: torch.Tensor, batch_size: int, shuffle: bool = False,
     """
     if batch_size < 1:
         raise DistillError(f"batch_size: {batch_size}; allowed: at least 1")
+    check_seed(seed, "seed")
     n = blocks.shape[0]
     order = (torch.from_numpy(np.random.default_rng(seed).permutation(n)) if shuffle
              else torch.arange(n))

@@ -142,12 +142,20 @@ def clean_leftovers(folder: Path) -> list[Path]:
     return gone
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _process_start(pid: int) -> float | None:
     """When process `pid` started (seconds since boot, Linux), or None when unknown."""
+    fields = _stat(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK") if fields else None
+    except (ValueError, IndexError):
         return None
 
 
@@ -164,6 +172,9 @@ def _alive(owner: dict[str, Any]) -> bool:
         return False
     except PermissionError:
         return True  # someone else's live process
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False  # killed, not yet reaped (a container's init may never reap it)
     started, recorded = _process_start(pid), owner.get("process_start")
     # The PID was reused by a process that started after the lock was written.
     return not (started is not None and isinstance(recorded, (int, float))

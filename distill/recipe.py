@@ -9,8 +9,8 @@ the dotted key, the bad value and what is allowed, with a "did you mean" for unk
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -19,7 +19,7 @@ import yaml
 
 from distill.errors import DistillError, RecipeError
 from distill.files import atomic_write
-from distill.schema import Converter, value_range
+from distill.schema import Converter, YAMLInputError, load_yaml, seed_range, value_range
 
 
 # ----------------------------------------------------------------------------- sections
@@ -71,7 +71,7 @@ class DataConfig:
     max_train_examples: int | None = field(default=None, metadata=value_range(1))
     max_eval_examples: int | None = field(default=None, metadata=value_range(1))
     # Seed of the train/validation/test split of a single file (fixed so numbers compare).
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata=seed_range())
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TrainArgs:
     # resumes (`distill run --resume RUN_DIR`); null = only at epoch ends.
     checkpoint_every: int | None = field(default=200, metadata=value_range(1))
     # Seed of this stage (data order, dropout, fresh weights); default: the recipe's seed.
-    seed: int | None = None
+    seed: int | None = field(default=None, metadata=seed_range())
 
 
 @dataclass
@@ -144,7 +144,7 @@ class LossConfig:
     # Weight of the cosine loss between the final hidden states.
     cosine: float = field(default=0.0, metadata=value_range(0))
     # Teacher layer (0-based) each student layer learns from; default: evenly spaced block ends.
-    layer_map: list[int] | None = None
+    layer_map: list[int] | None = field(default=None, metadata=value_range(0))
 
 
 @dataclass
@@ -267,6 +267,11 @@ class AdaptStage(TrainArgs):
     def check(self, path: str) -> list[str]:
         import peft_methods
 
+        # The method's own config classes check types, not finiteness: `lora_dropout: .nan`
+        # would train on NaN. No PEFT option means anything by NaN or ±inf.
+        non_finite = _non_finite(self.config, f"{path}.config")
+        if non_finite:
+            return non_finite
         try:
             config_cls = peft_methods.get_method(self.method).config_cls
             options = dict(self.config)
@@ -282,6 +287,17 @@ class AdaptStage(TrainArgs):
         return []
 
 
+def _non_finite(value: Any, path: str) -> list[str]:
+    """A problem for each NaN or ±inf float in `value` (nested mappings and lists walked)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path}: {value!r} is not a finite number; allowed: a finite number"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}.{i}")]
+    return []
+
+
 Stage = Union[FinetuneStage, DistillStage, ShrinkStage, AdaptStage, EvaluateStage]
 STAGE_KINDS: dict[str, type] = {"finetune": FinetuneStage, "distill": DistillStage,
                                 "shrink": ShrinkStage, "adapt": AdaptStage,
@@ -294,7 +310,7 @@ class Recipe:
 
     name: str = "run"
     description: str = ""
-    seed: int = 0
+    seed: int = field(default=0, metadata=seed_range())
     # Folder that holds run directories (`<output_dir>/<name>`).
     output_dir: str = "runs"
     teacher: ModelSpec = field(default_factory=ModelSpec)
@@ -316,21 +332,38 @@ class Recipe:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"stages.1.loss.alpha=0.7"` -> (["stages", "1", "loss", "alpha"], 0.7).
 
-    The value is read as YAML, so `4` is an int, `[0, 2]` a list and `null` None.
+    The value is read as YAML (with the recipe file's strict loader), so `4` is an int,
+    `[0, 2]` a list and `null` None; text that is not YAML stays a string.
     """
     if "=" not in text:
         raise RecipeError([f"--set {text!r}: expected KEY=VALUE, e.g. stages.1.loss.alpha=0.7"])
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except YAMLInputError as exc:  # a tag, duplicate key, ...: refused as in a recipe file
+        raise RecipeError([f"--set {text}: {exc.problem}"]) from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
 
 
+def _tree_copy(value: Any) -> Any:
+    """A copy of plain YAML data in which no mapping or list is shared.
+
+    A YAML alias (`stages: [*s, *s]`) makes two places hold one object; `copy.deepcopy` would
+    keep that sharing, and `--set stages.0.epochs=2` would then change stage 1 as well.
+    StrictLoader refuses cycles and caps the size, so this recursion ends and stays small.
+    """
+    if isinstance(value, dict):
+        return {k: _tree_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_copy(v) for v in value]
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `KEY=VALUE` overrides to raw recipe data (a deep copy is returned)."""
-    data = copy.deepcopy(data)
+    """Apply dotted `KEY=VALUE` overrides to raw recipe data (a copy is returned)."""
+    data = _tree_copy(data)
     problems = []
     for text in overrides:
         keys, value = parse_override(text)
@@ -370,19 +403,21 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file safely (no tags, no code), with a clear error on bad syntax."""
+    """Read a YAML file the user wrote with `schema.StrictLoader` (no tags, no code, no
+    duplicate keys, no recursive aliases, bounded nesting), with a clear error on bad syntax."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"recipe file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                           "it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if isinstance(exc, yaml.constructor.ConstructorError):
-            # safe_load knows no `!!python/...` (or other) tags: a recipe is data, never code.
-            raise DistillError(f"{path}: malformed YAML{where}: YAML tags are not allowed "
-                               f"(a recipe is plain data): {exc.problem}") from None
+        # Tags (`!!python/...`: code), duplicate keys, recursive aliases and the like are
+        # `YAMLInputError`s of StrictLoader, whose `problem` says so.
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise DistillError(f"{path}: malformed YAML{where}: {problem}") from None
 

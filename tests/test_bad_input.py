@@ -162,6 +162,29 @@ def make_env(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathF
     p["latin1"] = root / "latin1.csv"
     p["latin1"].write_bytes(tiny_csv.read_text().replace("film", "caf\u00e9")
                             .encode("latin-1"))
+    # --- data that is not text, labels of two kinds, split files that cannot be read
+    rows = [line.rsplit(",", 1) for line in tiny_csv.read_text().splitlines()[1:]]
+    p["list_text"] = root / "list-text.jsonl"
+    p["list_text"].write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
+                                      for t, lab in rows[:30])
+                              + json.dumps({"text": [1, 2], "label": "pos"}) + "\n")
+    p["mixed_labels"] = root / "mixed-labels.jsonl"
+    p["mixed_labels"].write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
+                                         for t, lab in rows[:30])
+                                 + json.dumps({"text": "good film", "label": 1}) + "\n")
+    p["extra_field"] = _write_csv(root / "extra-field.csv",
+                                     ["good, great film,pos"] + [",".join(r) for r in rows[:30]])
+    for name, make in [
+            ("test_txt", lambda d: (d / "test.txt").write_text("text,label\ngood film,pos\n")),
+            ("broken_test", lambda d: (d / "test.csv").symlink_to(d / "gontiny_csv")),
+            ("latin1_test", lambda d: (d / "test.csv").write_bytes(
+                "text,label\ncaf\u00e9 film,pos\n".encode("latin-1")))]:
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(tiny_csv, folder / "train.csv")
+        make(folder)
+        p[name] = folder
+
     # --- output places
     p["a_file"] = root / "a-file.txt"
     p["a_file"].write_text("not a folder\n")
@@ -229,6 +252,9 @@ def adapt(**keys: Any) -> Patch:
         r["stages"] = [stage("adapt", **{"method": "lora", **resolved})]
     return patch
 
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{q}'] * 10)}]\n" for q, n in zip("abcde", "bcdef"))
 
 CASES: list[Case] = [
     # --- the recipe file
@@ -377,6 +403,43 @@ CASES: list[Case] = [
     Case("read-only output folder", "is not writable",
          args=lambda e, out: ["--output", str(_read_only(out) / "run")], no_output=True,
          root_skip=True),
+    # --- numbers that mean nothing, YAML that is not a plain tree, columns of the wrong kind
+    Case("duplicate key in the recipe", "duplicate key 'seed' (first at line 1); a key may "
+         "appear once in a mapping", raw("seed: 1\nseed: 2\nstages:\n  - kind: evaluate\n")),
+    Case("recursive YAML alias", "recursive alias *s: it is used inside the value it refers to",
+         raw("stages: &s\n  - kind: evaluate\n  - *s\n")),
+    Case("YAML nested too deep", "nested more than 32 levels deep",
+         raw("name: " + "[" * 40 + "]" * 40 + "\n")),
+    Case("YAML alias bomb", "holds more than 100,000 values", raw(LAUGHS)),
+    Case("NaN learning rate", "stages.0.learning_rate: nan is not a finite number; allowed: a "
+         "finite number > 0", set_key("stages.0.learning_rate", float("nan"))),
+    Case("infinite temperature", "stages.1.loss.temperature: inf is not a finite number",
+         set_key("stages.1.loss.temperature", float("inf"))),
+    Case("NaN in a PEFT option", "stages.0.config.lora_dropout: nan is not a finite number",
+         adapt(config={"lora_dropout": float("nan")})),
+    Case("negative seed", "seed: -1 is out of range; allowed: >= 0 and < 2**32",
+         set_key("seed", -1)),
+    Case("split seed past 2**32", "data.split_seed: 4294967296 is out of range",
+         set_key("data.split_seed", 2**32)),
+    Case("true as an integer", "stages.0.batch_size: True should be an integer",
+         set_key("stages.0.batch_size", True)),
+    Case("--set NaN", "stages.0.learning_rate: nan is not a finite number",
+         args=lambda e, out: ["--set", "stages.0.learning_rate=.nan"]),
+    Case("--set with a YAML tag", "YAML tags are not allowed",
+         args=lambda e, out: ["--set", "name=!!python/name:os.system"]),
+    Case("a list in the text column", "1 row is not text in column 'text'",
+         set_key("data.dataset", lambda e: e["list_text"])),
+    Case("mixed label kinds", "column 'label' mixes string labels",
+         set_key("data.dataset", lambda e: e["mixed_labels"])),
+    Case("CSV row with more fields than the header", "a row has more fields than the header",
+         set_key("data.dataset", lambda e: e["extra_field"])),
+    Case("test split file of an unsupported type",
+         "looks like the test split but has the unsupported type '.txt'",
+         set_key("data.dataset", lambda e: e["test_txt"])),
+    Case("test split file a broken link", "looks like the test split but is a broken link",
+         set_key("data.dataset", lambda e: e["broken_test"])),
+    Case("test split file not UTF-8", "test.csv: not UTF-8 text",
+         set_key("data.dataset", lambda e: e["latin1_test"])),
     # --- whose folder it is (distill.ownership)
     Case("--force into an old run that holds the teacher", "which this command reads",
          args=lambda e, out: _force_into_a_run_holding(e, out, "teacher")),
@@ -461,6 +524,9 @@ CASES: list[Case] = [
          lambda e, out: [str(e.bert), "--method", "lorra", "--data", str(e.csv)]),
         ("option without =", "--option 'r': expected KEY=VALUE",
          lambda e, out: [str(e.bert), "-O", "r", "--data", str(e.csv)]),
+        ("option with a YAML tag", "--option 'r=!!python/name:os.system': YAML tags are not "
+         "allowed", lambda e, out: [str(e.bert), "-O", "r=!!python/name:os.system", "--data",
+                                    str(e.csv)]),
         ("unknown option", "--option: lora: unknown option 'rank'",
          lambda e, out: [str(e.bert), "-O", "rank=8", "--data", str(e.csv)]),
         ("missing data", "--data: ",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 from collections import Counter
 from pathlib import Path
@@ -356,3 +357,206 @@ def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
 
     with pytest.raises(DistillError, match="pad"):
         make_loader(ds, NoPad(), batch_size=2, shuffle=False, seed=0)
+
+
+# ----------------------------------------------------------------------------- column types
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad, shown", [
+    ([1, 2], "a list [1, 2]"),
+    ({"a": "b"}, "a mapping {'a': 'b'}"),
+    (5, "an integer 5"),
+    (2.5, "a number 2.5"),
+    (True, "true/false True"),
+])
+def test_text_column_must_hold_strings(tmp_path: Path, bad: object, shown: str) -> None:
+    rows = _rows(20, ["a", "b"])
+    rows[3]["text"] = rows[7]["text"] = bad
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    assert _error(path) == (f"{path}: 2 rows are not text in column 'text' (data rows, counting "
+                            f"from 1: 4, 8; row 4 holds {shown}); allowed: strings")
+
+
+def test_parquet_bytes_and_list_columns(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": pa.array([f"t{i}".encode() for i in range(20)]),
+                             "label": [i % 2 for i in range(20)]}), path)
+    assert _error(path) == (f"{path}: 20 rows are not text in column 'text' (data rows, counting "
+                            "from 1: 1, 2, 3, 4, 5, ...; row 1 holds bytes b't0'); allowed: "
+                            "strings")
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(20)],
+                             "label": pa.array([[i % 2] for i in range(20)])}), path)
+    assert _error(path) == (f"{path}: data row 1 of column 'label' holds a list [0]; allowed: "
+                            "string or integer labels")
+
+
+def test_numeric_looking_csv_texts_stay_texts(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"00{i},{'ab'[i % 2]}\n" for i in range(20)))
+    data = _load(path)
+    assert sorted(data.train.texts + data.validation.texts + data.test.texts) == sorted(
+        f"00{i}" for i in range(20))
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ({5: 1}, "column 'label' mixes string labels (data row 1: 'a') and integer labels "
+             "(data row 6: 1); allowed: one kind per column"),
+    ({5: "1"}, None),  # all strings: fine
+    ({0: {"x": 1}}, "data row 1 of column 'label' holds a mapping {'x': 1}; allowed: string "
+                    "or integer labels"),
+    ({2: ""}, "1 row has no label in column 'label' (data rows, counting from 1: 3)"),
+    ({2: "  ", 4: None}, "2 rows have no label in column 'label' (data rows, counting from 1: "
+                         "3, 5)"),
+    ({4: 0.5}, "label 0.5 in column 'label' (data row 5) is not a class; allowed: string or "
+               "integer labels (this is classification)"),
+])
+def test_label_column_holds_one_kind(tmp_path: Path, patch: dict, expected: str | None) -> None:
+    rows = _rows(20, ["a", "b"])
+    for i, v in patch.items():
+        rows[i]["label"] = v
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    if expected is None:
+        assert _load(path).label_names == ["1", "a", "b"]
+    else:
+        assert _error(path) == f"{path}: {expected}"
+
+
+def test_true_false_labels_are_one_kind_not_integers(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", _rows(20, [True, False]))
+    assert _load(path).label_names == ["False", "True"]
+    rows = _rows(20, [True, False])
+    rows[1]["label"] = 0
+    _jsonl(path, rows)
+    assert _error(path) == (f"{path}: column 'label' mixes true/false labels (data row 1: True) "
+                            "and integer labels (data row 2: 0); allowed: one kind per column")
+
+
+def test_integer_valued_float_labels_are_integers(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", _rows(20, [1.0, 2]))
+    assert _load(path).label_names == ["1", "2"]
+
+
+def test_csv_row_with_extra_fields(tmp_path: Path) -> None:
+    # Without the check pandas made "hello" and " world" an index and read the label as text.
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nhello, world,a\n" + "".join(
+        f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
+    assert _error(path) == (f"{path}: a row has more fields than the header; quote texts that "
+                            "contain a comma")
+
+
+# ----------------------------------------------------------------------------- unreadable splits
+def _folder(tmp_path: Path) -> Path:
+    _write(tmp_path / "train.csv", _rows(40, ["a", "b"]))
+    return tmp_path
+
+
+_OR_NONE = ("; allowed: a {s}{{.csv,.tsv,.json,.jsonl,.parquet}} file, or no {s} file (then "
+            "10 % of train is held out for it)")
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: (d / "test.txt").write_text("text,label\nx,a\n"),
+     "{d}/test.txt looks like the test split but has the unsupported type '.txt'"
+     + _OR_NONE.format(s="test")),
+    (lambda d: (d / "validation.csv").mkdir(),
+     "{d}/validation.csv looks like the validation split but is a folder, not a file"
+     + _OR_NONE.format(s="validation")),
+    (lambda d: (d / "dev.jsonl").symlink_to(d / "gone.jsonl"),
+     "{d}/dev.jsonl looks like the validation split but is a broken link"
+     + _OR_NONE.format(s="validation")),
+    (lambda d: (d / "test.csv.gz").write_bytes(b"\x1f\x8b"),
+     "{d}/test.csv.gz looks like the test split but has the unsupported type '.gz'"
+     + _OR_NONE.format(s="test")),
+], ids=["txt", "folder", "broken-link", "compressed"])
+def test_split_file_that_cannot_be_used_is_an_error(tmp_path: Path, make, expected: str) -> None:
+    # Before, each of these was skipped and 10 % of train silently became the split.
+    d = _folder(tmp_path)
+    make(d)
+    assert _error(d) == "data.dataset: " + expected.replace("{d}", str(d))
+
+
+def test_train_lookalike_gets_its_own_message(tmp_path: Path) -> None:
+    (tmp_path / "train.xlsx").write_text("x")
+    assert _error(tmp_path) == (f"data.dataset: {tmp_path}/train.xlsx looks like the train split "
+                                "but has the unsupported type '.xlsx'; allowed: a "
+                                "train{.csv,.tsv,.json,.jsonl,.parquet} file")
+
+
+def test_unrelated_files_are_still_ignored(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    (d / "notes.txt").write_text("x")
+    (d / "test_ideas.md").write_text("x")
+    (d / ".test.csv").write_text("hidden")
+    assert _load(d).sizes() == {"train": 32, "validation": 4, "test": 4}
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("test.csv", "text,label\ncaf\xe9,a\n".encode("latin-1"), "not UTF-8 text; save it as UTF-8"),
+    ("test.csv", b'text,label\n"never closed,a\n',
+     "cannot read it as .csv: Error tokenizing data. C error: EOF inside string starting at "
+     "row 1"),
+    ("validation.json", b'[{"text": "x", "label": "a"},',
+     "line 1 is not valid JSON (Expecting value); allowed: a JSON list of records, or one JSON "
+     "object per line"),
+    ("test.parquet", b"PAR1 not really",
+     "cannot read it as .parquet: Could not open Parquet input source"),
+])
+def test_unreadable_split_file_is_named(tmp_path: Path, name: str, content: bytes,
+                                        expected: str) -> None:
+    d = _folder(tmp_path)
+    (d / name).write_bytes(content)
+    msg = _error(d)
+    assert msg.startswith(f"{d / name}: {expected}"), msg
+
+
+def test_permission_denied_split_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _folder(tmp_path)
+    test = _write(d / "test.csv", _rows(10, ["a", "b"]))
+    real = pd.read_csv
+
+    def read_csv(path, *args, **kwargs):  # root reads through chmod, so the OS is stood in for
+        if Path(path) == test:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pd, "read_csv", read_csv)
+    assert _error(d) == f"{test}: permission denied; make the file readable"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied_split_file_for_real(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    test = _write(d / "test.csv", _rows(10, ["a", "b"]))
+    test.chmod(0)
+    assert _error(d) == f"{test}: permission denied; make the file readable"
+
+
+def test_split_seed_out_of_range_for_direct_callers(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", _rows(20, ["a", "b"]))
+    assert _error(path, split_seed=-1) == ("data.split_seed: -1 is out of range; allowed: an "
+                                          "integer >= 0 and < 2**32")
+
+
+# ----------------------------------------------------------------------------- LM documents
+def test_lm_document_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    from distill.lm_data import load_lm_text
+
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n")
+    (tmp_path / "notes.md").mkdir()  # a folder named like a document is none
+    assert len(load_lm_text(str(tmp_path)).train) == 8
+    (tmp_path / "doc3.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DistillError) as info:
+        load_lm_text(str(tmp_path))
+    assert str(info.value) == (f"{tmp_path / 'doc3.txt'}: not UTF-8 text (invalid continuation "
+                               "byte at byte 3); save it as UTF-8")
+    with pytest.raises(DistillError, match=r"^split_seed: -1 is out of range; allowed: an "
+                                           r"integer >= 0 and < 2\*\*32$"):
+        load_lm_text(str(tmp_path), split_seed=-1)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_recipe
 from distill.cli import app
-from distill.ownership import LOCK, MARKER, FolderLock, clean_leftovers, read_marker
+from distill.ownership import (LOCK, MARKER, FolderLock, _process_start, clean_leftovers,
+                               read_marker)
 
 runner = CliRunner()
 
@@ -215,3 +218,22 @@ def test_a_live_shrink_lock_blocks_a_second_writer(tiny_bert, tmp_path) -> None:
                            "--out", str(small))
     assert code == 2 and f"{small} is in use by another distill process" in output, output
     assert not small.exists()
+
+
+def test_a_lock_of_a_killed_unreaped_process_is_stale(tmp_path) -> None:
+    """A writer killed whose parent has not reaped it yet (a zombie: `kill -0` still succeeds)
+    holds no lock: a resume right after a kill must not wait for the reaper."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({
+            "pid": child.pid, "host": socket.gethostname(),
+            "process_start": _process_start(child.pid)}))
+        child.kill()
+        deadline = time.time() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.time() < deadline
+        with FolderLock(tmp_path):  # not reaped yet, and still taken over
+            assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    finally:
+        child.kill()
+        child.wait()
