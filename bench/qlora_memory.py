@@ -41,7 +41,8 @@ from distill.lm_data import (
     tokenize_blocks,
 )
 from distill.models import resolve_model_path
-from distill.perplexity import next_token_labels, token_nll
+from distill.perplexity import next_token_labels
+from distill.token_losses import token_nll
 from peft_methods.base import find_targets
 from peft_methods.qlora import NF4Linear, quantized_layers
 from provenance import RESULTS, write_result

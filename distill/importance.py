@@ -49,7 +49,8 @@ from transformers import PreTrainedModel
 
 from distill.arch import num_layers, present_stacks
 from distill.errors import DistillError
-from distill.perplexity import IGNORE_INDEX, next_token_labels, token_nll
+from distill.perplexity import next_token_labels
+from distill.token_losses import IGNORE_INDEX, token_nll
 from distill.shrinking import evenly_spaced
 
 STRATEGIES: tuple[str, ...] = ("uniform", "top", "importance")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from distill.token_losses import IGNORE_INDEX, divergence
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None, like: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     t = teacher_logits[..., :n_cls].float().reshape(-1, n_cls) / temperature
     log_p_s = F.log_softmax(s, dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
-    per_pos = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [N]
+    per_pos = divergence(log_p_t, log_p_s, "forward_kl")  # [N]
     mask = None if labels is None else labels.reshape(-1) != ignore_index
     return temperature**2 * _masked_mean(per_pos, mask, student_logits)
 

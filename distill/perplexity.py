@@ -12,10 +12,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from distill.token_losses import IGNORE_INDEX, token_nll
 
 
 def next_token_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -32,27 +31,6 @@ def next_token_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if mask is not None:
             labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
     return labels
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL and the number of predicted tokens.
-
-    Position t's logits predict label t+1 (the shift happens here); labels equal to
-    IGNORE_INDEX are not predicted. A vocabulary padded beyond the tokenizer's (49280 vs 49152
-    rows) is harmless here: padded rows are never a label.
-
-    Args:
-        logits: (B, T, V), any float dtype (cast to float32).
-        labels: (B, T) int64, unshifted.
-
-    Returns:
-        (float32 scalar sum of -log p(label), number of predicted tokens).
-    """
-    shifted = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    nll = F.cross_entropy(flat, shifted.to(flat.device), ignore_index=IGNORE_INDEX,
-                          reduction="sum")
-    return nll, int((shifted != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

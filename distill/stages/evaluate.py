@@ -90,7 +90,8 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
     """Metrics of each model in `refs`, keyed by label; `retention` vs the "teacher" entry."""
     results: dict[str, dict] = {}
     for ref in refs:
-        ctx.console.print(f"  evaluating {ref.label} ({ref.path}) on {cfg.split}")
+        ctx.console.print(f"  evaluating {escape(ref.label)} ({escape(str(ref.path))}) on "
+                          f"{cfg.split}")
         model, fresh_head = load_classifier_checked(ref.path,
                                                     ctx.recipe.teacher.trust_remote_code,
                                                     ctx.recipe.teacher.allow_pickle)

@@ -1,0 +1,252 @@
+"""Token-level distillation losses (distill/token_losses.py) against references no one here
+wrote: hand-written float64 formulas, `torch.nn.functional`, TRL's `generalized_jsd_loss`, and
+the loss a Hugging Face causal LM computes itself."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import kd_kl_loss
+from distill.token_losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    next_token_mask,
+    token_ce_loss,
+    token_distill_loss,
+    token_kd_loss,
+    top_k,
+)
+
+B, N, V = 3, 7, 11
+
+
+def logits(seed: int, *shape: int, scale: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+@pytest.fixture
+def pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher logits [B, N, V] and a mask [B, N] with a few positions off."""
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, -2:] = False  # padding
+    mask[2, :3] = False  # a prompt
+    return logits(0, B, N, V), logits(1, B, N, V), mask
+
+
+# ----------------------------------------------------------------------------- hand-written
+def kl64(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def softmax64(z: torch.Tensor, t: float) -> list[float]:
+    e = [math.exp(float(x) / t) for x in z]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def by_hand(kind: str, zs: torch.Tensor, zt: torch.Tensor, t: float, beta: float,
+            skew: float) -> float:
+    """One position's divergence, in float64 Python, from the definitions of METHODS.md §1."""
+    ps, pt = softmax64(zs, t), softmax64(zt, t)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl64(pt, ps)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl64(ps, pt)
+    if kind == "jsd":
+        m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+        return beta * kl64(pt, m) + (1 - beta) * kl64(ps, m)
+    if kind == "skew_forward_kl":
+        return kl64(pt, [skew * a + (1 - skew) * b for a, b in zip(pt, ps)])
+    return kl64(ps, [skew * b + (1 - skew) * a for a, b in zip(pt, ps)])  # skew_reverse_kl
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("t", [1.0, 2.5])
+def test_every_divergence_matches_its_formula(pair, kind: str, t: float) -> None:
+    s, te, mask = pair
+    beta, skew = 0.3, 0.2
+    expected = [by_hand(kind, s[b, i], te[b, i], t, beta, skew)
+                for b in range(B) for i in range(N) if mask[b, i]]
+    got = token_kd_loss(s, te, mask, temperature=t, kind=kind, beta=beta, skew=skew)
+    assert got.item() == pytest.approx(t * t * sum(expected) / len(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["jsd"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_limits_are_the_two_kls(pair, kind: str, beta: float) -> None:
+    s, te, mask = pair
+    other = "forward_kl" if beta == 0 else "reverse_kl"
+    assert torch.equal(token_kd_loss(s, te, mask, kind=kind, beta=beta),
+                       token_kd_loss(s, te, mask, kind=other))
+
+
+def test_skew_zero_is_the_plain_kl(pair) -> None:
+    s, te, mask = pair
+    for skewed, plain in (("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+        assert torch.allclose(token_kd_loss(s, te, mask, kind=skewed, skew=0.0),
+                              token_kd_loss(s, te, mask, kind=plain))
+
+
+def test_forward_kl_is_the_classification_kd_loss(pair) -> None:
+    """One KL, two entry points: the encoder path's `kd_kl_loss` on [B, N, V] with a label
+    mask and the token loss with the same mask agree."""
+    s, te, mask = pair
+    labels = torch.where(mask, 0, IGNORE_INDEX)
+    assert torch.allclose(kd_kl_loss(s, te, 2.0, labels),
+                          token_kd_loss(s, te, mask, temperature=2.0), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- TRL
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_jsd_equals_trl_generalized_jsd_loss(pair, beta: float, t: float) -> None:
+    """TRL's GKD loss (per token, mean over `labels != -100`, no T²) on the same logits."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental import gkd  # a dev dependency: the oracle runs, never skips
+
+    s, te, mask = pair
+    labels = torch.where(mask, 1, IGNORE_INDEX)
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(s, te, labels=labels, beta=beta,
+                                                 temperature=t)
+    ours = token_kd_loss(s, te, mask, temperature=t, kind="jsd", beta=beta)
+    assert ours.item() == pytest.approx(t * t * theirs.item(), rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_top_k_with_k_equal_to_the_vocabulary_is_full_kd(pair, kind: str) -> None:
+    s, te, mask = pair
+    full = token_kd_loss(s, te, mask, temperature=2.0, kind=kind, beta=0.4, skew=0.1)
+    cached = token_kd_loss(s, top_k(te, V, 2.0), mask, temperature=2.0, kind=kind, beta=0.4,
+                           skew=0.1)
+    assert cached.item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_top_k_compares_k_tokens_and_one_tail_bucket(pair) -> None:
+    s, te, mask = pair
+    k, t = 3, 1.5
+    got = token_kd_loss(s, top_k(te, k, t), mask, temperature=t)
+    expected = []
+    for b in range(B):
+        for i in range(N):
+            if not mask[b, i]:
+                continue
+            pt, ps = softmax64(te[b, i], t), softmax64(s[b, i], t)
+            top = sorted(range(V), key=lambda j: -pt[j])[:k]
+            bucket_t = [pt[j] for j in top] + [sum(pt[j] for j in range(V) if j not in top)]
+            bucket_s = [ps[j] for j in top] + [sum(ps[j] for j in range(V) if j not in top)]
+            expected.append(kl64(bucket_t, bucket_s))
+    assert got.item() == pytest.approx(t * t * sum(expected) / len(expected), rel=1e-5)
+    cache = top_k(te, k, t)  # what a cache stores: k log-probs, ids, the tail's log-mass
+    assert cache.log_probs.shape == (B, N, k) and cache.tail.shape == (B, N)
+    total = cache.log_probs.exp().sum(-1) + cache.tail.exp()
+    assert torch.allclose(total, torch.ones(B, N), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- chunks, masks
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_chunked_equals_unchunked_in_value_and_gradient(pair, kind: str) -> None:
+    s, te, mask = pair
+    results = []
+    for chunk in (2, 5, 10_000):
+        student = s.clone().requires_grad_(True)
+        loss = token_kd_loss(student, te, mask, temperature=2.0, kind=kind, chunk_size=chunk)
+        loss.backward()
+        results.append((loss.detach(), student.grad))
+    for loss, grad in results[:-1]:
+        assert (loss - results[-1][0]).abs().item() <= 1e-6
+        assert (grad - results[-1][1]).abs().max().item() <= 1e-6
+
+
+def test_masked_positions_change_nothing_and_get_no_gradient(pair) -> None:
+    s, te, mask = pair
+    student = s.clone().requires_grad_(True)
+    loss = token_kd_loss(student, te, mask, chunk_size=4)
+    loss.backward()
+    assert student.grad[~mask].abs().max() == 0 and student.grad[mask].abs().max() > 0
+    noisy = s.clone()
+    noisy[~mask] = logits(5, int((~mask).sum()), V)
+    assert torch.equal(token_kd_loss(noisy, te, mask, chunk_size=4), loss.detach())
+
+
+def test_nothing_to_learn_from_is_zero_not_nan(pair) -> None:
+    s, te, _ = pair
+    student = s.clone().requires_grad_(True)
+    none = torch.zeros(B, N, dtype=torch.bool)
+    loss = token_kd_loss(student, te, none) + token_ce_loss(student, torch.full(
+        (B, N), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(student.grad, torch.zeros_like(s))
+
+
+def test_a_padded_teacher_vocabulary_is_sliced(pair) -> None:
+    s, te, mask = pair
+    padded = torch.cat([te, torch.full((B, N, 5), 9.0)], dim=-1)  # rows of the padding
+    assert torch.equal(token_kd_loss(s, padded, mask), token_kd_loss(s, te, mask))
+
+
+def test_float32_copies_exist_for_one_chunk_at_a_time() -> None:
+    """What the forward pass keeps for backward: views of the inputs, and nothing of the float32
+    log-softmaxes larger than one chunk (they are recomputed per chunk in the backward pass)."""
+    s = logits(0, 4, 64, 50).to(torch.bfloat16).requires_grad_(True)
+    te = logits(1, 4, 64, 50).to(torch.bfloat16)
+    chunk, saved = 16, []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = token_kd_loss(s, te, None, temperature=2.0, chunk_size=chunk)
+    loss.backward()
+    # All float32 kept at once, summed over the chunks: at most one chunk's worth (without
+    # checkpointing, every chunk would keep its log-softmaxes: the whole batch's).
+    kept_f32 = sum(n for dtype, n in saved if dtype == torch.float32)
+    assert kept_f32 <= 2 * chunk * 50, saved
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- CE and the mix
+def test_token_ce_is_the_loss_a_causal_lm_computes_itself() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, V, (B, N), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, -2:] = IGNORE_INDEX
+    labels[2, :3] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert token_ce_loss(out.logits, labels, chunk_size=4).item() == pytest.approx(
+        out.loss.item(), rel=1e-5)
+
+
+def test_the_mix_is_alpha_ce_plus_one_minus_alpha_kd(pair) -> None:
+    s, te, _ = pair
+    labels = logits(9, B, N).abs().long() % V
+    labels[1, 4:] = IGNORE_INDEX
+    mask = next_token_mask(labels)
+    assert not mask[:, -1].any() and not mask[1, 3:].any() and mask[1, :3].all()
+    loss, parts = token_distill_loss(s, te, labels, alpha=0.3, temperature=2.0, kind="jsd")
+    kd = token_kd_loss(s, te, mask, temperature=2.0, kind="jsd")
+    shifted = labels[:, 1:].reshape(-1)
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, V), shifted, ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(0.3 * ce.item() + 0.7 * kd.item(), rel=1e-6)
+    assert parts == pytest.approx({"ce": ce.item(), "kd": kd.item()}, rel=1e-6)
+    assert set(token_distill_loss(s, te, labels, alpha=1.0)[1]) == {"ce"}
+    assert set(token_distill_loss(s, te, labels, alpha=0.0)[1]) == {"kd"}
+
+
+def test_an_unknown_divergence_names_the_allowed_ones(pair) -> None:
+    s, te, mask = pair
+    with pytest.raises(ValueError, match="allowed: forward_kl, reverse_kl, jsd"):
+        token_kd_loss(s, te, mask, kind="kl")
