@@ -48,6 +48,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="distill-suite-") as tmp:
         clone, log = Path(tmp) / "clone", Path(tmp) / "log.txt"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        # What ran is the clone's HEAD (the checkout may move on while the suite runs).
+        tested = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True,
+                                capture_output=True, text=True).stdout.strip()
         env = {k: v for k, v in os.environ.items() if k not in ("CI", "VIRTUAL_ENV")}
         env |= {"PIP_NO_CACHE_DIR": "1", "DISTILL_CACHE": str(Path(tmp) / "cache")}
         if args.mode == "ci":
@@ -67,6 +70,7 @@ def main() -> int:
             print(text[-5000:], file=sys.stderr)
     machine = provenance()
     del machine["packages"]  # this script's interpreter; the suite's are `versions`
+    machine |= {"commit": tested, "dirty": False}  # a fresh clone of a commit is clean
     entry = {"command": " ".join(test), "exit_code": code, "counts": counts,
              "setup_seconds": setup_seconds, "test_seconds": seconds, "versions": versions,
              "provenance": machine}
