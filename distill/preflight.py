@@ -35,7 +35,6 @@ from distill.data import TaskData, load_task_data
 from distill.errors import DistillError
 from distill.models import (
     check_weights,
-    checkpoint_shapes,
     config_num_layers,
     head_is_fresh,
     load_config,
@@ -43,6 +42,7 @@ from distill.models import (
     resolve_model_path,
 )
 from distill.recipe import AdaptStage, DistillStage, FinetuneStage, Recipe, ShrinkStage
+from distill.weights import checkpoint_shapes
 from peft_methods.prompt_tuning import PromptLearningMethod
 
 # Families whose position embeddings are a learned table: inputs longer than the table fail
