@@ -105,12 +105,16 @@ def divergence(log_t: Tensor, log_s: Tensor, kind: str = "forward_kl", beta: flo
     raise ValueError(f"unknown divergence {kind!r}; allowed: {', '.join(DIVERGENCES)}")
 
 
-def top_k(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TopK:
+def top_k(teacher_logits: Tensor, k: int, temperature: float = 1.0,
+          vocab_size: int | None = None) -> TopK:
     """The teacher's top-k at temperature T (what the teacher cache stores).
 
     Args:
         teacher_logits: [B, n, V].
+        vocab_size: the tokenizer's size; padded rows past it are left out.
     """
+    if vocab_size is not None:
+        teacher_logits = teacher_logits[..., :vocab_size]
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     values, indices = log_p.topk(k, dim=-1)
     return TopK(values, indices, log_p.scatter(-1, indices, -math.inf).logsumexp(-1))
@@ -142,20 +146,26 @@ def _chunk_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, temperatur
 
 def token_kd_loss(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor | None = None,
                   *, temperature: float = 1.0, kind: str = "forward_kl", beta: float = 0.5,
-                  skew: float = 0.1, chunk_size: int = 1024) -> Tensor:
+                  skew: float = 0.1, chunk_size: int = 1024, vocab_size: int | None = None
+                  ) -> Tensor:
     """`T² · divergence(p_T, p_S)` per position, averaged over the positions of `mask`.
 
     Args:
         student_logits: [B, n, V_s] (any float dtype).
         teacher: logits [B, n, V_t] (a padded vocabulary of the same family: both are sliced
-            to the smaller size), or the teacher's `TopK` at this temperature.
+            to the smaller size, or to `vocab_size`), or the teacher's `TopK` at this
+            temperature (computed on logits sliced the same way).
         mask: [B, n] bool, the positions that carry loss (`next_token_mask`); None: all.
         temperature: T > 0. kind, beta, skew: see `divergence`.
         chunk_size: positions per float32 chunk (memory: 2 · chunk_size · V floats, plus
             what the backward pass recomputes for one chunk).
+        vocab_size: the tokenizer's size: rows past it (padding of the embedding table, never
+            a real token) are left out of both distributions.
     Returns:
         scalar.
     """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
     if not isinstance(teacher, TopK):
         vocab = min(student_logits.shape[-1], teacher.shape[-1])
         student_logits, teacher = student_logits[..., :vocab], teacher[..., :vocab]
@@ -238,8 +248,8 @@ def next_token_mask(labels: Tensor) -> Tensor:
 
 def token_distill_loss(student_logits: Tensor, teacher: Tensor | TopK, labels: Tensor, *,
                        alpha: float = 0.5, temperature: float = 1.0, kind: str = "forward_kl",
-                       beta: float = 0.5, skew: float = 0.1, chunk_size: int = 1024
-                       ) -> tuple[Tensor, dict[str, float]]:
+                       beta: float = 0.5, skew: float = 0.1, chunk_size: int = 1024,
+                       vocab_size: int | None = None) -> tuple[Tensor, dict[str, float]]:
     """`α · CE + (1 − α) · T² · divergence` over the target tokens of `labels`.
 
     Args:
@@ -250,7 +260,8 @@ def token_distill_loss(student_logits: Tensor, teacher: Tensor | TopK, labels: T
     """
     mask = next_token_mask(labels)
     kd = token_kd_loss(student_logits, teacher, mask, temperature=temperature, kind=kind,
-                       beta=beta, skew=skew, chunk_size=chunk_size) if alpha < 1 else None
+                       beta=beta, skew=skew, chunk_size=chunk_size,
+                       vocab_size=vocab_size) if alpha < 1 else None
     ce = token_ce_loss(student_logits, labels, chunk_size) if alpha > 0 else None
     loss = (alpha * ce if ce is not None else 0.0) + ((1 - alpha) * kd if kd is not None
                                                        else 0.0)

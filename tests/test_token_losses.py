@@ -191,6 +191,21 @@ def test_a_padded_teacher_vocabulary_is_sliced(pair) -> None:
     assert torch.equal(token_kd_loss(s, padded, mask), token_kd_loss(s, te, mask))
 
 
+def test_padded_rows_of_both_models_are_left_out_with_the_tokenizers_size(pair) -> None:
+    """Both models padded past the tokenizer (SmolLM2's table has rows no token uses): with
+    `vocab_size` their padding gets no probability; without it, it would."""
+    s, te, mask = pair
+    pad = torch.full((B, N, 4), 6.0)
+    s_pad, t_pad = torch.cat([s, pad], -1), torch.cat([te, -pad], -1)
+    exact = token_kd_loss(s, te, mask)
+    assert torch.equal(token_kd_loss(s_pad, t_pad, mask, vocab_size=V), exact)
+    assert not torch.allclose(token_kd_loss(s_pad, t_pad, mask), exact)
+    cached = top_k(t_pad, V, vocab_size=V)
+    assert cached.indices.max() < V
+    assert token_kd_loss(s_pad, cached, mask, vocab_size=V).item() == pytest.approx(
+        exact.item(), abs=1e-6)
+
+
 def test_float32_copies_exist_for_one_chunk_at_a_time() -> None:
     """What the forward pass keeps for backward: views of the inputs, and nothing of the float32
     log-softmaxes larger than one chunk (they are recomputed per chunk in the backward pass)."""
