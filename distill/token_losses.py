@@ -17,8 +17,8 @@ student is then compared on those k tokens plus one tail bucket, a proper (k+1)-
 distribution, so that k = V is exactly full KD.
 
 Memory: the float32 log-softmax of both models is computed for `chunk_size` positions at a time,
-under activation checkpointing, so float32 [B, n, V] tensors of teacher and student never exist
-for the whole batch (a 49k-row vocabulary at 4×512 tokens is 400 MB per float32 copy; 150k+ for
+and each chunk's gradient is taken as soon as its value is (`_ChunkedSum`), so float32
+[B, n, V] tensors of teacher and student never exist for the whole batch (a 49k-row vocabulary at 4×512 tokens is 400 MB per float32 copy; 150k+ for
 Llama-3/Qwen users). Positions whose next token carries no loss (padding, the prompt of
 instruction data) are masked; the loss is the mean over the remaining positions, exactly 0 (still
 on the graph) when none remains.
@@ -33,7 +33,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
@@ -130,6 +129,40 @@ def _student_on_top_k(log_s: Tensor, indices: Tensor) -> Tensor:
     return torch.cat([log_s.gather(-1, indices), tail], dim=-1)
 
 
+class _ChunkedSum(torch.autograd.Function):
+    """Σ over chunks of `fn(logits[rows of the chunk], *args)`, with the gradient of every
+    chunk computed as soon as its value is (the Liger-kernel way): the float32 temporaries of
+    one chunk exist at a time, nothing is recomputed, and the gradient is written straight into
+    one buffer of the logits' shape and dtype (no full-size zeros per chunk to add up).
+
+    forward(logits [R, V], fn, chunks: [(start, end, args)]) -> float32 scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, fn, chunks: list) -> Tensor:  # type: ignore[override]
+        need = logits.requires_grad
+        grad = torch.zeros_like(logits) if need else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start, end, args in chunks:
+            part = logits[start:end].detach()
+            if need:
+                part.requires_grad_(True)
+                with torch.enable_grad():
+                    value = fn(part, *args)
+                grad[start:end] = torch.autograd.grad(value, part)[0]
+            else:
+                value = fn(part, *args)
+            total += value.detach()
+        ctx.save_for_backward(grad) if need else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        # In place: the buffer serves this one backward pass (no double backward).
+        return grad.mul_(grad_out.to(grad.dtype)), None, None
+
+
 def _chunk_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, temperature: float,
                kind: str, beta: float, skew: float) -> Tensor:
     """Sum over the masked rows of one chunk: student [N, V], teacher [N, V] or TopK of N rows,
@@ -177,19 +210,20 @@ def token_kd_loss(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor |
     count = int(keep.sum())
     if count == 0:
         return student_logits.sum() * 0.0
-    total = student.new_zeros((), dtype=torch.float32)
+    chunks = []
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
-        if not keep[start:end].any():
-            continue
-        part = teach.rows(start, end) if isinstance(teach, TopK) else teach[start:end]
-        args = (student[start:end], part, keep[start:end], temperature, kind, beta, skew)
-        # Recomputed in the backward pass: the float32 log-softmaxes of one chunk exist at a
-        # time, never those of the whole batch.
-        total = total + (checkpoint(_chunk_sum, *args, use_reentrant=False)
-                         if torch.is_grad_enabled() and student.requires_grad
-                         else _chunk_sum(*args))
+        if keep[start:end].any():  # a chunk of padding only costs nothing
+            part = teach.rows(start, end) if isinstance(teach, TopK) else teach[start:end]
+            chunks.append((start, end, (part, keep[start:end], temperature, kind, beta,
+                                        skew)))
+    total = _ChunkedSum.apply(student, _chunk_sum, chunks)
     return temperature**2 * total / count
+
+
+def _chunk_nll(part: Tensor, target: Tensor) -> Tensor:
+    """Summed cross-entropy of one chunk of rows [N, V] against targets [N], float32."""
+    return F.cross_entropy(part.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def token_nll(logits: Tensor, labels: Tensor, chunk_size: int = 1024) -> tuple[Tensor, int]:
@@ -211,19 +245,10 @@ def token_nll(logits: Tensor, labels: Tensor, chunk_size: int = 1024) -> tuple[T
     flat_logits = logits.reshape(rows, -1)
     flat = targets.reshape(rows).to(flat_logits.device)
 
-    def chunk(part: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(part.float(), target, ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-
-    total = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows, chunk_size):
-        target = flat[start:start + chunk_size]
-        if (target == IGNORE_INDEX).all():
-            continue
-        part = flat_logits[start:start + chunk_size]
-        total = total + (checkpoint(chunk, part, target, use_reentrant=False)
-                         if torch.is_grad_enabled() and part.requires_grad
-                         else chunk(part, target))
+    chunks = [(start, start + chunk_size, (flat[start:start + chunk_size],))
+              for start in range(0, rows, chunk_size)
+              if (flat[start:start + chunk_size] != IGNORE_INDEX).any()]
+    total = _ChunkedSum.apply(flat_logits, _chunk_nll, chunks)
     return total, int((flat != IGNORE_INDEX).sum())
 
 

@@ -207,24 +207,38 @@ def test_padded_rows_of_both_models_are_left_out_with_the_tokenizers_size(pair) 
 
 
 def test_float32_copies_exist_for_one_chunk_at_a_time() -> None:
-    """What the forward pass keeps for backward: views of the inputs, and nothing of the float32
-    log-softmaxes larger than one chunk (they are recomputed per chunk in the backward pass)."""
+    """What the forward pass leaves alive for backward: no float32 copy of the logits at all
+    (each chunk's float32 log-softmaxes are gone once its gradient is taken), only the gradient
+    buffer in the logits' own dtype. A plain float32 loss keeps the batch's log-softmaxes."""
+    import gc
+    import weakref
+
+    from distill.token_losses import divergence
+
     s = logits(0, 4, 64, 50).to(torch.bfloat16).requires_grad_(True)
     te = logits(1, 4, 64, 50).to(torch.bfloat16)
-    chunk, saved = 16, []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append((t.dtype, t.numel()))
-        return t
+    def alive_after(forward) -> list[tuple[torch.dtype, int]]:
+        refs = []
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = token_kd_loss(s, te, None, temperature=2.0, chunk_size=chunk)
-    loss.backward()
-    # All float32 kept at once, summed over the chunks: at most one chunk's worth (without
-    # checkpointing, every chunk would keep its log-softmaxes: the whole batch's).
-    kept_f32 = sum(n for dtype, n in saved if dtype == torch.float32)
-    assert kept_f32 <= 2 * chunk * 50, saved
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            refs.append(weakref.ref(t))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+        gc.collect()
+        alive = [(r().dtype, r().numel()) for r in refs if r() is not None]
+        loss.backward()
+        return alive
+
+    ours = alive_after(lambda: token_kd_loss(s, te, None, temperature=2.0, chunk_size=16))
+    assert not [a for a in ours if a[0] == torch.float32], ours
     assert s.grad is not None and s.grad.abs().sum() > 0
+    plain = alive_after(lambda: divergence(
+        F.log_softmax(te.float().reshape(-1, 50), -1),
+        F.log_softmax(s.float().reshape(-1, 50), -1)).mean())
+    assert sum(n for dtype, n in plain if dtype == torch.float32) >= s.numel()
 
 
 # ----------------------------------------------------------------------------- CE and the mix
