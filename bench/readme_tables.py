@@ -331,6 +331,24 @@ def progressive_vs_oneshot(data: dict[str, Any]) -> list[str]:
 
 
 # table name -> (JSON file under the repository root, the script that writes it, renderer)
+def token_loss_memory(data: dict[str, Any]) -> list[str]:
+    """bench/token_loss_memory.py: the token KD loss on a GPU, chunked vs a plain float32 loss."""
+    b, n, v = data["shape"]
+    lines = [row(f"KD loss, forward + backward, {b}×{n} positions × {v:,} vocabulary, bf16 "
+                 f"logits ({data['device']})", "memory beyond the logits", "ms", "vs plain"),
+             row("---", "---:", "---:", "---:")]
+    plain = data["plain"]
+    for key, label in (("plain", "plain: float32 log-softmax of the whole batch"),
+                       ("chunked", f"distill: chunks of {data['chunk']:,} positions"),
+                       ("top_k", f"distill, teacher's top-{data['k']} (cached)")):
+        r = data[key]
+        lines.append(row(label, f"{r['peak_extra_mib']:,.0f} MiB", f"{r['ms']:.1f}",
+                         "1×" if key == "plain" else
+                         f"{plain['peak_extra_mib'] / r['peak_extra_mib']:.1f}× less memory, "
+                         f"{r['ms'] / plain['ms']:.2f}× the time"))
+    return lines
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
@@ -347,6 +365,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                           "bench/progressive_vs_oneshot.py", progressive_steps),
     "progressive_vs_oneshot": ("bench/results/progressive_vs_oneshot.json",
                                "bench/progressive_vs_oneshot.py", progressive_vs_oneshot),
+    "token_loss_memory": ("bench/results/token_loss_memory.json",
+                          "bench/token_loss_memory.py", token_loss_memory),
 }
 
 
