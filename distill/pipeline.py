@@ -205,6 +205,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
     # (distill.preflight: data, models, tokenizers, stage plans), before the run dir exists.
     checked = preflight(recipe, run_dir,
                         sharded=parallel.strategy_for(accelerator).shards_gradients)
+    # Every rank has checked the folder (and run pre-flight) before rank 0 writes into it:
+    # a rank that checked later would find rank 0's marker and refuse the run as existing.
+    accelerator.wait_for_everyone()
     lock = FolderLock(run_dir, what="the run directory")
     if main:
         lock.acquire()
@@ -212,7 +215,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, force: bool = F
         if main:
             if resume:
                 for path in clean_leftovers(run_dir):
-                    console.print(f"removed the leftover of an interrupted save: {escape(str(path))}")
+                    console.print("removed the leftover of an interrupted save: "
+                                  f"{escape(str(path))}")
             else:
                 claim(run_dir, "run", force=force, inputs=recipe_inputs(recipe),
                       recipe_sha256=recipe_digest(recipe), recipe=recipe_to_dict(recipe))
