@@ -123,5 +123,8 @@ def remove_all(folder: Path) -> None:
     the checkpoints are what a resume continues from.
     """
     for directory in sorted(Path(folder).rglob("checkpoint"), key=lambda p: -len(p.parts)):
-        if directory.is_dir():
+        # Only what `save_checkpoint` writes (a `latest` pointer, `step-N` folders), or empty.
+        if directory.is_dir() and not directory.is_symlink() and (
+                (directory / LATEST).is_file() or any(directory.glob("step-*"))
+                or not any(directory.iterdir())):
             shutil.rmtree(directory, ignore_errors=True)

@@ -385,9 +385,9 @@ def _check_texts(texts: list[Any], path: Path, column: str) -> None:
                            f"{column!r} (data rows, counting from 1: {_rows(blank)})")
     wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if wrong:
-        raise DistillError(f"{path}: {_count(wrong, 'is', 'are')} not text in column {column!r} (data "
-                           f"rows, counting from 1: {_rows(wrong)}; row {wrong[0] + 1} holds "
-                           f"{_show(texts[wrong[0]])}); allowed: strings")
+        raise DistillError(f"{path}: {_count(wrong, 'is', 'are')} not text in column "
+                           f"{column!r} (data rows, counting from 1: {_rows(wrong)}; row "
+                           f"{wrong[0] + 1} holds {_show(texts[wrong[0]])}); allowed: strings")
 
 
 def _label_kind(value: Any) -> str | None:

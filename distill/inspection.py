@@ -6,7 +6,8 @@ from pathlib import Path
 
 from transformers import AutoModel
 
-from distill.models import count_params, dir_size_mb, load_checked, load_config, resolve_model_path
+from distill.models import (count_params, dir_size_mb, load_checked, load_config,
+                            resolve_model_path)
 
 
 def describe_model(name: str, trust_remote_code: bool = False) -> dict[str, object]:

@@ -19,7 +19,7 @@ from distill.errors import DistillError
 from distill.importance import resolve_score
 from distill.lm_data import SHAKESPEARE, lm_batches, lm_blocks
 from distill.models import count_params, load_checked, load_config, load_tokenizer, save_model
-from distill.ownership import check_claim, sibling_lock
+from distill.ownership import check_claim, local_paths, sibling_lock
 from distill.preflight import position_limit
 from distill.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
@@ -63,12 +63,6 @@ def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: i
     return batches
 
 
-def _inputs(name: str, data: str | None) -> list[Path]:
-    """The local files and folders `distill shrink` reads: `--out` must not hold any of them."""
-    paths = [Path(n).expanduser() for n in (name, data) if n and not n.startswith("builtin:")]
-    return [p for p in paths if p.exists()]
-
-
 def check_options(model: PreTrainedModel, step: ShrinkStep, examples: int,
                   max_length: int | None) -> int:
     """The one-off's own options against the loaded model, named as the user typed them;
@@ -108,7 +102,7 @@ def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str 
         when it ranked the layers by importance.
     """
     out = Path(out).expanduser().absolute()
-    check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # before any work
+    check_claim(out, force=force, inputs=local_paths(name, data), flag="--out")  # before any work
     model = load_any(name, trust_remote_code)
     tokenizer = load_tokenizer(name, trust_remote_code)
     max_length = check_options(model, step, examples, max_length)
@@ -126,6 +120,6 @@ def shrink_model(name: str, out: str | Path, step: ShrinkStep, *, strategy: str 
     before = shape(model)
     small, info = cut(model, step, batches, strategy, score)
     with sibling_lock(out):
-        check_claim(out, force=force, inputs=_inputs(name, data), flag="--out")  # still so?
+        check_claim(out, force=force, inputs=local_paths(name, data), flag="--out")  # still so?
         save_model(small, tokenizer, out, marker={"kind": "shrink", "source": name})
     return {"before": before, "after": shape(small), **info}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -33,9 +34,11 @@ from distill.files import atomic_write
 
 MARKER = ".distill.json"
 LOCK = ".distill.lock"
-# Names of what an interrupted atomic write leaves beside its target (see distill.files).
-_TMP_DIR_PREFIX = ".tmp-"
-_TMP_FILE_SUFFIX = ".tmp"
+# The exact names our writers give their temporaries (distill.files, peft_methods.ops): a
+# folder from `mkdtemp(prefix=".tmp-<target>-")` (8 random characters; "-old" while a
+# replaced target waits to go) and a file `.<target>.<pid>.<8 hex>.tmp` from `atomic_write`.
+_TMP_DIR = re.compile(r"\.tmp-.+-[a-z0-9_]{8}(-old)?")
+_TMP_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
@@ -126,20 +129,29 @@ def claim(folder: Path, kind: str, *, force: bool, inputs: Iterable[Path] = (),
 def clean_leftovers(folder: Path) -> list[Path]:
     """Remove what interrupted atomic writes left under a folder of ours; return what went.
 
-    Only names our writers use for temporaries (`.tmp-*` folders, `.*.tmp` files) are touched,
-    and only below a marked folder.
+    Only the exact names our writers give their temporaries are touched (`_TMP_DIR`,
+    `_TMP_FILE`), never through a link, and only below a marked folder.
     """
     if not is_ours(folder):
         return []
     gone = []
     for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
-        if path.name.startswith(_TMP_DIR_PREFIX) and path.is_dir():
+        if path.is_symlink():
+            continue
+        if _TMP_DIR.fullmatch(path.name) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             gone.append(path)
-        elif path.name.endswith(_TMP_FILE_SUFFIX) and path.is_file():
+        elif _TMP_FILE.fullmatch(path.name) and path.is_file():
             path.unlink(missing_ok=True)
             gone.append(path)
     return gone
+
+
+def local_paths(*names: str | None) -> list[Path]:
+    """The names (models, data) that are existing local paths, not built-ins or hub ids: what a
+    command reads from disk, and so may never replace or delete."""
+    return [Path(n).expanduser() for n in names
+            if n and not n.startswith("builtin:") and Path(n).expanduser().exists()]
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -33,7 +33,8 @@ from distill.models import (
     quiet_transformers,
     resolve_model_path,
 )
-from distill.ownership import FolderLock, check_claim, claim, clean_leftovers, read_marker
+from distill.ownership import (FolderLock, check_claim, claim, clean_leftovers, local_paths,
+                               read_marker)
 from distill.preflight import preflight
 from distill.recipe import AdaptStage, Recipe, dump_recipe, recipe_to_dict
 from distill.report import write_report
@@ -44,16 +45,11 @@ def stage_dir_name(index: int, kind: str) -> str:
     return f"{index:02d}-{kind}"
 
 
-def _local(name: str | None) -> bool:
-    """A model or dataset named by a local path (not a built-in, not a hub id)."""
-    return bool(name) and not name.startswith("builtin:") and Path(name).expanduser().exists()
-
-
 def absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe with every local model, data and offload path made absolute, so that the
     stored recipe means the same from any working folder (`--resume` from elsewhere)."""
     def fix(name: str | None) -> str | None:
-        return str(Path(name).expanduser().absolute()) if _local(name) else name
+        return str(Path(name).expanduser().absolute()) if local_paths(name) else name
 
     teacher = dataclasses.replace(
         recipe.teacher, model=fix(recipe.teacher.model),
@@ -76,7 +72,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     for stage in recipe.stages:
         if isinstance(stage, AdaptStage):
             names += [stage.model, stage.data.dataset if stage.data else None]
-    return [Path(n).expanduser() for n in names if _local(n)]
+    return local_paths(*names)
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -105,7 +101,7 @@ def static_metrics(path: str, trust_remote_code: bool = False, allow_pickle: boo
     """Params and size of a saved model without evaluating it (for runs with no evaluate)."""
     from distill.stages.evaluate import load_saved_classifier
 
-    params, non_emb = count_params(load_saved_classifier(path, trust_remote_code, allow_pickle))
+    params, non_emb = count_params(load_saved_classifier(path, trust_remote_code, allow_pickle)[0])
     return {"params": params, "params_non_embedding": non_emb,
             "size_mb": round(dir_size_mb(Path(resolve_model_path(path))), 3)}
 

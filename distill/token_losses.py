@@ -18,8 +18,8 @@ distribution, so that k = V is exactly full KD.
 
 Memory: the float32 log-softmax of both models is computed for `chunk_size` positions at a time,
 and each chunk's gradient is taken as soon as its value is (`_ChunkedSum`), so float32
-[B, n, V] tensors of teacher and student never exist for the whole batch (a 49k-row vocabulary at 4×512 tokens is 400 MB per float32 copy; 150k+ for
-Llama-3/Qwen users). Positions whose next token carries no loss (padding, the prompt of
+[B, n, V] tensors of teacher and student never exist for the whole batch (a 49k-row vocabulary
+at 4×512 tokens is 400 MB per float32 copy; 150k+ rows for Llama-3/Qwen users). Positions whose next token carries no loss (padding, the prompt of
 instruction data) are masked; the loss is the mean over the remaining positions, exactly 0 (still
 on the graph) when none remains.
 """

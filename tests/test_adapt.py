@@ -54,7 +54,7 @@ def test_adapt_stage_trains_saves_and_reports(tiny_bert: Path, tiny_csv: Path,
     evaluated = json.loads((tmp_path / "run/stages/03-evaluate/metrics.json").read_text())
     assert set(evaluated["models"]) == {"teacher", "01-distill"}
     # The adapter reloads onto its base (the distilled student) and predicts the same.
-    base = load_saved_classifier(str(tmp_path / "run/stages/01-distill/model"))
+    base, _ = load_saved_classifier(str(tmp_path / "run/stages/01-distill/model"))
     assert base.config.num_labels == 2
     from transformers import AutoModelForSequenceClassification
     fresh = AutoModelForSequenceClassification.from_pretrained(

@@ -256,6 +256,14 @@ def adapt(**keys: Any) -> Patch:
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [{', '.join([f'*{q}'] * 10)}]\n" for q, n in zip("abcde", "bcdef"))
 
+def command_cases(command: str, rows: list[tuple[str, str, Callable[[Env, Path], list[str]]]]
+                  ) -> list[Case]:
+    """Cases of one command: (what, needle, its arguments after the command name)."""
+    return [Case(f"{command}: {what}", needle,
+                 args=lambda e, out, a=argv: [command, *a(e, out)])
+            for what, needle, argv in rows]
+
+
 CASES: list[Case] = [
     # --- the recipe file
     Case("missing recipe file", "recipe not found", args=lambda e, out: [
@@ -476,8 +484,7 @@ CASES: list[Case] = [
     Case("inspect: config.json that is not JSON", "config.json: not a valid config",
          args=lambda e, out: ["inspect", e["bad_config"]]),
     # --- distill shrink
-    *[Case(f"shrink: {what}", needle, args=lambda e, out, a=argv: ["shrink", *a(e, out)])
-      for what, needle, argv in [
+    *command_cases("shrink", [
         ("--out a folder distill did not make", "is not empty and was not made by distill",
          lambda e, out: [str(e.bert), "--layers", "2", "--out", str(_foreign(out)), "--force"]),
         ("--out is the model it reads", "which this command reads",
@@ -513,10 +520,9 @@ CASES: list[Case] = [
                          "--out", str(out)]),
         ("a width that breaks heads x head size", "hidden 24",
          lambda e, out: [str(e.bert), "--hidden", "24", "--out", str(out)]),
-    ]],
+    ]),
     # --- distill attach
-    *[Case(f"attach: {what}", needle, args=lambda e, out, a=argv: ["attach", *a(e, out)])
-      for what, needle, argv in [
+    *command_cases("attach", [
         ("no student", "give the student to adapt", lambda e, out: []),
         ("missing student", "STUDENT: model path not found",
          lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv)]),
@@ -547,10 +553,9 @@ CASES: list[Case] = [
         ("missing text column", "--text-column: column 'review' not found",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review", "-o",
                          str(out)]),
-    ]],
+    ]),
     # --- distill eval
-    *[Case(f"eval: {what}", needle, args=lambda e, out, a=argv: ["eval", *a(e, out)])
-      for what, needle, argv in [
+    *command_cases("eval", [
         ("missing model", "model path not found",
          lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv)]),
         ("unknown split", "--split: 'bogus' is not allowed; allowed: test, validation",
@@ -564,16 +569,15 @@ CASES: list[Case] = [
                                                              e["latin1"]]),
         ("missing text column", "--text-column: column 'review' not found",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review"]),
-    ]],
+    ]),
     # --- distill inspect
-    *[Case(f"inspect: {what}", needle, args=lambda e, out, a=argv: ["inspect", *a(e, out)])
-      for what, needle, argv in [
+    *command_cases("inspect", [
         ("missing model", "model path not found", lambda e, out: [str(e.root / "no-model")]),
         ("damaged weights", "a safetensors weights file could not be read",
          lambda e, out: [e["damaged"]]),
         ("a file", "not a Hugging Face model directory", lambda e, out: [e["a_file"]]),
         ("pickled model", "pickled", lambda e, out: [e["pickled"]]),
-    ]],
+    ]),
     # --- found during training
     Case("NaN-producing learning rate", "the loss became nan",
          set_stages(stage("finetune", learning_rate=1e6, warmup_ratio=0, log_every=1)),

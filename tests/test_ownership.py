@@ -178,15 +178,18 @@ def test_saved_files_follow_the_umask(tiny_bert, tiny_csv, tmp_path) -> None:
 def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path) -> None:
     from distill.ownership import write_marker
 
-    (tmp_path / "stages/00-finetune/.tmp-model-abc").mkdir(parents=True)
-    (tmp_path / "stages/00-finetune/.tmp-model-abc/model.safetensors").write_bytes(b"x")
+    (tmp_path / "stages/00-finetune/.tmp-model-ab1_x9zq").mkdir(parents=True)
+    (tmp_path / "stages/00-finetune/.tmp-model-ab1_x9zq/model.safetensors").write_bytes(b"x")
     (tmp_path / ".report.json.123.ab12cd34.tmp").write_text("{")
+    # The user's own files that merely look alike: not names our writers give.
     (tmp_path / "keep.txt").write_text("x")
+    (tmp_path / ".notes.tmp").write_text("x")
+    (tmp_path / ".tmp-mine").mkdir()
     assert clean_leftovers(tmp_path) == []  # not ours: nothing is touched
     write_marker(tmp_path, "run")
     gone = clean_leftovers(tmp_path)
     assert len(gone) == 2 and sorted(p.name for p in tmp_path.rglob("*")) == [
-        ".distill.json", "00-finetune", "keep.txt", "stages"]
+        ".distill.json", ".notes.tmp", ".tmp-mine", "00-finetune", "keep.txt", "stages"]
 
 
 def test_shrink_out_is_owned_like_a_run(tiny_bert, tmp_path) -> None:
@@ -237,3 +240,16 @@ def test_a_lock_of_a_killed_unreaped_process_is_stale(tmp_path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_only_checkpoint_folders_of_ours_are_removed(tmp_path) -> None:
+    from distill.checkpoint import remove_all
+
+    ours = tmp_path / "stages/00-finetune/checkpoint"
+    (ours / "step-4").mkdir(parents=True)
+    (ours / "latest").write_text("step-4\n")
+    mine = tmp_path / "stages/00-finetune/notes/checkpoint"  # a folder of the same name
+    mine.mkdir(parents=True)
+    (mine / "plan.txt").write_text("x")
+    remove_all(tmp_path / "stages/00-finetune")
+    assert not ours.exists() and (mine / "plan.txt").is_file()

@@ -65,9 +65,9 @@ def reference(tiny_bert: Path, tiny_csv: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("crash_at", [5, 9])  # mid-epoch (step 5), just after epoch 1 ends
-def test_crash_in_a_stage_resumes_bitwise(tiny_bert: Path, tiny_csv: Path, tmp_path: Path,
-                                          reference: Path, monkeypatch, crash_at: int) -> None:
+def crash_in_distill(model: Path, data: Path, out: Path, monkeypatch, step: int) -> Path:
+    """Run `crashing_recipe` into `out` until the distill stage crashes at optimizer step
+    `step` (2 micro-batches per step); the stage's forward is restored afterwards."""
     from distill.stages import distill as distill_stage
 
     calls = {"n": 0}
@@ -75,15 +75,21 @@ def test_crash_in_a_stage_resumes_bitwise(tiny_bert: Path, tiny_csv: Path, tmp_p
 
     def forward(self, batch):
         calls["n"] += 1
-        if calls["n"] == 2 * crash_at + 1:  # 2 micro-batches per step
+        if calls["n"] == 2 * step + 1:
             raise Crash("killed")
         return original(self, batch)
 
     monkeypatch.setattr(distill_stage.DistillUnit, "forward", forward)
-    out = tmp_path / "run"
     with pytest.raises(Crash):
-        run_recipe(recipe_from_dict(crashing_recipe(tiny_bert, tiny_csv)), output=out)
+        run_recipe(recipe_from_dict(crashing_recipe(model, data)), output=out)
     monkeypatch.setattr(distill_stage.DistillUnit, "forward", original)
+    return out
+
+
+@pytest.mark.parametrize("crash_at", [5, 9])  # mid-epoch (step 5), just after epoch 1 ends
+def test_crash_in_a_stage_resumes_bitwise(tiny_bert: Path, tiny_csv: Path, tmp_path: Path,
+                                          reference: Path, monkeypatch, crash_at: int) -> None:
+    out = crash_in_distill(tiny_bert, tiny_csv, tmp_path / "run", monkeypatch, crash_at)
     report = json.loads((out / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["done", "failed"]
     assert any((out / "stages/01-distill/checkpoint").glob("step-*"))
@@ -99,21 +105,8 @@ def test_damaged_checkpoints_are_named_before_the_stage_starts_again(
         tiny_bert: Path, tiny_csv: Path, tmp_path: Path, reference: Path, monkeypatch) -> None:
     from rich.console import Console
 
-    from distill.stages import distill as distill_stage
-
-    original, calls = distill_stage.DistillUnit.forward, {"n": 0}
-
-    def forward(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2 * 9 + 1:  # step 9: checkpoints step-6 and step-8 exist
-            raise Crash("killed")
-        return original(self, batch)
-
-    monkeypatch.setattr(distill_stage.DistillUnit, "forward", forward)
-    out = tmp_path / "run"
-    with pytest.raises(Crash):
-        run_recipe(recipe_from_dict(crashing_recipe(tiny_bert, tiny_csv)), output=out)
-    monkeypatch.setattr(distill_stage.DistillUnit, "forward", original)
+    # Crashed at step 9: checkpoints step-6 and step-8 exist.
+    out = crash_in_distill(tiny_bert, tiny_csv, tmp_path / "run", monkeypatch, 9)
     folders = sorted((out / "stages/01-distill/checkpoint").glob("step-*"))
     assert [p.name for p in folders] == ["step-6", "step-8"]
     for folder in folders:  # cut short, as a full disk would leave them

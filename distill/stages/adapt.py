@@ -142,7 +142,8 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
     loader = task.loader("train", cfg.batch_size, shuffle=True, seed=seed)
     adapted = apply_method(model, cfg.method, with_step_count(cfg, len(loader)))
     share = peft_methods.trainable_report(adapted)
-    ctx.console.print(f"  {cfg.method} on {escape(str(source))}: {share['trainable_params']:,} trainable "
+    ctx.console.print(f"  {cfg.method} on {escape(str(source))}: "
+                      f"{share['trainable_params']:,} trainable "
                       f"parameters ({share['trainable_percent']:.2f} % of "
                       f"{share['total_params']:,})")
     eval_seconds = [0.0]

@@ -22,15 +22,8 @@ from distill.recipe import DataConfig, EvaluateStage
 
 
 def load_saved_classifier(path: str, trust_remote_code: bool = False,
-                          allow_pickle: bool = False) -> nn.Module:
-    """A saved sequence classifier, weights from safetensors only (pickled weights, when
-    allowed, with `torch.load(weights_only=True)`; see `models.load_checked`)."""
-    return load_classifier_checked(path, trust_remote_code, allow_pickle)[0]
-
-
-def load_classifier_checked(path: str, trust_remote_code: bool = False,
-                            allow_pickle: bool = False, key: str | None = "teacher.allow_pickle"
-                            ) -> tuple[nn.Module, bool]:
+                          allow_pickle: bool = False, key: str | None = "teacher.allow_pickle"
+                          ) -> tuple[nn.Module, bool]:
     """A saved sequence classifier in eval mode, and whether its head was never trained
     (not in its weights, so freshly initialised: a base model such as a sentence encoder).
     `key`: the recipe key that allows pickles, for messages (None: `distill eval`, no recipe).
@@ -92,7 +85,7 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
     for ref in refs:
         ctx.console.print(f"  evaluating {escape(ref.label)} ({escape(str(ref.path))}) on "
                           f"{cfg.split}")
-        model, fresh_head = load_classifier_checked(ref.path,
+        model, fresh_head = load_saved_classifier(ref.path,
                                                     ctx.recipe.teacher.trust_remote_code,
                                                     ctx.recipe.teacher.allow_pickle)
         if fresh_head:
@@ -140,7 +133,7 @@ def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "te
     from distill.training import make_accelerator
 
     data = load_task_data(data_cfg)
-    model, fresh_head = load_classifier_checked(model_path, key=None)
+    model, fresh_head = load_saved_classifier(model_path, key=None)
     check_label_names(model, data.label_names, model_path)
     ctx = RunContext(recipe=Recipe(name="eval", teacher=ModelSpec(model=model_path),
                                    data=data_cfg),

@@ -36,8 +36,8 @@ def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
                                           ctx.recipe.teacher.trust_remote_code,
                                           ctx.recipe.teacher.allow_pickle)
     if head_trained and cfg.skip_if_tuned:
-        ctx.console.print(f"  finetune skipped: {escape(str(ctx.teacher_source))} already has a trained "
-                          f"head for {escape(str(ctx.data.label_names))}")
+        ctx.console.print(f"  finetune skipped: {escape(str(ctx.teacher_source))} already "
+                          f"has a trained head for {escape(str(ctx.data.label_names))}")
         return StageResult("skipped", metrics={"reason": "teacher already tuned"})
     model.train()
     result = train_loop(
