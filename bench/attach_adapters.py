@@ -67,7 +67,7 @@ def main() -> None:
 
     start = time.perf_counter()
     if args.resume:
-        from distill.pipeline import resume_recipe
+        from distill.run.pipeline import resume_recipe
 
         resume_recipe(args.run)
     elif not args.summarise:

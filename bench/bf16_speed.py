@@ -1,7 +1,7 @@
 """Is bf16 autocast faster than fp32 on this CPU? The evidence behind `bf16: auto`.
 
 Times, side by side in one process: one [128×512]·[512×512] matmul
-(`distill.precision.matmul_seconds`, what `bf16_is_faster` compares) and one training step of
+(`distill.train.precision.matmul_seconds`, what `bf16_is_faster` compares) and one training step of
 the real MiniLM-L6 classifier (batch 32 × 64 tokens, forward + backward + AdamW), each in fp32
 and under bf16 autocast, best of a few repeats; and records what `bf16: auto` decides here.
 CPUs differ by two orders of magnitude (AMX, AVX-512 BF16, or neither), so only the ratio
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from distill.models import resolve_model_path
-from distill.precision import bf16_is_faster, matmul_seconds
+from distill.models.loading import resolve_model_path
+from distill.train.precision import bf16_is_faster, matmul_seconds
 from provenance import RESULTS, provenance, write_result
 
 

@@ -33,16 +33,16 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_methods as pm
-from distill.lm_data import (
+from distill.data.text import (
     SHAKESPEARE,
     lm_batches,
     load_lm_text,
     sample_blocks,
     tokenize_blocks,
 )
-from distill.models import resolve_model_path
-from distill.perplexity import next_token_labels
-from distill.token_losses import token_nll
+from distill.models.loading import resolve_model_path
+from distill.tasks.perplexity import next_token_labels
+from distill.kd.token_losses import token_nll
 from peft_methods.base import find_targets
 from peft_methods.qlora import NF4Linear, quantized_layers
 from provenance import RESULTS, write_result

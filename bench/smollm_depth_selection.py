@@ -1,7 +1,7 @@
 """Which layers to drop? Depth-selection strategies on SmolLM2-135M, before any healing.
 
 Drops a third of SmolLM2-135M-Instruct's 30 layers (keeps 20) by each strategy of
-`distill.importance.select_layers` and measures perplexity on held-out Shakespeare:
+`distill.compress.importance.select_layers` and measures perplexity on held-out Shakespeare:
 
 - importance / influence: keep the 20 blocks with the largest `1 − cos(h_in, h_out)`;
 - importance / loss: keep the 20 blocks whose skipping raises the calibration loss most;
@@ -9,7 +9,7 @@ Drops a third of SmolLM2-135M-Instruct's 30 layers (keeps 20) by each strategy o
 - top: drop the top 10 blocks (keep 0..19).
 
 Importance is scored on calibration blocks from the TRAIN plays only; perplexity is measured
-on blocks of the TEST plays (`distill.lm_data`: whole plays held out, split_seed 0). Blocks are
+on blocks of the TEST plays (`distill.data.text`: whole plays held out, split_seed 0). Blocks are
 short (128 tokens) and sampled with a fixed seed, so the run takes a few minutes on 2 cores.
 
     HF_HUB_OFFLINE=1 nice -n 19 python bench/smollm_depth_selection.py
@@ -28,17 +28,17 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.importance import depth_importance, most_important, select_layers
-from distill.lm_data import (
+from distill.compress.importance import depth_importance, most_important, select_layers
+from distill.data.text import (
     SHAKESPEARE,
     lm_batches,
     load_lm_text,
     sample_blocks,
     tokenize_blocks,
 )
-from distill.models import count_params, resolve_model_path
-from distill.perplexity import perplexity
-from distill.shrinking import keep_layers
+from distill.models.loading import count_params, resolve_model_path
+from distill.tasks.perplexity import perplexity
+from distill.compress.depth import keep_layers
 from provenance import RESULTS, write_result
 
 MODEL = "builtin:smollm2-135m"

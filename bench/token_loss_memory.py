@@ -1,7 +1,7 @@
 """Memory and time of the token-level KD loss on a GPU: chunked (distill) vs the plain loss.
 
 The plain loss is what a 10-line loop writes: float32 log-softmax of the whole batch for the
-student and the teacher, the forward KL, the mean over tokens. `distill.token_losses` computes
+student and the teacher, the forward KL, the mean over tokens. `distill.kd.token_losses` computes
 the same value in chunks of positions under activation checkpointing. Both run forward and
 backward on the same bf16 logits [B, n, V] (SmolLM2's vocabulary by default); the script reports
 the peak CUDA memory each adds on top of the logits, the milliseconds per forward+backward, and
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distill.token_losses import token_kd_loss, top_k  # noqa: E402
+from distill.kd.token_losses import token_kd_loss, top_k  # noqa: E402
 from provenance import RESULTS, write_result  # noqa: E402
 
 

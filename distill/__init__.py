@@ -11,15 +11,15 @@ The Python API does everything the CLI does:
 from __future__ import annotations
 
 from distill.errors import DistillError, RecipeError
-from distill.recipe import Recipe, load_recipe, recipe_from_dict
+from distill.config.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
 
 
 def run_recipe(recipe: Recipe, output: str | None = None, force: bool = False,
                console: object | None = None) -> dict:
-    """Run a validated recipe; see `distill.pipeline.run_recipe`."""
-    from distill.pipeline import run_recipe as _run
+    """Run a validated recipe; see `distill.run.pipeline.run_recipe`."""
+    from distill.run.pipeline import run_recipe as _run
 
     return _run(recipe, output=output, force=force, console=console)
 
@@ -31,17 +31,17 @@ def __getattr__(name: str) -> object:
         "distill_student": ("distill.stages.distill", "run"),
         "evaluate": ("distill.stages.evaluate", "run"),
         "evaluate_saved_model": ("distill.stages.evaluate", "evaluate_saved_model"),
-        "describe_model": ("distill.inspection", "describe_model"),
-        "load_report": ("distill.report", "load_report"),
-        "print_report": ("distill.report", "print_report"),
-        "keep_layers": ("distill.shrinking", "keep_layers"),
-        "select_layers": ("distill.importance", "select_layers"),
-        "depth_importance": ("distill.importance", "depth_importance"),
-        "shrink_width": ("distill.width", "shrink_width"),
-        "shrink_model": ("distill.oneoff", "shrink_model"),
+        "describe_model": ("distill.commands.inspect", "describe_model"),
+        "load_report": ("distill.run.report", "load_report"),
+        "print_report": ("distill.run.report", "print_report"),
+        "keep_layers": ("distill.compress.depth", "keep_layers"),
+        "select_layers": ("distill.compress.importance", "select_layers"),
+        "depth_importance": ("distill.compress.importance", "depth_importance"),
+        "shrink_width": ("distill.compress.width", "shrink_width"),
+        "shrink_model": ("distill.commands.shrink", "shrink_model"),
         "shrink": ("distill.stages.shrink", "run"),
         "adapt": ("distill.stages.adapt", "run"),
-        "attach": ("distill.attaching", "attach"),
+        "attach": ("distill.commands.attach", "attach"),
     }
     if name in lazy:
         import importlib

@@ -32,7 +32,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 @app.callback()
 def _setup() -> None:
     """Compress transformer models (see `distill COMMAND --help`)."""
-    from distill.models import quiet_transformers
+    from distill.models.loading import quiet_transformers
 
     quiet_transformers()
 
@@ -171,9 +171,9 @@ def run(recipe: Annotated[str | None, typer.Argument(
             "the running one continues from its last checkpoint.")] = None,
         ) -> None:
     """Run a recipe: every stage in order, then print the results table."""
-    from distill.pipeline import resume_recipe, run_recipe
-    from distill.recipe import load_recipe
-    from distill.report import print_report
+    from distill.run.pipeline import resume_recipe, run_recipe
+    from distill.config.recipe import load_recipe
+    from distill.run.report import print_report
 
     if resume is not None:
         if recipe is not None or overrides or output is not None or force:
@@ -195,8 +195,8 @@ def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped 
              overrides: SetOpt = None) -> None:
     """Check a recipe without running it: its keys, then its data, models and stage plans
     (what `run` checks before any work); report every problem at once."""
-    from distill.preflight import preflight
-    from distill.recipe import load_recipe
+    from distill.run.preflight import preflight
+    from distill.config.recipe import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     preflight(loaded)
@@ -208,7 +208,7 @@ def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped 
 @_user_errors()
 def list_recipes() -> None:
     """List the shipped recipes with one line each."""
-    from distill.recipe import read_yaml
+    from distill.config.recipe import read_yaml
 
     table = Table("recipe", "stages", "description")
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
@@ -224,7 +224,7 @@ def list_recipes() -> None:
 def inspect(model: Annotated[str, typer.Argument(
         help="builtin:NAME, a local HF directory or a hub id.")]) -> None:
     """Show a model's layers, widths, parameters and size."""
-    from distill.inspection import describe_model
+    from distill.commands.inspect import describe_model
 
     table = Table("property", "value", title=escape(model))
     for key, value in describe_model(model).items():
@@ -255,8 +255,8 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
            force: Annotated[bool, typer.Option(
                help="Replace an earlier `distill shrink` result in --out.")] = False) -> None:
     """Cut a model once — fewer layers and/or narrower — from its own weights; no training."""
-    from distill.oneoff import shrink_model
-    from distill.recipe import ShrinkStep
+    from distill.commands.shrink import shrink_model
+    from distill.config.recipe import ShrinkStep
 
     step = ShrinkStep(layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
     problems = step.check("shrink")
@@ -306,9 +306,9 @@ def attach(student: Annotated[str | None, typer.Argument(
     step; the adapter is saved in Hugging Face PEFT's format.
     """
     import peft_methods
-    from distill.attaching import attach as attach_fn
-    from distill.attaching import parse_options
-    from distill.recipe import DataConfig
+    from distill.commands.attach import attach as attach_fn
+    from distill.commands.attach import parse_options
+    from distill.config.recipe import DataConfig
 
     if list_methods:
         table = Table("method", "PEFT type", "mergeable", "description")
@@ -348,7 +348,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier direc
              latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
              ) -> None:
     """Evaluate a saved classifier on a dataset split: accuracy, F1, size, latency."""
-    from distill.recipe import DataConfig
+    from distill.config.recipe import DataConfig
     from distill.stages.evaluate import evaluate_saved_model
 
     if split not in ("test", "validation"):
@@ -370,9 +370,9 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier direc
 @_user_errors()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a finished run's tables and re-render report.md and the plots."""
-    from distill.report import load_report, print_report, write_report
+    from distill.run.report import load_report, print_report, write_report
 
-    from distill.ownership import FolderLock, is_ours
+    from distill.run.ownership import FolderLock, is_ours
 
     data = load_report(run_dir)
     if not is_ours(run_dir):

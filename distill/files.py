@@ -75,8 +75,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
     An existing `target` is renamed aside first and deleted only once the new folder is in
     place, so a kill at any instant leaves the old folder or the new one under `target` (at
-    worst beside a `.tmp-*` leftover, which `distill.ownership.clean_leftovers` removes). The
-    caller decides whether `target` may be replaced (see `distill.ownership`).
+    worst beside a `.tmp-*` leftover, which `distill.run.ownership.clean_leftovers` removes). The
+    caller decides whether `target` may be replaced (see `distill.run.ownership`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))

@@ -65,7 +65,7 @@ def main(recipe_path: str, workdir: str, points: list[int]) -> None:
     from rich.console import Console
 
     from distill import load_recipe, run_recipe
-    from distill.pipeline import resume_recipe
+    from distill.run.pipeline import resume_recipe
 
     torch.set_num_threads(1)  # bitwise-equal runs need one summation order
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the script

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import peft_methods
 from distill.cli import app
-from distill.pipeline import run_recipe
-from distill.recipe import RecipeError, recipe_from_dict
+from distill.run.pipeline import run_recipe
+from distill.config.recipe import RecipeError, recipe_from_dict
 from distill.stages.evaluate import load_saved_classifier
 from conftest import tiny_recipe
 

@@ -23,10 +23,10 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration,
                           XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
-from distill.arch import (arch_info, dims, embeddings_tied, find, head_modules, mlp_names,
+from distill.compress.arch import (arch_info, dims, embeddings_tied, find, head_modules, mlp_names,
                           num_layers, present_stacks, stack_depths, supported_families)
 from distill.errors import DistillError
-from distill.shrinking import keep_layers
+from distill.compress.depth import keep_layers
 
 VOCAB, HIDDEN, DEPTH = 100, 32, 4
 ENC = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": DEPTH,

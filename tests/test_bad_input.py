@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from conftest import (NEGATIVE, NEUTRAL, POSITIVE, SPECIAL, tiny_recipe, write_tiny_bert,
                       write_tiny_teacher)
 from distill.cli import app
-from distill.ownership import write_marker
+from distill.run.ownership import write_marker
 
 runner = CliRunner()
 
@@ -448,7 +448,7 @@ CASES: list[Case] = [
          set_key("data.dataset", lambda e: e["broken_test"])),
     Case("test split file not UTF-8", "test.csv: not UTF-8 text",
          set_key("data.dataset", lambda e: e["latin1_test"])),
-    # --- whose folder it is (distill.ownership)
+    # --- whose folder it is (distill.run.ownership)
     Case("--force into an old run that holds the teacher", "which this command reads",
          args=lambda e, out: _force_into_a_run_holding(e, out, "teacher")),
     Case("--force into an old run that holds the data", "which this command reads",
@@ -622,7 +622,7 @@ def _force_into_a_run_holding(e: Env, out: Path, what: str) -> list[str]:
 
 def _locked_run(out: Path) -> Path:
     """An old run of ours that a live process (this one) is writing."""
-    from distill.ownership import FolderLock
+    from distill.run.ownership import FolderLock
 
     FolderLock(_old_run(out)).acquire()  # left held: the test's own PID, alive
     return out
@@ -631,8 +631,8 @@ def _locked_run(out: Path) -> Path:
 def _edited_run(e: Env, out: Path) -> Path:
     """A run whose recipe.yaml differs (in `seed`) from the recipe it started with."""
     from distill import recipe_from_dict
-    from distill.pipeline import absolute_paths, recipe_digest
-    from distill.recipe import dump_recipe, recipe_to_dict
+    from distill.run.pipeline import absolute_paths, recipe_digest
+    from distill.config.recipe import dump_recipe, recipe_to_dict
 
     started = absolute_paths(recipe_from_dict(tiny_recipe(e.bert, e.csv)))
     _old_run(out)

@@ -97,7 +97,7 @@ def test_shrink_command_cuts_depth_and_width(tiny_bert: Path, tiny_csv: Path,
     assert AutoModel.from_pretrained(tmp_path / "a").config.num_hidden_layers == 2
     # a classifier, cut in depth by importance and in width, calibrated on its task data
     clf = tmp_path / "clf"
-    from distill.models import load_classifier, save_model
+    from distill.models.loading import load_classifier, save_model
     save_model(load_classifier(str(tiny_bert), ["neg", "pos"])[0], None, clf)
     result = runner.invoke(app, ["shrink", str(clf), "--out", str(tmp_path / "b"),
                                  "--layers", "3", "--hidden", "16", "--heads", "2",
@@ -115,7 +115,7 @@ def test_shrink_command_on_a_causal_lm_calibrates_on_shakespeare(tmp_path: Path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from distill.models import resolve_model_path
+    from distill.models.loading import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m"))
     torch.manual_seed(0)

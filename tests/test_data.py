@@ -1,4 +1,4 @@
-"""Tests of distill.data: built-ins, local files and folders, errors, tokenizing, loaders."""
+"""Tests of distill.data.tables: built-ins, local files and folders, errors, tokenizing, loaders."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from distill.data import (Split, TaskData, TokenizedSplit, builtin_datasets, load_task_data,
+from distill.data.tables import (Split, TaskData, TokenizedSplit, builtin_datasets, load_task_data,
                           make_loader, tokenize_split)
 from distill.errors import DistillError
-from distill.recipe import DataConfig
+from distill.config.recipe import DataConfig
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -546,7 +546,7 @@ def test_split_seed_out_of_range_for_direct_callers(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- LM documents
 def test_lm_document_that_is_not_utf8_is_named(tmp_path: Path) -> None:
-    from distill.lm_data import load_lm_text
+    from distill.data.text import load_lm_text
 
     for i in range(10):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n")

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 from conftest import write_tiny_bert
 from distill.cli import app
 from distill.errors import DistillError
-from distill.importance import (calibration_loss, depth_importance, resolve_score,
+from distill.compress.importance import (calibration_loss, depth_importance, resolve_score,
                                 select_layers)
-from distill.recipe import ShrinkStep
-from distill.shrinking import keep_layers
+from distill.config.recipe import ShrinkStep
+from distill.compress.depth import keep_layers
 from distill.stages.shrink import cut
 
 runner = CliRunner()

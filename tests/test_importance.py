@@ -21,9 +21,9 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           T5ForConditionalGeneration)
 
 from distill.errors import DistillError
-from distill.importance import (calibration_loss, depth_importance, most_important,
+from distill.compress.importance import (calibration_loss, depth_importance, most_important,
                                 select_layers)
-from distill.shrinking import evenly_spaced, keep_layers
+from distill.compress.depth import evenly_spaced, keep_layers
 
 
 DEPTH, VOCAB = 4, 100

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distill import load_recipe, run_recipe
-from distill.models import resolve_model_path
+from distill.models.loading import resolve_model_path
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "minilm-rotten-tomatoes.yaml"
 pytestmark = pytest.mark.integration

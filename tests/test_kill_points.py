@@ -63,7 +63,8 @@ def traced(tiny_bert: Path, tiny_csv: Path, tmp_path_factory) -> tuple[Path, lis
 def stage_ends(trace: list[list[str]]) -> list[int]:
     """1-based indices of the operations from the first stage's last checkpoint to the next
     stage's first one, and the last stage's state and checkpoint removal."""
-    model = next(i for i, (_, p) in enumerate(trace, 1) if p.startswith(f"stages/{STAGES[0]}/.tmp-model"))
+    model = next(i for i, (_, p) in enumerate(trace, 1)
+                 if p.startswith(f"stages/{STAGES[0]}/.tmp-model"))
     nxt = next(i for i, (_, p) in enumerate(trace, 1) if p.startswith(f"stages/{STAGES[1]}/"))
     last_state = max(i for i, (_, p) in enumerate(trace, 1) if ".state.json" in p)
     return list(range(model - 2, nxt + 1)) + [last_state, last_state + 1]

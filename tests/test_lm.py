@@ -20,13 +20,13 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-import distill.gguf as gguf_mod
+import distill.models.gguf as gguf_mod
 from distill.errors import DistillError
-from distill.gguf import cache_dir_for, gguf_to_hf
-from distill.lm_data import (lm_batches, load_lm_text, sample_blocks, strip_markdown,
+from distill.models.gguf import cache_dir_for, gguf_to_hf
+from distill.data.text import (lm_batches, load_lm_text, sample_blocks, strip_markdown,
                              tokenize_blocks)
-from distill.models import resolve_model_path
-from distill.perplexity import perplexity
+from distill.models.loading import resolve_model_path
+from distill.tasks.perplexity import perplexity
 
 
 # --- a tiny GGUF --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import (DistillationLoss, LossWeights, attention_kl_loss, cosine_loss,
+from distill.kd.losses import (DistillationLoss, LossWeights, attention_kl_loss, cosine_loss,
                             default_layer_map, hard_ce_loss, hidden_mse_loss, kd_kl_loss)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.metrics import confusion_matrix, confusion_metrics
+from distill.tasks.metrics import confusion_matrix, confusion_metrics
 
 
 def hand_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, float]:

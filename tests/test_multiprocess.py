@@ -218,7 +218,7 @@ def test_megatron_is_refused_up_front() -> None:
     from accelerate.utils import DistributedType
 
     from distill import DistillError
-    from distill.training import _check_distributed
+    from distill.train.loop import _check_distributed
 
     with pytest.raises(DistillError, match="MEGATRON_LM is not supported.*--use_deepspeed"):
         _check_distributed(DistributedType.MEGATRON_LM)
@@ -300,9 +300,9 @@ def test_sharded_launch_refusals(monkeypatch, tmp_path: Path) -> None:
     from accelerate.utils import DistributedType
 
     from distill import DistillError, recipe_from_dict
-    from distill.parallel import deepspeed_plugin
-    from distill.preflight import sharding_problems
-    from distill.sharding import fsdp_plugin
+    from distill.train.parallel import deepspeed_plugin
+    from distill.run.preflight import sharding_problems
+    from distill.train.sharding import fsdp_plugin
 
     old = SimpleNamespace(distributed_type=DistributedType.FSDP,
                           state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(

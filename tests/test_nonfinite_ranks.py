@@ -38,8 +38,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     from distill import DistillError
-    from distill.recipe import TrainArgs
-    from distill.training import make_accelerator, train_loop
+    from distill.config.recipe import TrainArgs
+    from distill.train.loop import make_accelerator, train_loop
 
     accelerator = make_accelerator()
     assert accelerator.num_processes == 2

@@ -1,5 +1,5 @@
 """The toolkit deletes or replaces only folders it made, one writer at a time, and a resume
-continues only the run it started (distill.ownership, distill.pipeline)."""
+continues only the run it started (distill.run.ownership, distill.run.pipeline)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_recipe
 from distill.cli import app
-from distill.ownership import (LOCK, MARKER, FolderLock, _process_start, clean_leftovers,
+from distill.run.ownership import (LOCK, MARKER, FolderLock, _process_start, clean_leftovers,
                                read_marker)
 
 runner = CliRunner()
@@ -176,7 +176,7 @@ def test_saved_files_follow_the_umask(tiny_bert, tiny_csv, tmp_path) -> None:
 
 
 def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path) -> None:
-    from distill.ownership import write_marker
+    from distill.run.ownership import write_marker
 
     (tmp_path / "stages/00-finetune/.tmp-model-ab1_x9zq").mkdir(parents=True)
     (tmp_path / "stages/00-finetune/.tmp-model-ab1_x9zq/model.safetensors").write_bytes(b"x")
@@ -243,7 +243,7 @@ def test_a_lock_of_a_killed_unreaped_process_is_stale(tmp_path) -> None:
 
 
 def test_only_checkpoint_folders_of_ours_are_removed(tmp_path) -> None:
-    from distill.checkpoint import remove_all
+    from distill.train.checkpoint import remove_all
 
     ours = tmp_path / "stages/00-finetune/checkpoint"
     (ours / "step-4").mkdir(parents=True)

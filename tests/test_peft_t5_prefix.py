@@ -304,6 +304,7 @@ def test_bad_encoder_prefix_values_and_files(tmp_path: Path) -> None:
     with pytest.raises(PeftMethodError, match="no `encoder_prompt_embeddings`"):
         pm.load_adapter(build("t5"), tmp_path / "a")
     save_file({"prompt_embeddings": tensors["prompt_embeddings"],
-               "encoder_prompt_embeddings": tensors["encoder_prompt_embeddings"][:, :64].contiguous()}, path)
+               "encoder_prompt_embeddings":
+                   tensors["encoder_prompt_embeddings"][:, :64].contiguous()}, path)
     with pytest.raises(PeftMethodError, match="encoder_prompt_embeddings has shape"):
         pm.load_adapter(build("t5"), tmp_path / "a")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import distill.recipe as recipe_mod
+import distill.config.recipe as recipe_mod
 from distill.errors import DistillError, RecipeError
-from distill.recipe import (DistillStage, Recipe, apply_overrides, dump_recipe, load_recipe,
+from distill.config.recipe import (DistillStage, Recipe, apply_overrides, dump_recipe, load_recipe,
                             recipe_from_dict)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""Tests of distill.report: report.json/report.md, rich tables, loss and trade-off plots."""
+"""Tests of distill.run.report: report.json/report.md, rich tables, loss and trade-off plots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from distill.errors import DistillError
-from distill.report import (
+from distill.run.report import (
     load_report,
     models_table,
     plot_losses,

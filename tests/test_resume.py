@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_recipe
 from distill import recipe_from_dict, run_recipe
-from distill.checkpoint import load_latest, save_checkpoint
-from distill.pipeline import resume_recipe
+from distill.train.checkpoint import load_latest, save_checkpoint
+from distill.run.pipeline import resume_recipe
 
 
 class Crash(RuntimeError):
@@ -187,8 +187,8 @@ def test_a_checkpoint_from_another_launch_mode_is_refused(tmp_path: Path) -> Non
     from torch.utils.data import DataLoader
 
     from distill import DistillError
-    from distill.recipe import TrainArgs
-    from distill.training import make_accelerator, train_loop
+    from distill.config.recipe import TrainArgs
+    from distill.train.loop import make_accelerator, train_loop
 
     class Unit(nn.Module):
         def __init__(self) -> None:

@@ -28,7 +28,7 @@ def test_pickled_teacher_loads_with_allow_pickle(env: Env, tmp_path: Path) -> No
     and gives the same model as its safetensors twin."""
     import torch
 
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     recipe = tiny_recipe(env.bert, env.csv, name="pickled")
     recipe["teacher"] = {"model": env["pickled"], "allow_pickle": True}
@@ -175,7 +175,7 @@ def test_an_index_naming_a_pickle_is_refused_before_loading(
 def test_load_classifier_refuses_an_index_naming_a_pickle(bin_index: Path,
                                                           no_unpickling: None) -> None:
     from distill.errors import DistillError
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     with pytest.raises(DistillError, match="names pickled shards"):
         load_classifier(str(bin_index), ["neg", "pos"])
@@ -187,9 +187,9 @@ def test_an_allowed_pickle_shard_loads_with_weights_only(
     into the same model as the safetensors original."""
     import torch
 
-    from distill.models import load_classifier
-    from distill.preflight import preflight
-    from distill.recipe import load_recipe
+    from distill.models.loading import load_classifier
+    from distill.run.preflight import preflight
+    from distill.config.recipe import load_recipe
 
     finetune = stage("finetune", epochs=0.2, keep_best=False)
     preflight(load_recipe(_recipe_file(env, tmp_path, str(bin_index), [finetune],
@@ -216,7 +216,7 @@ def test_an_allowed_pickle_shard_runs_no_code(env: Env, tmp_path: Path) -> None:
     """weights_only=True: a shard that would run code when unpickled is refused, in the
     run's pre-flight (which reads the shard's tensor names) and when loading."""
     from distill.errors import DistillError
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     marker = tmp_path / "exploit-ran"
     evil = index_naming_bin(env.bert, tmp_path / "evil", payload=_Exploit(str(marker)))
@@ -241,7 +241,7 @@ def test_an_index_naming_files_elsewhere_is_refused(env: Env, tmp_path: Path, sh
     import json
 
     from distill.errors import DistillError
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     folder = index_naming_bin(env.bert, tmp_path / "model")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -259,7 +259,7 @@ def test_a_model_folder_holding_an_adapter_is_refused(env: Env, tmp_path: Path,
     import shutil
 
     from distill.errors import DistillError
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     folder = tmp_path / "model"
     shutil.copytree(env.bert, folder)
@@ -298,9 +298,9 @@ def test_an_edited_gguf_cache_folder_is_checked_like_any_folder(
         no_unpickling: None) -> None:
     """A .gguf file resolves to its cached conversion; a cache entry someone changed to name a
     pickle is refused like a model folder would be."""
-    from distill import gguf
+    from distill.models import gguf
     from distill.errors import DistillError
-    from distill.models import load_classifier
+    from distill.models.loading import load_classifier
 
     monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"

@@ -1,4 +1,4 @@
-"""`distill.sharding` in a real 2-process gloo group: FSDP2 shards a unit, the sharded kept
+"""`distill.train.sharding` in a real 2-process gloo group: FSDP2 shards a unit, the sharded kept
 model computes what the plain one computes (hidden states and attentions too), and
 `unshard_in_place` hands back the original classes with plain, whole, still-tied weights that
 can be sharded again (a shrink stage heals several times with the same teacher).
@@ -74,7 +74,7 @@ def _checks() -> None:
         LlamaForCausalLM,
     )
 
-    from distill import sharding
+    from distill.train import sharding
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     student, teacher = _bert(0), _bert(1).requires_grad_(False)

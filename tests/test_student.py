@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill.errors import DistillError
-from distill.models import count_params, load_classifier, save_model
-from distill.shrinking import evenly_spaced, keep_layers
+from distill.models.loading import count_params, load_classifier, save_model
+from distill.compress.depth import evenly_spaced, keep_layers
 
 
 @pytest.fixture()

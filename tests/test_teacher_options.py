@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
-from distill.context import RunContext
-from distill.data import load_task_data
+from distill.run.context import RunContext
+from distill.data.tables import load_task_data
 from distill.errors import RecipeError
-from distill.models import load_tokenizer, teacher_load_options
+from distill.models.loading import load_tokenizer, teacher_load_options
 from distill.stages.distill import load_frozen_teacher, student_source
-from distill.training import make_accelerator
+from distill.train.loop import make_accelerator
 
 
 def context(model: Path, data: Path, **teacher: object) -> RunContext:

@@ -1,4 +1,4 @@
-"""Token-level distillation losses (distill/token_losses.py) against references no one here
+"""Token-level distillation losses (distill/kd/token_losses.py) against references no one here
 wrote: hand-written float64 formulas, `torch.nn.functional`, TRL's `generalized_jsd_loss`, and
 the loss a Hugging Face causal LM computes itself."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import kd_kl_loss
-from distill.token_losses import (
+from distill.kd.losses import kd_kl_loss
+from distill.kd.token_losses import (
     DIVERGENCES,
     IGNORE_INDEX,
     next_token_mask,
@@ -213,7 +213,7 @@ def test_float32_copies_exist_for_one_chunk_at_a_time() -> None:
     import gc
     import weakref
 
-    from distill.token_losses import divergence
+    from distill.kd.token_losses import divergence
 
     s = logits(0, 4, 64, 50).to(torch.bfloat16).requires_grad_(True)
     te = logits(1, 4, 64, 50).to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The language-model teacher cache (distill/topk_cache.py): what it stores is the teacher's
+"""The language-model teacher cache (distill/kd/topk_cache.py): what it stores is the teacher's
 top-k, a second run needs no teacher, a damaged or missing shard is recomputed (only it), and
 another teacher, corpus, k or T means another cache."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.token_losses import token_kd_loss, top_k
-from distill.topk_cache import MANIFEST, fingerprint, load_or_compute
+from distill.kd.token_losses import token_kd_loss, top_k
+from distill.kd.topk_cache import MANIFEST, fingerprint, load_or_compute
 
 K, T, VOCAB = 5, 2.0, 40
 

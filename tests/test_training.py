@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
-from distill.precision import bf16_is_faster
+from distill.train.precision import bf16_is_faster
 
 
 def run_tiny(tmp_path: Path, recipe: dict, name: str = "run") -> dict:

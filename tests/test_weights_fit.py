@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from conftest import tiny_recipe
 from distill.cli import app
 from distill.errors import DistillError
-from distill.models import load_classifier
-from distill.preflight import preflight
-from distill.recipe import recipe_from_dict
+from distill.models.loading import load_classifier
+from distill.run.preflight import preflight
+from distill.config.recipe import recipe_from_dict
 
 runner = CliRunner()
 LABELS = ["neg", "pos"]

@@ -20,9 +20,9 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration,
                           XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
-from distill.arch import Dims, dims, embeddings_tied, find
+from distill.compress.arch import Dims, dims, embeddings_tied, find
 from distill.errors import DistillError
-from distill.width import WidthImportance, shrink_width, width_importance
+from distill.compress.width import WidthImportance, shrink_width, width_importance
 
 VOCAB, HIDDEN, DEPTH, HEADS, HEAD_DIM, INTER = 100, 32, 2, 4, 8, 64
 ENC = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": DEPTH,
@@ -432,7 +432,7 @@ def test_hidden_cut_of_a_decoder_with_external_cross_attention_is_refused() -> N
 def test_depth_then_two_width_cuts_chain(tmp_path: Path) -> None:
     """T5 after a depth cut (its relative-position table moved to the new first block), cut
     twice in width with fresh scores each time, still reloads exactly."""
-    from distill.shrinking import keep_layers
+    from distill.compress.depth import keep_layers
 
     torch.manual_seed(0)
     teacher = T5ForConditionalGeneration(T5Config(**{**T5, "num_layers": 3})).eval()

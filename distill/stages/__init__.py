@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.context import RunContext, StageResult
+from distill.run.context import RunContext, StageResult
 from distill.stages import adapt, distill, evaluate, finetune, shrink
 
 

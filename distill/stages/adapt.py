@@ -19,15 +19,15 @@ from torch import Tensor, nn
 
 import peft_methods
 
-from distill.context import RunContext, StageResult
-from distill.data import load_task_data
+from distill.run.context import RunContext, StageResult
+from distill.data.tables import load_task_data
 from distill.errors import DistillError
-from distill.losses import hard_ce_loss
-from distill.metrics import latency_ms
-from distill.models import count_params, dir_size_mb, load_classifier
-from distill.recipe import AdaptStage
+from distill.kd.losses import hard_ce_loss
+from distill.tasks.metrics import latency_ms
+from distill.models.loading import count_params, dir_size_mb, load_classifier
+from distill.config.recipe import AdaptStage
 from distill.stages.evaluate import latency_inputs
-from distill.training import train_loop
+from distill.train.loop import train_loop
 
 
 class AdaptUnit(nn.Module):

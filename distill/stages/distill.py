@@ -13,15 +13,15 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from distill import teacher_cache
-from distill.arch import num_layers
-from distill.context import RunContext, StageResult
+from distill.kd import teacher_cache
+from distill.compress.arch import num_layers
+from distill.run.context import RunContext, StageResult
 from distill.errors import DistillError
-from distill.losses import DistillationLoss, LossWeights, default_layer_map
-from distill.models import load_classifier, save_model, teacher_load_options
-from distill.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
-from distill.shrinking import check_layers, evenly_spaced, keep_layers
-from distill.training import LoopResult, train_loop
+from distill.kd.losses import DistillationLoss, LossWeights, default_layer_map
+from distill.models.loading import load_classifier, save_model, teacher_load_options
+from distill.config.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
+from distill.compress.depth import check_layers, evenly_spaced, keep_layers
+from distill.train.loop import LoopResult, train_loop
 
 
 class DistillUnit(nn.Module):
@@ -52,7 +52,7 @@ class DistillUnit(nn.Module):
         return self.loss(s_out, t_out, batch["labels"], batch["attention_mask"], t_logits)
 
     def frozen_models(self) -> list[nn.Module]:
-        """The models `forward` runs without training them (see `distill.sharding.shard`)."""
+        """The models `forward` runs without training them (see `distill.train.sharding.shard`)."""
         calls_teacher = self.cached_logits is None and (
             self.loss.needs_teacher_logits or self.loss.needs_hidden
             or self.loss.needs_attentions)

@@ -13,12 +13,12 @@ from rich.markup import escape
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from distill.context import ModelRef, RunContext, StageResult
-from distill.data import Split
+from distill.run.context import ModelRef, RunContext, StageResult
+from distill.data.tables import Split
 from distill.errors import DistillError
-from distill.metrics import latency_ms
-from distill.models import count_params, dir_size_mb, load_checked, resolve_model_path
-from distill.recipe import DataConfig, EvaluateStage
+from distill.tasks.metrics import latency_ms
+from distill.models.loading import count_params, dir_size_mb, load_checked, resolve_model_path
+from distill.config.recipe import DataConfig, EvaluateStage
 
 
 def load_saved_classifier(path: str, trust_remote_code: bool = False,
@@ -127,10 +127,10 @@ def check_label_names(model: nn.Module, label_names: list[str], model_path: str)
 def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "test",
                          latency: bool = True, batch_size: int = 64, runs: int = 10) -> dict:
     """Evaluate one saved classifier on a dataset, outside any recipe (`distill eval`)."""
-    from distill.data import load_task_data
-    from distill.models import load_tokenizer
-    from distill.recipe import ModelSpec, Recipe
-    from distill.training import make_accelerator
+    from distill.data.tables import load_task_data
+    from distill.models.loading import load_tokenizer
+    from distill.config.recipe import ModelSpec, Recipe
+    from distill.train.loop import make_accelerator
 
     data = load_task_data(data_cfg)
     model, fresh_head = load_saved_classifier(model_path, key=None)

@@ -7,11 +7,11 @@ from pathlib import Path
 from rich.markup import escape
 from torch import Tensor, nn
 
-from distill.context import RunContext, StageResult
-from distill.losses import hard_ce_loss
-from distill.models import load_classifier, save_model
-from distill.recipe import FinetuneStage
-from distill.training import train_loop
+from distill.run.context import RunContext, StageResult
+from distill.kd.losses import hard_ce_loss
+from distill.models.loading import load_classifier, save_model
+from distill.config.recipe import FinetuneStage
+from distill.train.loop import train_loop
 
 
 class SupervisedUnit(nn.Module):

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from distill.arch import num_layers
-from distill.checkpoint import remove_all
-from distill.context import RunContext, StageResult
+from distill.compress.arch import num_layers
+from distill.train.checkpoint import remove_all
+from distill.run.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.files import atomic_write
-from distill.importance import resolve_score, select_layers
-from distill.models import count_params, load_classifier
-from distill.recipe import ShrinkStage, ShrinkStep
-from distill.shrinking import keep_layers
+from distill.compress.importance import resolve_score, select_layers
+from distill.models.loading import count_params, load_classifier
+from distill.config.recipe import ShrinkStage, ShrinkStep
+from distill.compress.depth import keep_layers
 from distill.stages.distill import kd_train, load_frozen_teacher, save_student
-from distill.width import shrink_width, width_importance
+from distill.compress.width import shrink_width, width_importance
 
 
 def first_batches(loader: Iterable[dict[str, torch.Tensor]], examples: int
@@ -57,8 +57,8 @@ def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.
         step: the targets (layers and/or hidden, heads, intermediate).
         batches: calibration batches (model inputs: `input_ids` (B, T), `attention_mask`
             (B, T), ...; `labels` for the loss-based score).
-        strategy / score: how a depth cut picks its layers (see `distill.importance`); score
-            `auto` is `loss` for a model with a task head, `hidden` for one without.
+        strategy / score: how a depth cut picks its layers (see `distill.compress.importance`);
+            score `auto` is `loss` for a model with a task head, `hidden` for one without.
         agree: makes every process use the same choice (`RunContext.from_main`: rank 0's),
             so that all ranks cut the same units even if their scores differed in a tie.
 

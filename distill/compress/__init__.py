@@ -1,0 +1,1 @@
+"""Compression: architecture facts, depth cuts, width slicing, importance scores."""

@@ -1,0 +1,1 @@
+"""Recipes: YAML loading, the typed dataclasses of every section and stage, validation, --set overrides."""

@@ -1,0 +1,451 @@
+"""Recipes: YAML -> typed, validated dataclasses.
+
+A recipe is plain YAML (no tags, no code). Every key has a default in its dataclass below; the
+comment on each field is its documentation. Loading reports *all* problems at once, each naming
+the dotted key, the bad value and what is allowed, with a "did you mean" for unknown keys.
+
+    recipe = load_recipe("recipes/minilm-rotten-tomatoes.yaml", overrides=["stages.1.loss.alpha=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from distill.errors import DistillError, RecipeError
+from distill.files import atomic_write
+from distill.config.schema import Converter, YAMLInputError, load_yaml, seed_range, value_range
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelSpec:
+    """Where a model comes from."""
+
+    # `builtin:minilm-l6`, a local Hugging Face directory, or a hub id (needs network).
+    model: str = "builtin:minilm-l6"
+    # The task head to put on the model.
+    task: Literal["sequence-classification"] = "sequence-classification"
+    # Run code shipped with a model repository. Off unless you trust its author.
+    trust_remote_code: bool = False
+    # Read pickled weights (pytorch_model.bin, *.pt) when the model folder has no safetensors,
+    # with torch.load(weights_only=True). Off: unpickling can run code; convert them instead.
+    allow_pickle: bool = False
+    # The frozen teacher of `distill` and `shrink` (heal) stages only; `finetune` trains the
+    # teacher as saved. Its weights' dtype: bfloat16 halves the memory of a float32 teacher
+    # (soft labels then carry bf16 rounding, ~3 significant digits); null = as saved.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Spread the frozen teacher over this process's devices ("auto", "balanced",
+    # "sequential", "cpu", "cuda:1", ...) with accelerate's big-model dispatch: layers that do
+    # not fit on the GPUs go to CPU RAM, then to `offload_folder` on disk. One process only.
+    device_map: str | None = None
+    # Memory budget per device for `device_map`, e.g. {"0": 10GiB, cpu: 30GiB}; default: what
+    # the devices have free.
+    max_memory: dict[str, str] | None = None
+    # Folder for the teacher layers offloaded to disk (needs `device_map`).
+    offload_folder: str | None = None
+
+    def check(self, path: str) -> list[str]:
+        return [f"{path}.{key}: needs `device_map` (e.g. auto) to take effect"
+                for key in ("max_memory", "offload_folder")
+                if getattr(self, key) is not None and self.device_map is None]
+
+
+@dataclass
+class DataConfig:
+    """The task data: a built-in dataset, one local file, or a folder of split files."""
+
+    # `builtin:rotten_tomatoes`, `builtin:bbc_news`, a .csv/.json/.jsonl/.parquet file (split
+    # 80/10/10 with `split_seed`), or a folder with train/validation/test files.
+    dataset: str = "builtin:rotten_tomatoes"
+    text_column: str = "text"
+    label_column: str = "label"
+    # Tokens per example; longer texts are truncated.
+    max_length: int = field(default=128, metadata=value_range(8, 4096))
+    # Keep only the first N training / evaluation examples (after the deterministic shuffle).
+    max_train_examples: int | None = field(default=None, metadata=value_range(1))
+    max_eval_examples: int | None = field(default=None, metadata=value_range(1))
+    # Seed of the train/validation/test split of a single file (fixed so numbers compare).
+    split_seed: int = field(default=0, metadata=seed_range())
+
+
+@dataclass
+class TrainArgs:
+    """The shared training loop's settings (every training stage has these keys)."""
+
+    epochs: float = field(default=3, metadata=value_range(0, lo_open=True))
+    batch_size: int = field(default=32, metadata=value_range(1))
+    eval_batch_size: int = field(default=64, metadata=value_range(1))
+    learning_rate: float = field(default=5e-5, metadata=value_range(0, lo_open=True))
+    weight_decay: float = field(default=0.01, metadata=value_range(0))
+    # Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
+    warmup_ratio: float = field(default=0.1, metadata=value_range(0, 1))
+    # Micro-batches per optimizer step.
+    grad_accum_steps: int = field(default=1, metadata=value_range(1))
+    max_grad_norm: float | None = field(default=1.0, metadata=value_range(0, lo_open=True))
+    # bfloat16 autocast. "auto": measured on the machine at the start of the stage, used only
+    # where it is clearly faster than fp32 (distill/train/precision.py: faster with AMX or AVX-512
+    # BF16, far slower on AVX2-only CPUs); true/false force it.
+    bf16: bool | Literal["auto"] = False
+    # Write a log line every N optimizer steps.
+    log_every: int = field(default=10, metadata=value_range(1))
+    # Evaluate on the validation split every epoch and keep the best weights.
+    keep_best: bool = True
+    # Save a checkpoint every N optimizer steps (and at each epoch end) so that a killed run
+    # resumes (`distill run --resume RUN_DIR`); null = only at epoch ends.
+    checkpoint_every: int | None = field(default=200, metadata=value_range(1))
+    # Seed of this stage (data order, dropout, fresh weights); default: the recipe's seed.
+    seed: int | None = field(default=None, metadata=seed_range())
+
+
+@dataclass
+class StudentSpec:
+    """Which teacher layers the student keeps (weights copied from the teacher)."""
+
+    # Explicit teacher layer indices, e.g. [0, 2, 4].
+    layers: list[int] | None = None
+    # Or: this many layers, evenly spaced over the teacher's.
+    num_layers: int | None = field(default=None, metadata=value_range(1))
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.layers is not None and self.num_layers is not None:
+            problems.append(f"{path}: set either `layers` or `num_layers`, not both")
+        if self.layers is None and self.num_layers is None:
+            problems.append(f"{path}: set `layers` (e.g. [0, 2, 4]) or `num_layers` (e.g. 3)")
+        if self.layers is not None:
+            if not self.layers:
+                problems.append(f"{path}.layers: must list at least one layer")
+            if any(i < 0 for i in self.layers):
+                problems.append(f"{path}.layers: {self.layers} has negative indices; "
+                                "layers count from 0")
+            if len(set(self.layers)) != len(self.layers):
+                problems.append(f"{path}.layers: {self.layers} repeats a layer")
+        return problems
+
+
+@dataclass
+class LossConfig:
+    """`alpha·CE + (1−alpha)·T²·KL(teacher‖student)` plus weighted intermediate losses."""
+
+    # Weight of the hard-label cross-entropy; 1 = plain fine-tuning, 0 = pure distillation.
+    alpha: float = field(default=0.5, metadata=value_range(0, 1))
+    # Softmax temperature T of the soft labels.
+    temperature: float = field(default=2.0, metadata=value_range(0, lo_open=True))
+    # Weight of the hidden-state MSE (student layer i vs teacher layer layer_map[i]).
+    hidden_mse: float = field(default=0.0, metadata=value_range(0))
+    # Weight of the attention-map KL (same layer map; heads averaged if counts differ).
+    attention_kl: float = field(default=0.0, metadata=value_range(0))
+    # Weight of the cosine loss between the final hidden states.
+    cosine: float = field(default=0.0, metadata=value_range(0))
+    # Teacher layer (0-based) each student layer learns from; default: evenly spaced block ends.
+    layer_map: list[int] | None = field(default=None, metadata=value_range(0))
+
+
+@dataclass
+class FinetuneStage(TrainArgs):
+    """Full fine-tuning of the teacher on the task (makes the task teacher)."""
+
+    kind: Literal["finetune"] = "finetune"
+    # Skip when the teacher already has a trained head for exactly these labels.
+    skip_if_tuned: bool = True
+
+
+@dataclass
+class DistillStage(TrainArgs):
+    """A student from a subset of the teacher's layers, trained with soft-label KD."""
+
+    kind: Literal["distill"] = "distill"
+    student: StudentSpec = field(default_factory=lambda: StudentSpec(num_layers=3))
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Compute the teacher's logits once and reuse them every epoch (logit losses only).
+    cache_teacher: bool = True
+
+
+@dataclass
+class EvaluateStage:
+    """Test-split metrics, size and CPU latency of every model of the run."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    split: Literal["test", "validation"] = "test"
+    batch_size: int = field(default=64, metadata=value_range(1))
+    # Measure CPU latency at batch 1 and 32 (median of `latency_runs` timed runs).
+    latency: bool = True
+    latency_runs: int = field(default=10, metadata=value_range(1))
+
+
+@dataclass
+class ShrinkStep:
+    """One cut of a progressive shrink: any of depth and the widths, from the current model."""
+
+    # Keep this many of the current model's layers (chosen by the stage's `depth_strategy`).
+    layers: int | None = field(default=None, metadata=value_range(1))
+    # Width targets (units ranked by activation importance on the calibration batch).
+    hidden: int | None = field(default=None, metadata=value_range(1))
+    heads: int | None = field(default=None, metadata=value_range(1))
+    intermediate: int | None = field(default=None, metadata=value_range(1))
+
+    def check(self, path: str) -> list[str]:
+        if all(v is None for v in (self.layers, self.hidden, self.heads, self.intermediate)):
+            return [f"{path}: a step needs at least one of layers, hidden, heads, intermediate"]
+        return []
+
+    def describe(self) -> str:
+        """A short name for the step, e.g. `layers4` or `hidden256-heads8`."""
+        parts = [f"{k}{v}" for k, v in vars(self).items() if v is not None]
+        return "-".join(parts)
+
+
+@dataclass
+class HealConfig(TrainArgs):
+    """KD from the teacher after each cut (the shared loop's keys plus the loss)."""
+
+    epochs: float = field(default=1, metadata=value_range(0, lo_open=True))
+    learning_rate: float = field(default=1e-4, metadata=value_range(0, lo_open=True))
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Reuse the teacher's cached logits across steps (logit losses only).
+    cache_teacher: bool = True
+
+
+@dataclass
+class ShrinkStage:
+    """Progressive shrinking: cut, heal with KD, measure; step by step (METHODS.md §2)."""
+
+    kind: Literal["shrink"] = "shrink"
+    schedule: list[ShrinkStep] = field(default_factory=list)
+    # Start from the latest model of the run ("previous") or from the teacher.
+    start: Literal["previous", "teacher"] = "previous"
+    # How a depth cut picks the layers to keep.
+    depth_strategy: Literal["importance", "uniform", "top"] = "importance"
+    # Depth importance: `loss`, the loss increase when a block is skipped (measured best on
+    # SmolLM2: ppl x3.0 vs x13 for block influence 1 − cos(h_in, h_out) when 10 of 30 layers
+    # go); `hidden`, how much skipping it changes the final hidden states (models without a
+    # task head); `influence`; `auto`: `loss` with a task head, else `hidden`.
+    importance_score: Literal["auto", "loss", "hidden", "influence"] = "auto"
+    # Training examples in the calibration batch (importance of layers, heads, neurons).
+    calibration_examples: int = field(default=256, metadata=value_range(1))
+    heal: HealConfig = field(default_factory=HealConfig)
+
+    def check(self, path: str) -> list[str]:
+        if not self.schedule:
+            return [f"{path}.schedule: list at least one step, e.g. [{{layers: 4}}, "
+                    "{hidden: 256, heads: 8}]"]
+        return []
+
+
+@dataclass
+class AdaptStage(TrainArgs):
+    """PEFT on a model of the run (METHODS.md §3), maybe for another task with a new head.
+
+    The adapter (PEFT format) is saved in the stage folder; the stage evaluates itself on its
+    data's test split, since its task may not be the recipe's.
+    """
+
+    kind: Literal["adapt"] = "adapt"
+    # A method of `peft_methods` (`distill attach --help` lists them), e.g. lora, ia3, houlsby.
+    method: str = "lora"
+    # The method's options, e.g. {r: 8, lora_alpha: 16, target_modules: [query, value]}.
+    # AdaLoRA's `total_step` defaults to the stage's optimizer steps.
+    config: dict[str, Any] = field(default_factory=dict)
+    # The base model: "previous" (the run's latest model), "teacher", or a path/built-in name.
+    model: str = "previous"
+    # The task data; default: the recipe's `data`. A new label set gets a new head.
+    data: DataConfig | None = None
+    # PEFT methods train few parameters and want larger steps than full fine-tuning.
+    learning_rate: float = field(default=1e-3, metadata=value_range(0, lo_open=True))
+    # A name for the report rows (default: the method).
+    label: str | None = None
+    # Like `teacher.allow_pickle`, for a `model` path: read its pickled weights (no
+    # safetensors in the folder) with torch.load(weights_only=True).
+    allow_pickle: bool = False
+
+    def check(self, path: str) -> list[str]:
+        import peft_methods
+
+        # The method's own config classes check types, not finiteness: `lora_dropout: .nan`
+        # would train on NaN. No PEFT option means anything by NaN or ±inf.
+        non_finite = _non_finite(self.config, f"{path}.config")
+        if non_finite:
+            return non_finite
+        try:
+            config_cls = peft_methods.get_method(self.method).config_cls
+            options = dict(self.config)
+            if "total_step" in {f.name for f in dataclasses.fields(config_cls)}:
+                # The stage fills in the real step count (AdaLoRA's schedule) when absent.
+                options.setdefault("total_step", 10**9)
+            peft_methods.base.make_config(config_cls, options, self.method)
+        except peft_methods.PeftMethodError as exc:
+            key = "method" if "unknown PEFT method" in str(exc) else "config"
+            return [f"{path}.{key}: {exc}"]
+        except (TypeError, ValueError) as exc:
+            return [f"{path}.config: {exc}"]
+        return []
+
+
+def _non_finite(value: Any, path: str) -> list[str]:
+    """A problem for each NaN or ±inf float in `value` (nested mappings and lists walked)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path}: {value!r} is not a finite number; allowed: a finite number"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}.{i}")]
+    return []
+
+
+Stage = Union[FinetuneStage, DistillStage, ShrinkStage, AdaptStage, EvaluateStage]
+STAGE_KINDS: dict[str, type] = {"finetune": FinetuneStage, "distill": DistillStage,
+                                "shrink": ShrinkStage, "adapt": AdaptStage,
+                                "evaluate": EvaluateStage}
+
+
+@dataclass
+class Recipe:
+    """A whole run: the teacher, the data and the stages, in order."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = field(default=0, metadata=seed_range())
+    # Folder that holds run directories (`<output_dir>/<name>`).
+    output_dir: str = "runs"
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[Stage] = field(default_factory=list, metadata={"kinds": STAGE_KINDS})
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if not self.stages:
+            problems.append("stages: the recipe has no stages; allowed kinds: "
+                            + ", ".join(STAGE_KINDS))
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            problems.append(f"name: {self.name!r} must be a plain folder name "
+                            "(no '/', '\\' or leading '.')")
+        return problems
+
+
+# ----------------------------------------------------------------------------- public API
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"stages.1.loss.alpha=0.7"` -> (["stages", "1", "loss", "alpha"], 0.7).
+
+    The value is read as YAML (with the recipe file's strict loader), so `4` is an int,
+    `[0, 2]` a list and `null` None; text that is not YAML stays a string.
+    """
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY=VALUE, e.g. stages.1.loss.alpha=0.7"])
+    key, _, raw = text.partition("=")
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except YAMLInputError as exc:  # a tag, duplicate key, ...: refused as in a recipe file
+        raise RecipeError([f"--set {text}: {exc.problem}"]) from None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _tree_copy(value: Any) -> Any:
+    """A copy of plain YAML data in which no mapping or list is shared.
+
+    A YAML alias (`stages: [*s, *s]`) makes two places hold one object; `copy.deepcopy` would
+    keep that sharing, and `--set stages.0.epochs=2` would then change stage 1 as well.
+    StrictLoader refuses cycles and caps the size, so this recursion ends and stays small.
+    """
+    if isinstance(value, dict):
+        return {k: _tree_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_copy(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `KEY=VALUE` overrides to raw recipe data (a copy is returned)."""
+    data = _tree_copy(data)
+    problems = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+                    problems.append(f"--set {text}: {where}: no such list index; "
+                                    f"the list has {len(node)} items")
+                    break
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+            else:
+                problems.append(f"--set {text}: {where}: cannot set a key inside {node!r}")
+                break
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """Validate raw recipe data; raise `RecipeError` listing every problem."""
+    conv = Converter()
+    recipe = conv.dataclass(data, Recipe, "")
+    if conv.problems:
+        raise RecipeError(conv.problems, source)
+    return recipe
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file the user wrote with `schema.StrictLoader` (no tags, no code, no
+    duplicate keys, no recursive aliases, bounded nesting), with a clear error on bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"recipe file not found: {path}")
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                           "it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        # Tags (`!!python/...`: code), duplicate keys, recursive aliases and the like are
+        # `YAMLInputError`s of StrictLoader, whose `problem` says so.
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DistillError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted `KEY=VALUE` strings, applied before validation.
+    """
+    data = read_yaml(path)
+    if data is None:
+        raise RecipeError(["the recipe file is empty; a recipe is a mapping with `name`, "
+                           "`teacher`, `data`, `stages`"], str(path))
+    if not isinstance(data, dict):
+        found = {list: "a list", str: "a string"}.get(type(data), type(data).__name__)
+        raise RecipeError([f"the recipe should be a mapping with `name`, `teacher`, `data`, "
+                           f"`stages`; found {found}"], str(path))
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe (defaults filled in) as plain data, ready for YAML."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (keys in dataclass order), atomically."""
+    atomic_write(Path(path), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

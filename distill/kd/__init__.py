@@ -1,0 +1,1 @@
+"""Knowledge distillation: logit, token-level, hidden-state, attention and cosine losses; the teacher caches."""

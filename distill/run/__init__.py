@@ -1,0 +1,1 @@
+"""Running a recipe: pipeline (stages in order, run folder, resume, lock), pre-flight, ownership, report."""

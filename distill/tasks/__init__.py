@@ -1,0 +1,1 @@
+"""Tasks: what a task reads, which model class it loads, its losses, metric and direction."""
