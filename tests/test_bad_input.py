@@ -9,8 +9,8 @@ What a failed run may leave (the contract this file pins):
   folder given as `--output` is left exactly as it was;
 - a failure during training (a loss that becomes NaN): the run's record only, namely
   recipe.yaml, report.json (the stage `failed`, with the error), report.md, loss plots, and
-  in the failed stage's folder its log.jsonl, checkpoint/ and teacher_cache/ (what a resume
-  starts from); no model, adapter or metrics.json of the failed stage.
+  in the failed stage's folder its log.jsonl and checkpoint/, and the run's teacher_cache/
+  (what a resume starts from); no model, adapter or metrics.json of the failed stage.
 """
 
 from __future__ import annotations
@@ -674,11 +674,13 @@ def _allowed_after_training_failure(rel: Path) -> bool:
     parts = rel.parts
     if len(parts) == 1:
         return parts[0] in ("recipe.yaml", "report.json", "report.md", "stages",
-                            ".distill.json") or (
+                            ".distill.json", "teacher_cache") or (
             parts[0].startswith("loss_") and parts[0].endswith(".png"))
+    if parts[0] == "teacher_cache":  # soft labels computed before the failure, kept for reuse
+        return True
     if parts[0] != "stages":
         return False
-    return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint", "teacher_cache")
+    return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint")
 
 
 COMMANDS = ("run", "validate", "recipes", "inspect", "shrink", "attach", "eval", "report")

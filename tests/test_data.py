@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from distill.data.tables import (Split, TaskData, TokenizedSplit, builtin_datasets, load_task_data,
-                          make_loader, tokenize_split)
+from distill.data.batching import make_loader, pad_collator
+from distill.data.tables import (Split, TaskData, TokenizedSplit, builtin_datasets,
+                                 load_task_data, tokenize_split)
 from distill.errors import DistillError
 from distill.config.recipe import DataConfig
 
@@ -312,7 +313,7 @@ def test_tokenize_split(split: Split, tokenizer) -> None:
 
 def test_loader_pads_per_batch(split: Split, tokenizer) -> None:
     ds = tokenize_split(split, tokenizer, max_length=64)
-    batches = list(make_loader(ds, tokenizer, batch_size=4, shuffle=False, seed=0))
+    batches = list(make_loader(ds, pad_collator(tokenizer), batch_size=4, shuffle=False, seed=0))
     assert [len(b["labels"]) for b in batches] == [4, 4, 4, 3]
     for b in batches:
         assert all(t.dtype == torch.long for t in b.values())
@@ -332,7 +333,7 @@ def test_loader_shuffle_is_seeded(split: Split, tokenizer) -> None:
     ds = tokenize_split(split, tokenizer, max_length=16)
 
     def order(seed: int, epochs: int = 2) -> list[int]:
-        loader = make_loader(ds, tokenizer, batch_size=4, shuffle=True, seed=seed)
+        loader = make_loader(ds, pad_collator(tokenizer), batch_size=4, shuffle=True, seed=seed)
         return [i for _ in range(epochs) for b in loader for i in b["idx"].tolist()]
 
     first = order(0)
@@ -346,7 +347,8 @@ def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
     ds = tokenize_split(split, tokenizer, max_length=64)
     tokenizer.padding_side = "left"
     try:
-        batch = next(iter(make_loader(ds, tokenizer, batch_size=5, shuffle=False, seed=0)))
+        batch = next(iter(make_loader(ds, pad_collator(tokenizer), batch_size=5, shuffle=False,
+                                      seed=0)))
     finally:
         tokenizer.padding_side = "right"
     assert batch["attention_mask"][:, -1].eq(1).all()
@@ -356,7 +358,7 @@ def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
         pad_token_id = eos_token_id = None
 
     with pytest.raises(DistillError, match="pad"):
-        make_loader(ds, NoPad(), batch_size=2, shuffle=False, seed=0)
+        pad_collator(NoPad())
 
 
 # ----------------------------------------------------------------------------- column types

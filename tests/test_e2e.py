@@ -76,7 +76,7 @@ def test_report_json_schema_and_values(finished_run: Path) -> None:
         student["metric"]["value"] / report["teacher"]["metric"]["value"])
     metrics = json.loads((finished_run / "stages/01-distill/metrics.json").read_text())
     assert metrics["layers"] == [0, 2] and metrics["layer_map"] == [1, 3]
-    assert metrics["teacher_cache"] is False  # hidden-state loss needs the live teacher
+    assert metrics["teacher_cache"] is None  # hidden-state loss needs the live teacher
 
 
 def test_resolved_recipe_reproduces_the_run(finished_run: Path) -> None:
@@ -133,8 +133,8 @@ def test_logit_only_kd_uses_the_teacher_cache(tiny_teacher: Path, tiny_csv: Path
     result = runner.invoke(app, ["run", str(path), "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     stage = tmp_path / "run/stages/00-distill"
-    assert (stage / "teacher_cache/logits.safetensors").is_file()
-    assert json.loads((stage / "metrics.json").read_text())["teacher_cache"] is True
+    assert (stage.parent.parent / "teacher_cache/logits.safetensors").is_file()
+    assert json.loads((stage / "metrics.json").read_text())["teacher_cache"]["kind"] == "logits"
     report = json.loads((tmp_path / "run/report.json").read_text())
     assert {"params", "size_mb"} <= set(report["final"])  # no evaluate stage: static metrics
 

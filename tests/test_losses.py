@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.tasks import get_task
 from distill.kd.losses import (DistillationLoss, LossWeights, attention_kl_loss, cosine_loss,
                             default_layer_map, hard_ce_loss, hidden_mse_loss, kd_kl_loss)
 
@@ -123,8 +124,9 @@ def test_combined_loss_is_weighted_sum() -> None:
     t = SimpleNamespace(logits=torch.randn(B, C, generator=g), hidden_states=hid_t)
     y, mask = torch.tensor([0, 1, 1]), torch.ones(B, n)
     w = LossWeights(alpha=0.3, temperature=2.0, hidden_mse=0.5, cosine=0.2)
-    loss_fn = DistillationLoss(w, [1, 3], 8, 8)
-    total, parts = loss_fn(s, t, y, mask)
+    loss_fn = DistillationLoss(get_task("sequence-classification"), w, [1, 3], 8, 8)
+    batch = {"labels": y, "attention_mask": mask}
+    total, parts = loss_fn(s, t, batch)
     expected = (0.3 * F.cross_entropy(s.logits, y)
                 + 0.7 * kd_kl_loss(s.logits, t.logits, 2.0)
                 + 0.5 * (hidden_mse_loss(hid_s[1], hid_t[2], mask)
@@ -133,6 +135,7 @@ def test_combined_loss_is_weighted_sum() -> None:
     torch.testing.assert_close(total, expected)
     assert set(parts) == {"loss_ce", "loss_kd", "loss_hidden", "loss_cos"}
     # alpha = 1 is plain fine-tuning: no teacher term at all
-    total1, parts1 = DistillationLoss(LossWeights(alpha=1.0), [0], 8, 8)(s, None, y, mask)
+    total1, parts1 = DistillationLoss(get_task("sequence-classification"), LossWeights(alpha=1.0),
+                                      [0], 8, 8)(s, None, batch)
     torch.testing.assert_close(total1, F.cross_entropy(s.logits, y))
     assert set(parts1) == {"loss_ce"}

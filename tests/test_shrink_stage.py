@@ -63,13 +63,14 @@ def test_step_metrics_record_the_cut_and_the_heal(shrink_run: tuple[Path, dict])
     assert steps[2]["start_layers"] == steps[1]["start_layers"]
     assert steps[2]["hidden_size"] == 16
     for s in steps:
-        assert s["teacher_cache"] is True and s["steps"] > 0
+        assert s["teacher_cache"]["kind"] == "logits" and s["steps"] > 0
         assert 0 <= s["validation_before_heal"] <= 1
         assert s["best_validation_accuracy"] >= s["validation_before_heal"] - 1e-9
     for s in steps:
         assert (run_dir / "stages/01-shrink/steps" / s["name"] / "log.jsonl").is_file()
-    # the teacher's logits were computed once for the whole stage
-    assert len(list((run_dir / "stages/01-shrink").rglob("logits.safetensors"))) == 1
+    # the teacher's logits were computed once for the whole run (the run's teacher cache)
+    assert len(list(run_dir.rglob("logits.safetensors"))) == 1
+    assert (run_dir / "teacher_cache/logits.safetensors").is_file()
 
 
 def test_report_lists_each_step(shrink_run: tuple[Path, dict]) -> None:

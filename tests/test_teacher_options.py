@@ -16,6 +16,7 @@ from distill import DistillError, recipe_from_dict, run_recipe
 from distill.run.context import RunContext
 from distill.data.tables import load_task_data
 from distill.errors import RecipeError
+from distill.tasks import get_task
 from distill.models.loading import load_tokenizer, teacher_load_options
 from distill.stages.distill import load_frozen_teacher, student_source
 from distill.train.loop import make_accelerator
@@ -26,7 +27,7 @@ def context(model: Path, data: Path, **teacher: object) -> RunContext:
                                                                       **teacher}})
     return RunContext(recipe=recipe, run_dir=Path("."), data=load_task_data(recipe.data),
                       tokenizer=load_tokenizer(str(model)), accelerator=make_accelerator(),
-                      teacher_source=str(model))
+                      teacher_source=str(model), task=get_task("sequence-classification"))
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -79,10 +80,10 @@ def test_distill_stage_with_a_bfloat16_teacher(tiny_teacher: Path, tiny_csv: Pat
     for stage in ("00-distill", "01-distill"):
         weights = load_file(str(tmp_path / f"run/stages/{stage}/model/model.safetensors"))
         assert {t.dtype for t in weights.values()} == {torch.float32}, stage
-    logits = load_file(str(tmp_path / "run/stages/01-distill/teacher_cache/logits.safetensors"))
+    logits = load_file(str(tmp_path / "run/teacher_cache/logits.safetensors"))
     assert logits["logits"].dtype == torch.float32 and torch.isfinite(logits["logits"]).all()
     metrics = json.loads((tmp_path / "run/stages/01-distill/metrics.json").read_text())
-    assert metrics["teacher_cache"] is True and metrics["steps"] > 0
+    assert metrics["teacher_cache"]["kind"] == "logits" and metrics["steps"] > 0
 
 
 def test_device_map_offloads_layers_to_disk(tiny_bert: Path, tiny_csv: Path,

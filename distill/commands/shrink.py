@@ -14,16 +14,16 @@ import transformers
 from transformers import PreTrainedModel
 
 from distill.compress.arch import num_layers
-from distill.data.tables import load_task_data, make_loader, tokenize_split
+from distill.data.batching import make_loader
 from distill.errors import DistillError
 from distill.compress.importance import resolve_score
-from distill.data.text import SHAKESPEARE, lm_batches, lm_blocks
 from distill.models.loading import (count_params, load_checked, load_config, load_tokenizer,
                                     save_model)
 from distill.run.ownership import check_claim, local_paths, sibling_lock
 from distill.run.preflight import position_limit
 from distill.config.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
+from distill.tasks import TASKS
 
 
 def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -39,27 +39,26 @@ def load_any(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
     return model.eval()
 
 
-def is_classifier(model: PreTrainedModel) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
-
-
 def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: int,
                 max_length: int) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches for `model`: labelled task data for classifiers, else LM text."""
-    if is_classifier(model):
-        task = load_task_data(DataConfig(dataset=data or "builtin:rotten_tomatoes",
-                                          max_length=max_length))
-        labels = [str(v) for v in model.config.id2label.values()]
-        if len(labels) != len(task.label_names):
-            raise DistillError(f"--data has {len(task.label_names)} labels "
-                               f"{task.label_names}; the model predicts {len(labels)}")
-        loader = make_loader(tokenize_split(task.train, tokenizer, max_length), tokenizer,
-                             32, shuffle=False, seed=0)
-        return first_batches(loader, examples)
-    blocks = lm_blocks(tokenizer, "train", max_length, source=data or SHAKESPEARE,
-                       max_blocks=max(1, examples), seed=0)
-    batches = list(lm_batches(blocks, batch_size=8))
-    if not type(model).__name__.endswith("ForCausalLM"):
+    """Calibration batches: the training data of the model's task (labelled texts for a
+    classifier, text blocks for a causal LM), or text blocks without labels for a base model
+    without a task head."""
+    task = next((t for t in TASKS.values() if t.accepts(model.config)), None)
+    kind = task or TASKS["causal-lm"]
+    cfg = DataConfig(dataset=data or kind.default_dataset, max_length=max_length,
+                     max_train_examples=max(1, examples))
+    task_data = kind.load_data(cfg)
+    if task is not None:
+        try:
+            task.check_model(model.config, task_data, "the model")
+        except DistillError as exc:
+            raise DistillError(f"--data: {exc}") from None
+    loader = make_loader(kind.tokenize(task_data, "train", tokenizer, cfg),
+                         kind.collate(tokenizer), kind.calibration_batch_size, shuffle=False,
+                         seed=0)
+    batches = first_batches(loader, examples)
+    if task is None:  # nothing to compute a task loss with: the `hidden` score needs none
         batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     return batches
 

@@ -29,8 +29,10 @@ class ModelSpec:
 
     # `builtin:minilm-l6`, a local Hugging Face directory, or a hub id (needs network).
     model: str = "builtin:minilm-l6"
-    # The task head to put on the model.
-    task: Literal["sequence-classification"] = "sequence-classification"
+    # What the model does: `sequence-classification` (a label per text; accuracy) or
+    # `causal-lm` (next-token prediction on a text corpus; perplexity). null: read from the
+    # model's config (a base model without a task head is taken as a classifier's body).
+    task: Literal["sequence-classification", "causal-lm"] | None = None
     # Run code shipped with a model repository. Off unless you trust its author.
     trust_remote_code: bool = False
     # Read pickled weights (pytorch_model.bin, *.pt) when the model folder has no safetensors,
@@ -145,6 +147,17 @@ class LossConfig:
     cosine: float = field(default=0.0, metadata=value_range(0))
     # Teacher layer (0-based) each student layer learns from; default: evenly spaced block ends.
     layer_map: list[int] | None = field(default=None, metadata=value_range(0))
+    # The divergence of the soft-label term: forward_kl (Hinton), reverse_kl (MiniLLM), jsd
+    # (generalized JSD with `beta`, as TRL's GKD), skew_forward_kl / skew_reverse_kl (DistiLLM,
+    # mixing `skew` of the other distribution in).
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                        "skew_reverse_kl"] = "forward_kl"
+    beta: float = field(default=0.5, metadata=value_range(0, 1))
+    skew: float = field(default=0.1, metadata=value_range(0, 1))
+    # Language models: learn from the teacher's k most probable next tokens (renormalised, the
+    # rest of the mass kept as one bucket) -- what the teacher cache stores, 8k + 4 bytes per
+    # token; null = the whole vocabulary (then nothing is cached).
+    top_k: int | None = field(default=None, metadata=value_range(1))
 
 
 @dataclass
@@ -163,7 +176,8 @@ class DistillStage(TrainArgs):
     kind: Literal["distill"] = "distill"
     student: StudentSpec = field(default_factory=lambda: StudentSpec(num_layers=3))
     loss: LossConfig = field(default_factory=LossConfig)
-    # Compute the teacher's logits once and reuse them every epoch (logit losses only).
+    # Compute the teacher's soft labels once and reuse them every epoch (logit losses only;
+    # for language models with `loss.top_k`).
     cache_teacher: bool = True
 
 

@@ -1,8 +1,8 @@
-"""Task data: built-in datasets and local files -> splits -> tokenized datasets -> loaders.
+"""Classification data: built-in datasets and local files -> splits -> tokenized datasets.
 
     data = load_task_data(recipe.data)                  # texts + label ids, three splits
     train = tokenize_split(data.train, tokenizer, recipe.data.max_length)
-    loader = make_loader(train, tokenizer, batch_size=32, shuffle=True, seed=0)
+    (batches: `distill.data.batching.make_loader`)
 
 Splits are deterministic: a single table (a built-in dataset or one local file) is shuffled with
 `numpy.random.default_rng(split_seed)` and cut into test (first 10 %), validation (next 10 %) and
@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from distill.errors import DistillError
 from distill.files import json_lines
@@ -509,49 +508,3 @@ def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> TokenizedSp
     enc = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)
     return TokenizedSplit(list(enc["input_ids"]), list(enc["attention_mask"]),
                           list(split.labels))
-
-
-@dataclass
-class _PadCollator:
-    """Pads a batch to its own longest example (dynamic padding: short batches stay short)."""
-
-    pad_id: int
-    left: bool  # pad on the left (the tokenizer's padding_side), e.g. for decoder-only models
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(it["input_ids"]) for it in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            cols = slice(width - n, width) if self.left else slice(0, n)
-            input_ids[row, cols] = torch.tensor(it["input_ids"], dtype=torch.long)
-            attention_mask[row, cols] = torch.tensor(it["attention_mask"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long),
-                "idx": torch.tensor([it["idx"] for it in items], dtype=torch.long)}
-
-
-def make_loader(ds: TokenizedSplit, tokenizer: Any, batch_size: int, shuffle: bool,
-                seed: int) -> DataLoader:
-    """A DataLoader of padded LongTensor batches: input_ids/attention_mask [B, T], labels/idx [B].
-
-    Args:
-        ds: a tokenized split.
-        tokenizer: gives the pad id (its eos id when it has no pad token, as decoder-only
-            tokenizers often do) and the padding side.
-        batch_size: examples per batch (the last batch may be smaller).
-        shuffle: reshuffle every pass. The order comes from a generator seeded with `seed`, so
-            two loaders built with the same seed yield the same sequence of epochs.
-        seed: the shuffle seed.
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
-    if pad_id is None:
-        raise DistillError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos "
-                           "token; set `tokenizer.pad_token` before batching")
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    # Worker processes would buy nothing here (items are pre-tokenized lists) and cost start-up.
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed),
-                      collate_fn=_PadCollator(int(pad_id), left), num_workers=0)

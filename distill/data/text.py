@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import DistillError
@@ -48,6 +49,10 @@ class LMText:
     test: list[str]
     names: dict[str, list[str]]  # split -> document names (relative paths), same order
     source: str
+
+    def sizes(self) -> dict[str, int]:
+        """Documents per split."""
+        return {split: len(getattr(self, split)) for split in ("train", "validation", "test")}
 
     def split(self, name: str) -> list[str]:
         """The documents of split `name` ("train", "validation" or "test")."""
@@ -219,3 +224,19 @@ def lm_blocks(tokenizer: PreTrainedTokenizerBase, split: str, block_size: int,
     text = load_lm_text(source, split_seed)
     return sample_blocks(tokenize_blocks(text.split(split), tokenizer, block_size),
                          max_blocks, seed)
+
+
+@dataclass(eq=False)
+class BlockDataset(Dataset):
+    """Token blocks as training items: `input_ids` = `labels` (unshifted: the model predicts
+    position t+1 from positions <= t), `attention_mask` all ones, `idx` = the block's row (the
+    top-k cache's row)."""
+
+    blocks: torch.Tensor  # (N, T) int64
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.blocks[i].tolist()
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids, "idx": i}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,10 @@ def _masked_mean(values: Tensor, mask: Tensor | None, like: Tensor) -> Tensor:
 
 
 def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-               labels: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Soft-label KD (Hinton et al., 2015): `T² · KL(p_T ‖ p_S)` averaged over positions.
+               labels: Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+               kind: str = "forward_kl", beta: float = 0.5, skew: float = 0.1) -> Tensor:
+    """Soft-label KD (Hinton et al., 2015): `T² · KL(p_T ‖ p_S)` averaged over positions
+    (or another divergence `kind`: see `distill.kd.token_losses.divergence`).
 
     `p_T = softmax(z_T / T)`, `p_S = softmax(z_S / T)`; the `T²` keeps the gradient size
     independent of `T`. For token-level KD the loss is per token, averaged over unmasked tokens.
@@ -47,7 +50,7 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     t = teacher_logits[..., :n_cls].float().reshape(-1, n_cls) / temperature
     log_p_s = F.log_softmax(s, dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
-    per_pos = divergence(log_p_t, log_p_s, "forward_kl")  # [N]
+    per_pos = divergence(log_p_t, log_p_s, kind, beta, skew)  # [N]
     mask = None if labels is None else labels.reshape(-1) != ignore_index
     return temperature**2 * _masked_mean(per_pos, mask, student_logits)
 
@@ -139,23 +142,30 @@ class LossWeights:
     hidden_mse: float = 0.0
     attention_kl: float = 0.0
     cosine: float = 0.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
 
 
 class DistillationLoss(nn.Module):
     """`α·CE + (1−α)·T²·KL + w_h·MSE_hidden + w_a·KL_attn + w_c·cos`.
 
+    The task supplies the hard loss and the soft-label term (per example for classifiers, per
+    target token for language models: `distill.tasks`); the intermediate terms are shared.
     Holds the learned projections `d_S -> d_T` for hidden-state losses when widths differ, so
     they train with the student (and are dropped with the loss after distillation).
 
     Args:
+        task: the run's task (`distill.tasks.base.Task`).
         weights: the term weights.
         layer_map: teacher layer for each student layer (0-based).
         student_width / teacher_width: hidden sizes d_S, d_T.
     """
 
-    def __init__(self, weights: LossWeights, layer_map: Sequence[int], student_width: int,
-                 teacher_width: int) -> None:
+    def __init__(self, task: Any, weights: LossWeights, layer_map: Sequence[int],
+                 student_width: int, teacher_width: int) -> None:
         super().__init__()
+        self.task = task
         self.w = weights
         self.layer_map = list(layer_map)
         self.projection: nn.Module | None = None
@@ -175,28 +185,31 @@ class DistillationLoss(nn.Module):
     def needs_teacher_logits(self) -> bool:
         return self.w.alpha < 1
 
-    def forward(self, student_out: object, teacher_out: object | None, labels: Tensor,
-                attention_mask: Tensor, teacher_logits: Tensor | None = None
-                ) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, student_out: Any, teacher_out: Any | None, batch: dict[str, Tensor],
+                teacher_target: Any | None = None) -> tuple[Tensor, dict[str, float]]:
         """Total loss and its parts.
 
         Args:
-            student_out / teacher_out: model outputs with `.logits` [B, C] and, when the
-                intermediate losses are on, `.hidden_states` (L+1 tensors [B, n, d]) and
-                `.attentions` (L tensors [B, h, n, n]). `teacher_out` may be None when only
-                cached `teacher_logits` [B, C] are needed.
+            student_out / teacher_out: model outputs with `.logits` ([B, C] or [B, n, V]) and,
+                when the intermediate losses are on, `.hidden_states` (L+1 tensors [B, n, d])
+                and `.attentions` (L tensors [B, h, n, n]). `teacher_out` may be None when
+                the cached `teacher_target` (logits, or a language model's top-k) is given.
+            batch: the loader's batch (`labels`, `attention_mask`, ...).
         Returns:
             (scalar loss, {"loss_ce": …, "loss_kd": …, …} as floats for logging).
         """
         w = self.w
         z_s = student_out.logits
+        attention_mask = batch["attention_mask"]
         parts: dict[str, Tensor] = {}
         if w.alpha > 0:
-            parts["loss_ce"] = w.alpha * hard_ce_loss(z_s, labels)
+            parts["loss_ce"] = w.alpha * self.task.hard_loss(z_s, batch)
         if w.alpha < 1:
-            z_t = teacher_logits if teacher_logits is not None else teacher_out.logits
-            parts["loss_kd"] = (1 - w.alpha) * kd_kl_loss(z_s, z_t.detach(), w.temperature,
-                                                          labels)
+            target = teacher_target if teacher_target is not None \
+                else teacher_out.logits.detach()
+            parts["loss_kd"] = (1 - w.alpha) * self.task.kd_loss(
+                z_s, target, batch, temperature=w.temperature, kind=w.divergence,
+                beta=w.beta, skew=w.skew)
         if self.needs_hidden or self.needs_attentions:
             assert teacher_out is not None, "intermediate losses need a teacher forward pass"
         if w.hidden_mse > 0:

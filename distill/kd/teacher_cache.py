@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -86,11 +86,13 @@ def _compute_sharded(teacher: nn.Module, loader: DataLoader, num_examples: int,
     return accelerator.reduce(part.to(accelerator.device), reduction="sum").cpu()
 
 
-def load_or_compute(cache_dir: Path, key: str, teacher: nn.Module, loader: DataLoader,
+def load_or_compute(cache_dir: Path, key: str, teacher: Callable[[], nn.Module],
+                    loader: DataLoader,
                     num_examples: int, device: torch.device | str = "cpu",
                     write: bool = True, accelerator: Accelerator | None = None
                     ) -> torch.Tensor:
-    """Read `cache_dir/logits.safetensors` if its key matches, else compute and store it.
+    """Read `cache_dir/logits.safetensors` if its key matches, else compute and store it
+    (`teacher()` loads the teacher only then).
 
     With an `accelerator` of N > 1 processes every rank must call this: rank 0 decides
     whether the cache is usable (and hands its copy to the others), the computation is split
@@ -102,7 +104,7 @@ def load_or_compute(cache_dir: Path, key: str, teacher: nn.Module, loader: DataL
         cached = _read(cache_dir, key, num_examples)
         if cached is not None:
             return cached
-        logits = compute_logits(teacher, loader, num_examples, device)
+        logits = compute_logits(teacher(), loader, num_examples, device)
     else:
         assert accelerator is not None
         write = write and accelerator.is_main_process
@@ -110,7 +112,7 @@ def load_or_compute(cache_dir: Path, key: str, teacher: nn.Module, loader: DataL
         cached = broadcast_object_list([cached], from_process=0)[0]
         if cached is not None:
             return cached
-        logits = _compute_sharded(teacher, loader, num_examples, device, accelerator)
+        logits = _compute_sharded(teacher(), loader, num_examples, device, accelerator)
     if write:
         atomic_write(path, save({"logits": logits.contiguous()}))
         atomic_write(cache_dir / "key.txt", key)

@@ -9,20 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.train import sharding
-from distill.data.tables import TaskData, TokenizedSplit, make_loader, tokenize_split
-from distill.tasks.metrics import confusion_matrix, confusion_metrics, predict
 from distill.config.recipe import Recipe
+from distill.data.batching import make_loader
+from distill.errors import DistillError
+from distill.tasks.base import Task, TaskData
 
 T = TypeVar("T")
 
@@ -63,9 +64,10 @@ class RunContext:
     tokenizer: PreTrainedTokenizerBase
     accelerator: Accelerator
     teacher_source: str
+    task: Task
     console: Console = field(default_factory=Console)
     models: list[ModelRef] = field(default_factory=list)
-    _tokenized: dict[str, TokenizedSplit] = field(default_factory=dict, repr=False)
+    _tokenized: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # Under `accelerate launch` every rank runs the same code: only rank 0 talks.
@@ -82,16 +84,17 @@ class RunContext:
             return value
         return broadcast_object_list([value], from_process=0)[0]
 
-    def tokenized(self, split: str) -> TokenizedSplit:
+    def tokenized(self, split: str) -> Dataset:
         """The split tokenized once per run (all stages share one tokenizer)."""
         if split not in self._tokenized:
-            self._tokenized[split] = tokenize_split(getattr(self.data, split), self.tokenizer,
-                                                    self.recipe.data.max_length)
+            self._tokenized[split] = self.task.tokenize(self.data, split, self.tokenizer,
+                                                        self.recipe.data)
         return self._tokenized[split]
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
                seed: int = 0) -> DataLoader:
-        return make_loader(self.tokenized(split), self.tokenizer, batch_size, shuffle, seed)
+        return make_loader(self.tokenized(split), self.task.collate(self.tokenizer),
+                           batch_size, shuffle, seed)
 
     def stage_seed(self, stage_seed: int | None) -> int:
         """Seed everything for a stage: its own seed, else the recipe's."""
@@ -99,40 +102,60 @@ class RunContext:
         set_seed(seed)
         return seed
 
-    @property
-    def num_labels(self) -> int:
-        return len(self.data.label_names)
+    def load_model(self, source: str, allow_pickle: bool | None = None,
+                   load_options: dict | None = None) -> tuple[PreTrainedModel, bool]:
+        """A model of the run's task from `source` (see `Task.load_model`): the teacher's
+        `trust_remote_code`, and its `allow_pickle` unless given."""
+        spec = self.recipe.teacher
+        return self.task.load_model(
+            source, self.data, trust_remote_code=spec.trust_remote_code,
+            allow_pickle=spec.allow_pickle if allow_pickle is None else allow_pickle,
+            load_options=load_options)
 
-    def validation_accuracy(self, model: nn.Module, batch_size: int) -> float:
-        """Validation accuracy of `model` (the metric that picks the best epoch)."""
-        return self.metrics(model, "validation", batch_size)["accuracy"]
+    def validation_metric(self, model: nn.Module, batch_size: int) -> float:
+        """The task's metric of `model` on the validation split (picks the best epoch)."""
+        return self.metrics(model, "validation", batch_size)[self.task.metric]
 
+    def validation(self, model: nn.Module, batch_size: int) -> dict[str, Any]:
+        """`train_loop` keywords that validate `model` each epoch with the task's metric."""
+        return {"evaluate": lambda: self.validation_metric(model, batch_size),
+                "metric_name": self.task.metric, "maximize": self.task.higher_is_better}
+
+    @torch.inference_mode()
     def metrics(self, model: nn.Module, split: str, batch_size: int) -> dict[str, float]:
-        """{"accuracy", "f1_macro"} of `model` on a split; every rank must call it.
+        """The task's metrics of `model` on a split; every rank must call it.
 
-        With N processes rank r predicts batches r, r+N, ... of the same batches one process
-        would see, and the confusion matrices are summed over the ranks: every rank gets the
-        same numbers, equal to the 1-process ones (the predictions are computed on identical
-        batches). A model sharded by FSDP (validation inside a loop) gathers its weights in
-        every forward, so there every rank runs the same number of forwards: a rank short of
-        one batch repeats one and ignores its predictions."""
+        With N processes rank r scores batches r, r+N, ... of the same batches one process
+        would see, and the task's additive sums are added over the ranks: every rank gets the
+        same numbers, equal to the 1-process ones. A model sharded by FSDP (validation inside
+        a loop) gathers its weights in every forward, so there every rank runs the same
+        number of forwards: a rank short of one batch repeats one and ignores its result."""
         model = self.accelerator.unwrap_model(model)
-        device = next(model.parameters()).device
-        confusion = torch.zeros(self.num_labels * self.num_labels, dtype=torch.int64)
+        was_training = model.training
+        model.eval()
         loader = self.loader(split, batch_size)
         n = self.accelerator.num_processes
         forwards = -(-len(loader) // n) if sharding.is_fsdp(model) else 0
-        done, last = 0, None
-        for batch in self._shard(loader):
-            preds, labels = predict(model, [batch], device)
-            confusion += confusion_matrix(preds, labels, self.num_labels).flatten()
-            done, last = done + 1, batch
-        for _ in range(forwards - done):  # collective forwards only, nothing counted
-            predict(model, [last if last is not None else next(iter(loader))], device)
-        if self.accelerator.num_processes > 1:
-            confusion = self.accelerator.reduce(confusion.to(self.accelerator.device),
-                                                reduction="sum").cpu()
-        return confusion_metrics(confusion.view(self.num_labels, self.num_labels))
+        done, last, sums = 0, None, None
+        try:
+            for batch in self._shard(loader):
+                scored = self.task.score_batch(model, batch)
+                sums = scored if sums is None else sums + scored
+                done, last = done + 1, batch
+            for _ in range(forwards - done):  # collective forwards only, nothing counted
+                self.task.score_batch(model, last if last is not None else next(iter(loader)))
+        finally:
+            model.train(was_training)
+        if n > 1:
+            size = torch.tensor([0 if sums is None else sums.numel()],
+                                device=self.accelerator.device)
+            width = int(self.accelerator.reduce(size, reduction="max"))
+            sums = torch.zeros(width, dtype=torch.float64) if sums is None else sums
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device),
+                                           reduction="sum").cpu()
+        if sums is None:
+            raise DistillError(f"the {split} split is empty: nothing to evaluate")
+        return self.task.summarize(sums, self.data)
 
     def _shard(self, loader: DataLoader) -> Iterator[dict]:
         """This rank's share of a loader's batches (all of them with one process)."""

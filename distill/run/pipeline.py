@@ -96,12 +96,9 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
-def static_metrics(path: str, trust_remote_code: bool = False, allow_pickle: bool = False
-                   ) -> dict:
+def static_metrics(ctx: RunContext, path: str) -> dict:
     """Params and size of a saved model without evaluating it (for runs with no evaluate)."""
-    from distill.stages.evaluate import load_saved_classifier
-
-    params, non_emb = count_params(load_saved_classifier(path, trust_remote_code, allow_pickle)[0])
+    params, non_emb = count_params(ctx.load_model(path)[0])
     return {"params": params, "params_non_embedding": non_emb,
             "size_mb": round(dir_size_mb(Path(resolve_model_path(path))), 3)}
 
@@ -111,8 +108,7 @@ def fill_model_metrics(report: dict, ctx: RunContext, evaluated: dict[str, dict]
     def metrics_for(label: str, path: str) -> dict:
         if path == ctx.teacher_source and "teacher" in evaluated:
             label = "teacher"  # the tuned teacher was evaluated once, under that name
-        return evaluated.get(label) or static_metrics(
-            path, ctx.recipe.teacher.trust_remote_code, ctx.recipe.teacher.allow_pickle)
+        return evaluated.get(label) or static_metrics(ctx, path)
 
     report["teacher"] = metrics_for("teacher", ctx.teacher_source)
     last = report["teacher"]
@@ -227,14 +223,14 @@ def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
                 console: Console, resume: bool) -> dict:
     """The stages of a prepared run folder, in order (see `run_recipe`)."""
     main = accelerator.is_main_process
-    data, tokenizer = checked.data, checked.tokenizer
+    data, tokenizer, task = checked.data, checked.tokenizer, checked.task
     state = load_state(run_dir) if resume else {"completed": 0}
     ctx = RunContext(recipe=recipe, run_dir=run_dir, data=data, tokenizer=tokenizer,
                      accelerator=accelerator, teacher_source=recipe.teacher.model,
-                     console=console)
-    report: dict = {"recipe": recipe.name, "teacher": {}, "stages": [], "final": {},
-                    "data": {"dataset": recipe.data.dataset, "sizes": data.sizes(),
-                             "labels": data.label_names}}
+                     task=task, console=console)
+    report: dict = {"recipe": recipe.name, "task": task.name, "teacher": {}, "stages": [],
+                    "final": {}, "data": {"dataset": recipe.data.dataset, "sizes": data.sizes(),
+                                          **task.describe(data)}}
     evaluated: dict[str, dict] = {}
     done = state["completed"]
     if done:

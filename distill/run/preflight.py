@@ -21,9 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
-    AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -31,7 +29,6 @@ from transformers import (
 
 import peft_methods
 from distill.compress.arch import Dims, arch_info, arch_info_for, dims, supported_families
-from distill.data.tables import TaskData, load_task_data
 from distill.errors import DistillError
 from distill.models.loading import (
     check_weights,
@@ -43,6 +40,8 @@ from distill.models.loading import (
 )
 from distill.config.recipe import AdaptStage, DistillStage, FinetuneStage, Recipe, ShrinkStage
 from distill.models.weights import checkpoint_shapes
+from distill.tasks import resolve_task
+from distill.tasks.base import Task, TaskData
 from peft_methods.prompt_tuning import PromptLearningMethod
 
 # Families whose position embeddings are a learned table: inputs longer than the table fail
@@ -74,6 +73,7 @@ class Checked:
 
     data: TaskData
     tokenizer: PreTrainedTokenizerBase
+    task: Task
 
 
 @dataclass
@@ -103,26 +103,31 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
     """
     if run_dir is not None:
         check_output_location(Path(run_dir))
-    data = load_task_data(recipe.data)
     spec = recipe.teacher
     check_model_source(spec.model, spec.allow_pickle, "teacher")
     try:
-        tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
         config = load_config(spec.model, spec.trust_remote_code)
-        model = meta_model(config, len(data.label_names), spec.trust_remote_code)
+    except DistillError as exc:
+        raise DistillError(f"teacher.model: {exc}") from None
+    task = resolve_task(spec.task, config, spec.model)
+    data = task.load_data(recipe.data)
+    try:
+        tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+        model = task.meta_model(config, data, spec.trust_remote_code)
     except DistillError as exc:
         raise DistillError(f"teacher.model: {exc}") from None
     problems = tokenizer_problems(tokenizer, spec.model, "teacher.model")
     problems += fits_model(tokenizer, config, recipe.data.max_length, spec.model,
                            "teacher.model", "data.max_length")
-    problems += stage_problems(recipe, config, model, tokenizer, len(data.label_names))
-    problems += teacher_head_problems(recipe, model)
+    problems += stage_problems(recipe, task, config, model, tokenizer, data)
+    if task.head_from_data:
+        problems += teacher_head_problems(recipe, model)
     if sharded:
         problems += sharding_problems(recipe)
     if problems:
         # An adapt stage on the teacher meets the teacher's own limits again: say each once.
         raise PreflightError(list(dict.fromkeys(problems)))
-    return Checked(data, tokenizer)
+    return Checked(data, tokenizer, task)
 
 
 def sharding_problems(recipe: Recipe) -> list[str]:
@@ -226,27 +231,6 @@ def fits_model(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, max
     return problems
 
 
-def meta_model(config: PretrainedConfig, num_labels: int, trust_remote_code: bool
-               ) -> PreTrainedModel:
-    """The classifier of `config` on the meta device: its modules and shapes, no memory.
-
-    Raises:
-        DistillError: transformers has no sequence-classification model for this config.
-    """
-    config = copy.deepcopy(config)
-    config.num_labels = num_labels
-    config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    try:
-        with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(
-                config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"{config.model_type} models have no sequence-classification form "
-                           f"in transformers ({first[:200]})") from None
-
-
 # ----------------------------------------------------------------------------- stages
 def teacher_head_problems(recipe: Recipe, model: PreTrainedModel) -> list[str]:
     """A stage that distills from the teacher's outputs before any `finetune` stage needs a
@@ -286,12 +270,13 @@ def first_stage_taught_by_raw_teacher(recipe: Recipe) -> int | None:
     return None
 
 
-def stage_problems(recipe: Recipe, config: PretrainedConfig, model: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, num_labels: int) -> list[str]:
+def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
+                   model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: TaskData
+                   ) -> list[str]:
     """Plan every stage against the shapes the run will have; one line per problem.
 
     Args:
-        config / model: the teacher's config and its classifier on the meta device.
+        config / model: the teacher's config and its task model on the meta device.
     """
     from distill.stages.distill import (
         plan_layers,  # the stage's own planning, run early
@@ -316,7 +301,7 @@ def stage_problems(recipe: Recipe, config: PretrainedConfig, model: PreTrainedMo
                 latest = shrink_problems(stage, model, _Shape(start.depth, start.widths), key,
                                          problems)
             elif isinstance(stage, AdaptStage):
-                problems += adapt_problems(stage, recipe, config, tokenizer, num_labels,
+                problems += adapt_problems(stage, recipe, task, config, tokenizer, data,
                                            latest.depth, key)
         except DistillError as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
@@ -353,16 +338,16 @@ def shrink_problems(stage: ShrinkStage, model: PreTrainedModel, shape: _Shape, k
     return shape
 
 
-def adapt_problems(stage: AdaptStage, recipe: Recipe, teacher_config: PretrainedConfig,
-                   tokenizer: PreTrainedTokenizerBase, run_labels: int, depth: int | None,
-                   key: str) -> list[str]:
+def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
+                   teacher_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                   run_data: TaskData, depth: int | None, key: str) -> list[str]:
     """The adapt stage's data, base model and method, checked against each other."""
     trust = recipe.teacher.trust_remote_code
     data_cfg = stage.data or recipe.data
-    num_labels = run_labels
+    data = run_data
     if stage.data is not None:
         try:
-            num_labels = len(load_task_data(stage.data).label_names)
+            data = task.load_data(stage.data)
         except DistillError as exc:
             return [f"{key}.{exc}" if str(exc).startswith("data.") else f"{key}.data: {exc}"]
     problems: list[str] = []
@@ -384,7 +369,7 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, teacher_config: Pretrained
                             "the teacher's vocabulary")
     extra = 0
     try:
-        model = meta_model(config, num_labels, trust)
+        model = task.meta_model(config, data, trust)
         adapted = peft_methods.apply(model, stage.method, **method_options(stage))
         cfg = adapted.peft_config
         if isinstance(adapted.method, PromptLearningMethod) or (

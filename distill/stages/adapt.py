@@ -20,28 +20,27 @@ from torch import Tensor, nn
 import peft_methods
 
 from distill.run.context import RunContext, StageResult
-from distill.data.tables import load_task_data
 from distill.errors import DistillError
-from distill.kd.losses import hard_ce_loss
 from distill.tasks.metrics import latency_ms
-from distill.models.loading import count_params, dir_size_mb, load_classifier
+from distill.models.loading import count_params, dir_size_mb
 from distill.config.recipe import AdaptStage
-from distill.stages.evaluate import latency_inputs
+from distill.tasks.base import Task
 from distill.train.loop import train_loop
 
 
 class AdaptUnit(nn.Module):
-    """Cross-entropy of the adapted classifier plus the method's regulariser (AdaLoRA's
+    """The task's hard loss on the adapted model plus the method's regulariser (AdaLoRA's
     orthogonality, diff-tuning's λ‖Δ‖); passes the method's optimizer groups and per-step
     hook through to the training loop."""
 
-    def __init__(self, model: peft_methods.AdaptedModel) -> None:
+    def __init__(self, model: peft_methods.AdaptedModel, task: Task) -> None:
         super().__init__()
         self.model = model
+        self.task = task
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = hard_ce_loss(out.logits, batch["labels"])
+        loss = self.task.hard_loss(out.logits, batch)
         parts = {"loss_ce": float(loss.detach())}
         extra = self.model.extra_loss()
         if extra is not None:
@@ -93,14 +92,15 @@ def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter
     latency = {}
     device = next(adapted.parameters()).device
     for b in (1, 32) if ctx.is_main else ():  # timed on rank 0 alone
-        inputs = latency_inputs(ctx.tokenizer, ctx.data.test, b, ctx.recipe.data.max_length)
+        inputs = ctx.task.latency_inputs(ctx.data, "test", ctx.tokenizer, b,
+                                         ctx.recipe.data.max_length)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         latency[f"batch{b}"] = round(latency_ms(adapted, **inputs, runs=5), 3)
     return {
         "params": params, "params_non_embedding": non_emb,
         "size_mb": round(dir_size_mb(adapter_dir), 3), "latency_ms": latency,
-        "metric": {"name": "accuracy", "value": scores["accuracy"], "split": "test"},
-        "f1_macro": scores["f1_macro"],
+        "metric": {"name": ctx.task.metric, "value": scores[ctx.task.metric], "split": "test"},
+        **{k: v for k, v in scores.items() if k != ctx.task.metric},
         # A new task has no teacher score to retain; the report leaves it blank.
         "retention": None,
         "method": adapted.method.name, "trainable_params": report["trainable_params"],
@@ -126,7 +126,7 @@ def task_context(ctx: RunContext, cfg: AdaptStage) -> RunContext:
     if cfg.data is None:
         return ctx
     recipe = dataclasses.replace(ctx.recipe, data=cfg.data)
-    return dataclasses.replace(ctx, recipe=recipe, data=load_task_data(cfg.data),
+    return dataclasses.replace(ctx, recipe=recipe, data=ctx.task.load_data(cfg.data),
                                _tokenized={})
 
 
@@ -137,8 +137,7 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
     seed = ctx.stage_seed(cfg.seed)  # before loading: a new head is initialised here
     # A `model` path of the stage's own uses its `allow_pickle`; the run's models, the teacher's.
     allow_pickle = cfg.allow_pickle if source == cfg.model else ctx.recipe.teacher.allow_pickle
-    model, _ = load_classifier(source, task.data.label_names, ctx.recipe.teacher.trust_remote_code,
-                               allow_pickle)
+    model, _ = task.load_model(source, allow_pickle=allow_pickle)
     loader = task.loader("train", cfg.batch_size, shuffle=True, seed=seed)
     adapted = apply_method(model, cfg.method, with_step_count(cfg, len(loader)))
     share = peft_methods.trainable_report(adapted)
@@ -150,14 +149,15 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
 
     def validate() -> float:
         start = time.perf_counter()
-        value = task.validation_accuracy(adapted, cfg.eval_batch_size)
+        value = task.validation_metric(adapted, cfg.eval_batch_size)
         eval_seconds[0] += time.perf_counter() - start
         return value
 
     adapted.train()
     result = train_loop(
-        AdaptUnit(adapted), loader, cfg,
+        AdaptUnit(adapted, task.task), loader, cfg,
         accelerator=ctx.accelerator, keep=adapted, evaluate=validate,
+        metric_name=task.task.metric, maximize=task.task.higher_is_better,
         log_path=stage_dir / "log.jsonl", desc=f"adapt {cfg.label or cfg.method}",
         console=ctx.console)
     # Training time only: validation passes and checkpoint writes are not steps.
@@ -172,13 +172,13 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
         record = adapter_metrics(task, adapted, out, seconds_per_step=seconds_per_step,
                                  batch_size=cfg.eval_batch_size)
     record["base_model"] = source
-    ctx.console.print(f"  {cfg.label or cfg.method}: test accuracy "
+    ctx.console.print(f"  {cfg.label or cfg.method}: test {task.task.metric} "
                       f"{record['metric']['value']:.4f}, {seconds_per_step:.3f} s/step")
     return StageResult("done", out, {
         "method": cfg.method, "label": cfg.label or cfg.method, "base_model": source,
-        "dataset": task.recipe.data.dataset, "labels": task.data.label_names,
+        "dataset": task.recipe.data.dataset, **task.task.describe(task.data),
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
         "bf16": result.bf16,
-        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
+        f"best_validation_{task.task.metric}": result.best_metric, "best_epoch": result.best_epoch,
         "history": result.history, "seed": seed, "model": record},
         model_metrics=record, artifact_kind="adapter")

@@ -7,56 +7,93 @@ attention KL and cosine terms over a layer map.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from distill.kd import teacher_cache
 from distill.compress.arch import num_layers
 from distill.run.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.kd.losses import DistillationLoss, LossWeights, default_layer_map
-from distill.models.loading import load_classifier, save_model, teacher_load_options
+from distill.kd.token_losses import TopK, top_k
+from distill.models.loading import (config_num_layers, load_config, save_model,
+                                    teacher_load_options)
+from distill.tasks.base import TeacherTarget
 from distill.config.recipe import DistillStage, LossConfig, StudentSpec, TrainArgs
 from distill.compress.depth import check_layers, evenly_spaced, keep_layers
 from distill.train.loop import LoopResult, train_loop
 
 
+class FrozenTeacher:
+    """The run's frozen teacher, loaded on first use: a stage whose soft labels all come from
+    the teacher cache never loads it."""
+
+    def __init__(self, ctx: RunContext, eager_attention: bool = False) -> None:
+        self._ctx, self._eager = ctx, eager_attention
+        self._model: PreTrainedModel | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model = load_frozen_teacher(self._ctx, self._eager)
+        return self._model
+
+
 class DistillUnit(nn.Module):
     """Student + loss (+ projections); the teacher is held outside the module tree so that it
     is neither optimized nor wrapped by DDP. Under FSDP the loop shards it as well
-    (`frozen_models`), when it runs in the loop at all (not with cached logits)."""
+    (`frozen_models`), when it runs in the loop at all (not with a teacher cache)."""
 
-    def __init__(self, student: nn.Module, loss: DistillationLoss, teacher: nn.Module,
-                 cached_logits: Tensor | None) -> None:
+    def __init__(self, student: nn.Module, loss: DistillationLoss, teacher: FrozenTeacher,
+                 cached: Callable[[Tensor], TeacherTarget] | None, top_k: int | None = None
+                 ) -> None:
         super().__init__()
         self.student = student
         self.loss = loss
         self._teacher = [teacher]  # a list hides it from nn.Module registration
-        self.cached_logits = cached_logits
+        self.cached = cached
+        self.top_k = top_k
+
+    @property
+    def calls_teacher(self) -> bool:
+        """Whether `forward` runs the teacher (no cache, or hidden/attention terms)."""
+        loss = self.loss
+        return loss.needs_hidden or loss.needs_attentions or (
+            self.cached is None and loss.needs_teacher_logits)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         want_hidden, want_attn = self.loss.needs_hidden, self.loss.needs_attentions
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         s_out = self.student(**inputs, output_hidden_states=want_hidden,
                              output_attentions=want_attn)
-        t_out, t_logits = None, None
-        if self.cached_logits is not None:
-            t_logits = self.cached_logits[batch["idx"].cpu()].to(s_out.logits.device)
-        elif self.loss.needs_teacher_logits or want_hidden or want_attn:
+        t_out, target = None, None
+        if self.cached is not None and self.loss.needs_teacher_logits:
+            target = _to(self.cached(batch["idx"].cpu()), s_out.logits.device)
+        if self.calls_teacher:
             with torch.no_grad():
-                t_out = self._teacher[0](**inputs, output_hidden_states=want_hidden,
-                                         output_attentions=want_attn)
-        return self.loss(s_out, t_out, batch["labels"], batch["attention_mask"], t_logits)
+                t_out = self._teacher[0].get()(**inputs, output_hidden_states=want_hidden,
+                                               output_attentions=want_attn)
+            if target is None and self.top_k is not None:
+                # The same top-k the cache would hold, from the live teacher.
+                target = top_k(t_out.logits.detach(), self.top_k, self.loss.w.temperature)
+        return self.loss(s_out, t_out, batch, target)
 
     def frozen_models(self) -> list[nn.Module]:
-        """The models `forward` runs without training them (see `distill.train.sharding.shard`)."""
-        calls_teacher = self.cached_logits is None and (
-            self.loss.needs_teacher_logits or self.loss.needs_hidden
-            or self.loss.needs_attentions)
-        return [self._teacher[0]] if calls_teacher else []
+        """The models `forward` runs without training them (see `distill.train.sharding`)."""
+        return [self._teacher[0].get()] if self.calls_teacher else []
+
+
+def _to(target: TeacherTarget, device: torch.device) -> TeacherTarget:
+    if isinstance(target, TopK):
+        return TopK(target.log_probs.to(device), target.indices.to(device),
+                    target.tail.to(device))
+    return target.to(device)
 
 
 def student_layers(spec: StudentSpec, teacher_layers: int) -> list[int]:
@@ -98,8 +135,7 @@ def load_frozen_teacher(ctx: RunContext, eager_attention: bool = False) -> PreTr
             "`teacher.dtype: bfloat16` (half the memory) or run in one process")
     options = teacher_load_options(spec.dtype, spec.device_map, spec.offload_folder,
                                    spec.max_memory)
-    teacher, _ = load_classifier(ctx.teacher_source, ctx.data.label_names,
-                                 spec.trust_remote_code, spec.allow_pickle, load_options=options)
+    teacher, _ = ctx.load_model(ctx.teacher_source, load_options=options)
     if eager_attention:
         # Fused attention kernels do not return attention maps.
         teacher.set_attn_implementation("eager")
@@ -116,55 +152,59 @@ def student_source(ctx: RunContext, teacher: PreTrainedModel) -> PreTrainedModel
     spec = ctx.recipe.teacher
     if spec.dtype in (None, "float32") and spec.device_map is None:
         return teacher
-    full, _ = load_classifier(ctx.teacher_source, ctx.data.label_names, spec.trust_remote_code,
-                              spec.allow_pickle, load_options={"dtype": torch.float32})
+    full, _ = ctx.load_model(ctx.teacher_source, load_options={"dtype": torch.float32})
     return full.to(ctx.accelerator.device)
 
 
-def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: PreTrainedModel,
+def kd_train(ctx: RunContext, student: PreTrainedModel, teacher: FrozenTeacher,
              args: TrainArgs, loss_cfg: LossConfig, *, cache_teacher: bool, cache_dir: Path,
              log_path: Path, desc: str) -> tuple[LoopResult, dict]:
     """Distill `teacher` into `student` in place (best validation weights kept).
 
     Shared by the `distill` stage and the heal phases of `shrink`. With logit losses only,
-    the teacher's logits come from a cache in `cache_dir` (computed once, reused by every
-    epoch and every later call with the same teacher and data).
+    the teacher's soft labels come from a cache in `cache_dir` (computed once, reused by every
+    epoch and every later call with the same teacher and data; what it stores is the task's
+    choice: a classifier's logits, a language model's top-k).
 
     Returns:
         (the loop's result, a summary for metrics.json).
     """
-    depth_s, depth_t = num_layers(student), num_layers(teacher)
+    config = load_config(ctx.teacher_source, ctx.recipe.teacher.trust_remote_code)
+    depth_s, depth_t = num_layers(student), config_num_layers(config)
     layer_map = loss_cfg.layer_map or default_layer_map(depth_s, depth_t)
     if len(layer_map) != depth_s or any(not 0 <= j < depth_t for j in layer_map):
         raise DistillError(f"loss.layer_map: {layer_map} must give one teacher layer "
                            f"(0..{depth_t - 1}) for each of the {depth_s} student layers")
     weights = LossWeights(loss_cfg.alpha, loss_cfg.temperature, loss_cfg.hidden_mse,
-                          loss_cfg.attention_kl, loss_cfg.cosine)
+                          loss_cfg.attention_kl, loss_cfg.cosine, loss_cfg.divergence,
+                          loss_cfg.beta, loss_cfg.skew)
     seed = ctx.stage_seed(args.seed)
-    loss = DistillationLoss(weights, layer_map, student.config.hidden_size,
-                            teacher.config.hidden_size)
-    cached = None
+    loss = DistillationLoss(ctx.task, weights, layer_map, student.config.hidden_size,
+                            config.hidden_size)
+    cached, cache_info = None, None
     if cache_teacher and loss.needs_teacher_logits and not (
             loss.needs_hidden or loss.needs_attentions):
-        train = ctx.tokenized("train")
-        key = teacher_cache.fingerprint(ctx.teacher_source, len(train),
-                                        ctx.recipe.data.max_length, train[0]["input_ids"])
-        cached = teacher_cache.load_or_compute(
-            cache_dir, key, teacher, ctx.loader("train", args.eval_batch_size), len(train),
-            ctx.accelerator.device, write=ctx.is_main, accelerator=ctx.accelerator)
+        cache = ctx.task.teacher_cache(
+            cache_dir, teacher.get, ctx.tokenized("train"),
+            ctx.loader("train", args.eval_batch_size), teacher_source=ctx.teacher_source,
+            data_cfg=ctx.recipe.data, temperature=loss_cfg.temperature, top_k=loss_cfg.top_k,
+            accelerator=ctx.accelerator)
+        if cache is not None:
+            cached, cache_info = cache.lookup, cache.info
     student.train()
     result = train_loop(
-        DistillUnit(student, loss, teacher, cached),
+        DistillUnit(student, loss, teacher, cached, loss_cfg.top_k),
         ctx.loader("train", args.batch_size, shuffle=True, seed=seed), args,
         accelerator=ctx.accelerator, keep=student,
-        evaluate=lambda: ctx.validation_accuracy(student, args.eval_batch_size),
-        log_path=log_path, desc=desc, console=ctx.console)
+        log_path=log_path, desc=desc, console=ctx.console,
+        **ctx.validation(student, args.eval_batch_size))
     return result, {
-        "layer_map": layer_map, "loss": vars(weights), "teacher": ctx.teacher_source,
-        "teacher_cache": cached is not None, "steps": result.steps,
+        "layer_map": layer_map, "loss": vars(weights) | {"top_k": loss_cfg.top_k},
+        "teacher": ctx.teacher_source, "teacher_cache": cache_info,
+        "teacher_loaded": teacher.loaded, "steps": result.steps,
         "train_seconds": round(result.seconds, 2), "bf16": result.bf16,
-        "best_validation_accuracy": result.best_metric, "best_epoch": result.best_epoch,
-        "history": result.history, "seed": seed}
+        f"best_validation_{ctx.task.metric}": result.best_metric,
+        "best_epoch": result.best_epoch, "history": result.history, "seed": seed}
 
 
 def save_student(ctx: RunContext, student: PreTrainedModel, out: Path) -> Path:
@@ -177,14 +217,15 @@ def save_student(ctx: RunContext, student: PreTrainedModel, out: Path) -> Path:
 
 def run(ctx: RunContext, cfg: DistillStage, stage_dir: Path) -> StageResult:
     """Build the student from the teacher's layers and distill it; save it in HF format."""
-    teacher = load_frozen_teacher(ctx, eager_attention=cfg.loss.attention_kl > 0)
-    layers, layer_map = plan_layers(cfg, num_layers(teacher))
-    student = keep_layers(student_source(ctx, teacher), layers)
+    teacher = FrozenTeacher(ctx, eager_attention=cfg.loss.attention_kl > 0)
+    layers, layer_map = plan_layers(cfg, num_layers(teacher.get()))
+    student = keep_layers(student_source(ctx, teacher.get()), layers)
     for p in student.parameters():
         p.requires_grad_(True)
     loss_cfg = dataclasses.replace(cfg.loss, layer_map=layer_map)
     _, summary = kd_train(ctx, student, teacher, cfg, loss_cfg,
-                          cache_teacher=cfg.cache_teacher, cache_dir=stage_dir / "teacher_cache",
+                          cache_teacher=cfg.cache_teacher,
+                          cache_dir=ctx.run_dir / "teacher_cache",
                           log_path=stage_dir / "log.jsonl", desc="distill")
     out = save_student(ctx, student, stage_dir / "model")
     return StageResult("done", out, {"layers": layers, **summary})

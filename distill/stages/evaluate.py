@@ -8,34 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.markup import escape
 from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from distill.run.context import ModelRef, RunContext, StageResult
-from distill.data.tables import Split
-from distill.errors import DistillError
 from distill.tasks.metrics import latency_ms
-from distill.models.loading import count_params, dir_size_mb, load_checked, resolve_model_path
+from distill.models.loading import count_params, dir_size_mb, resolve_model_path
 from distill.config.recipe import DataConfig, EvaluateStage
-
-
-def load_saved_classifier(path: str, trust_remote_code: bool = False,
-                          allow_pickle: bool = False, key: str | None = "teacher.allow_pickle"
-                          ) -> tuple[nn.Module, bool]:
-    """A saved sequence classifier in eval mode, and whether its head was never trained
-    (not in its weights, so freshly initialised: a base model such as a sentence encoder).
-    `key`: the recipe key that allows pickles, for messages (None: `distill eval`, no recipe).
-
-    Raises:
-        DistillError: weight files that may not be read, or weights that do not fit the
-            config (anything but the head missing or of another shape).
-    """
-    model, fresh_head = load_checked(AutoModelForSequenceClassification, path,
-                                     trust_remote_code=trust_remote_code,
-                                     allow_pickle=allow_pickle, key=key)
-    return model.eval(), fresh_head
 
 
 def untrained_head_warning(path: str) -> str:
@@ -43,15 +22,6 @@ def untrained_head_warning(path: str) -> str:
     return (f"warning: {path} has no trained classification head (none in its weights, so a "
             "random one was made): its accuracy is that of a random head; fine-tune it first "
             "(a recipe's `finetune` stage)")
-
-
-def latency_inputs(tokenizer: PreTrainedTokenizerBase, split: Split, batch: int,
-                   max_length: int) -> dict[str, torch.Tensor]:
-    """`batch` real texts padded/truncated to `max_length` (the worst case the model serves)."""
-    texts = [split.texts[i % len(split.texts)] for i in range(batch)]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: str,
@@ -63,17 +33,18 @@ def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: s
     """
     params, non_emb = count_params(model)
     scores = ctx.metrics(model, split, batch_size)
+    metric = ctx.task.metric
     record: dict = {
         "params": params, "params_non_embedding": non_emb,
         "size_mb": round(dir_size_mb(Path(resolve_model_path(model_dir))), 3),
-        "metric": {"name": "accuracy", "value": scores["accuracy"], "split": split},
-        "f1_macro": scores["f1_macro"],
+        "metric": {"name": metric, "value": scores[metric], "split": split},
+        **{k: v for k, v in scores.items() if k != metric},
     }
     if latency and ctx.is_main:
         record["latency_ms"] = {}
         for b in (1, 32):
-            inputs = latency_inputs(ctx.tokenizer, getattr(ctx.data, split), b,
-                                    ctx.recipe.data.max_length)
+            inputs = ctx.task.latency_inputs(ctx.data, split, ctx.tokenizer, b,
+                                             ctx.recipe.data.max_length)
             record["latency_ms"][f"batch{b}"] = round(latency_ms(model, **inputs, runs=runs), 3)
     return record
 
@@ -85,10 +56,8 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
     for ref in refs:
         ctx.console.print(f"  evaluating {escape(ref.label)} ({escape(str(ref.path))}) on "
                           f"{cfg.split}")
-        model, fresh_head = load_saved_classifier(ref.path,
-                                                    ctx.recipe.teacher.trust_remote_code,
-                                                    ctx.recipe.teacher.allow_pickle)
-        if fresh_head:
+        model, head_trained = ctx.load_model(ref.path)
+        if not head_trained:
             ctx.console.print(f"  [yellow]{escape(untrained_head_warning(ref.path))}[/]",
                               soft_wrap=True)
         results[ref.label] = model_metrics(model, ref.path, ctx=ctx, split=cfg.split,
@@ -96,8 +65,8 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
                                            runs=cfg.latency_runs)
     base = results.get("teacher", {}).get("metric", {}).get("value")
     for rec in results.values():
-        value = rec["metric"]["value"]
-        rec["retention"] = value / base if base else None
+        rec["retention"] = None if base is None else ctx.task.retention(rec["metric"]["value"],
+                                                                         base)
     return results
 
 
@@ -111,35 +80,29 @@ def run(ctx: RunContext, cfg: EvaluateStage, stage_dir: Path) -> StageResult:
                                       "models": evaluate_models(ctx, refs, cfg)})
 
 
-def check_label_names(model: nn.Module, label_names: list[str], model_path: str) -> None:
-    """The model's head must fit the data's labels (same count; same names when named)."""
-    id2label = getattr(model.config, "id2label", {}) or {}
-    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
-    if len(names) != len(label_names):
-        raise DistillError(f"{model_path} predicts {len(names)} labels {names} but the data "
-                           f"has {len(label_names)}: {label_names}")
-    generic = all(n.startswith("LABEL_") for n in names)
-    if not generic and names != label_names:
-        raise DistillError(f"{model_path} was trained for labels {names}, the data has "
-                           f"{label_names}")
-
-
 def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "test",
-                         latency: bool = True, batch_size: int = 64, runs: int = 10) -> dict:
-    """Evaluate one saved classifier on a dataset, outside any recipe (`distill eval`)."""
-    from distill.data.tables import load_task_data
-    from distill.models.loading import load_tokenizer
+                         latency: bool = True, batch_size: int = 64, runs: int = 10,
+                         task: str | None = None) -> dict:
+    """Evaluate one saved model on a dataset, outside any recipe (`distill eval`); its task
+    is `task`, or the one its config was saved for."""
     from distill.config.recipe import ModelSpec, Recipe
+    from distill.models.loading import head_is_fresh, load_config, load_tokenizer
+    from distill.tasks import resolve_task
     from distill.train.loop import make_accelerator
 
-    data = load_task_data(data_cfg)
-    model, fresh_head = load_saved_classifier(model_path, key=None)
-    check_label_names(model, data.label_names, model_path)
+    config = load_config(model_path)
+    kind = resolve_task(task, config, model_path)
+    data = kind.load_data(data_cfg)
+    kind.check_model(config, data, model_path)
+    model, head_trained = kind.load_model(model_path, data, key=None)
     ctx = RunContext(recipe=Recipe(name="eval", teacher=ModelSpec(model=model_path),
                                    data=data_cfg),
                      run_dir=Path("."), data=data, tokenizer=load_tokenizer(model_path),
-                     accelerator=make_accelerator(), teacher_source=model_path)
-    if fresh_head:  # the run goes on (exit code 0), but the number means nothing
+                     accelerator=make_accelerator(), teacher_source=model_path, task=kind)
+    # A head saved with generic names (LABEL_0, ...) is loaded as it is, though not "trained
+    # for these labels": warn only when its weights are not in the files at all. The command
+    # goes on (exit code 0), but the number means nothing.
+    if not head_trained and head_is_fresh(model_path, model):
         ctx.console.print(f"[yellow]{escape(untrained_head_warning(model_path))}[/]",
                           soft_wrap=True)
     return model_metrics(model, model_path, ctx=ctx, split=split, batch_size=batch_size,

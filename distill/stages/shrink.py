@@ -22,10 +22,10 @@ from distill.run.context import RunContext, StageResult
 from distill.errors import DistillError
 from distill.files import atomic_write
 from distill.compress.importance import resolve_score, select_layers
-from distill.models.loading import count_params, load_classifier
+from distill.models.loading import count_params
 from distill.config.recipe import ShrinkStage, ShrinkStep
 from distill.compress.depth import keep_layers
-from distill.stages.distill import kd_train, load_frozen_teacher, save_student
+from distill.stages.distill import FrozenTeacher, kd_train, save_student
 from distill.compress.width import shrink_width, width_importance
 
 
@@ -35,7 +35,7 @@ def first_batches(loader: Iterable[dict[str, torch.Tensor]], examples: int
     batches, seen = [], 0
     for batch in loader:
         batches.append({k: v for k, v in batch.items() if k != "idx"})
-        seen += len(batch["labels"])
+        seen += len(batch["input_ids"])
         if seen >= examples:
             break
     return batches
@@ -93,16 +93,14 @@ def start_model(ctx: RunContext, cfg: ShrinkStage) -> tuple[PreTrainedModel, str
     """The model the first cut starts from: the run's latest model, or the teacher."""
     models = [m for m in ctx.models if m.kind == "model"]  # an adapter is not a model to cut
     source = models[-1].path if cfg.start == "previous" and models else ctx.teacher_source
-    model, _ = load_classifier(source, ctx.data.label_names,
-                               ctx.recipe.teacher.trust_remote_code,
-                               ctx.recipe.teacher.allow_pickle)
+    model, _ = ctx.load_model(source)
     return model, source
 
 
 def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     """Run every step of the schedule; each step's model becomes a model of the run."""
     model, source = start_model(ctx, cfg)
-    teacher = load_frozen_teacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
+    teacher = FrozenTeacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
     batches = calibration_batches(ctx, cfg.calibration_examples)
     # Which layers of the starting model survive, so each step can say so in its terms.
     origin = list(range(num_layers(model)))
@@ -114,8 +112,7 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
             # Resuming: this step finished before the run was interrupted.
             ctx.console.print(f"  shrink step {name}: done earlier, reloading")
             record = json.loads((step_dir / "step.json").read_text(encoding="utf-8"))
-            model, _ = load_classifier(str(step_dir / "model"), ctx.data.label_names,
-                                       ctx.recipe.teacher.trust_remote_code)
+            model, _ = ctx.load_model(str(step_dir / "model"), allow_pickle=False)
             origin = record["start_layers"]
             outputs.append((name, step_dir / "model"))
             steps.append(record)
@@ -127,10 +124,10 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
             origin = [origin[i] for i in info["kept_layers"]]
         info["start_layers"] = list(origin)
         params, non_emb = count_params(model)
-        before = ctx.validation_accuracy(model, cfg.heal.eval_batch_size)
+        before = ctx.validation_metric(model, cfg.heal.eval_batch_size)
         _, summary = kd_train(ctx, model, teacher, cfg.heal, cfg.heal.loss,
                               cache_teacher=cfg.heal.cache_teacher,
-                              cache_dir=stage_dir / "teacher_cache",
+                              cache_dir=ctx.run_dir / "teacher_cache",
                               log_path=stage_dir / "steps" / name / "log.jsonl",
                               desc=f"heal {name}")
         out = save_student(ctx, model, stage_dir / "steps" / name / "model")

@@ -261,7 +261,7 @@ def _decide_bf16(args: TrainArgs, accelerator: Accelerator, desc: str,
 def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                accelerator: Accelerator, keep: nn.Module,
                evaluate: Callable[[], float] | None = None, metric_name: str = "accuracy",
-               log_path: Path | None = None, desc: str = "train",
+               maximize: bool = True, log_path: Path | None = None, desc: str = "train",
                console: Console | None = None,
                checkpoint_dir: Path | None = None) -> LoopResult:
     """Train `unit` for `args.epochs` epochs; leave the best-on-validation weights in `keep`.
@@ -276,8 +276,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
             `idx` [B]; shuffled by its own seeded generator.
         keep: the sub-module whose weights are the stage's result (e.g. the student).
-        evaluate: returns the validation metric (higher is better) of `keep`; called at each
-            epoch end. Without it, the last weights are kept.
+        evaluate: returns the validation metric of `keep`; called at each epoch end. Without
+            it, the last weights are kept.
+        metric_name / maximize: what `evaluate` measures, and whether higher is better
+            (accuracy) or lower (perplexity).
         log_path: where `log.jsonl` lines go (main process only).
         checkpoint_dir: where checkpoints go (default: `checkpoint/` beside `log_path`). Every
             `args.checkpoint_every` optimizer steps and at each epoch end the loop saves its
@@ -445,7 +447,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                 if main:
                     progress.console.print(f"  {desc} epoch {epoch}: validation "
                                            f"{metric_name} {value:.4f}")
-                if result.best_metric is None or value > result.best_metric:
+                if result.best_metric is None or (value > result.best_metric if maximize
+                                                  else value < result.best_metric):
                     result.best_metric, result.best_epoch = value, epoch
                     best_state = strategy.kept_weights(keep)
             if micro < micro_total:

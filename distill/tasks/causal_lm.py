@@ -1,0 +1,167 @@
+"""`causal-lm`: next-token prediction; perplexity (lower is better).
+
+Data: a text corpus (`builtin:shakespeare`, a folder of .txt/.md files: `distill.data.text`)
+split by whole documents and packed into blocks of `data.max_length` tokens, every token a
+target. Model: an `AutoModelForCausalLM`. Distillation compares the teacher's and the student's
+next-token distributions at every target position ([B, n, V] logits, or the teacher's cached
+top-k), in chunks of positions so that float32 copies of the whole vocabulary never exist for
+the whole batch (`distill.kd.token_losses`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from distill.config.recipe import DataConfig
+from distill.data.batching import pad_collator
+from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, sample_blocks,
+                               tokenize_blocks)
+from distill.errors import DistillError
+from distill.kd.token_losses import next_token_mask, token_ce_loss, token_kd_loss, token_nll
+from distill.models.loading import check_weights, load_checked, load_config, load_tokenizer
+from distill.kd import topk_cache
+from distill.tasks.base import Task, TeacherCache, TeacherTarget, model_device
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class CausalLM(Task):
+    name: ClassVar[str] = "causal-lm"
+    metric: ClassVar[str] = "perplexity"
+    higher_is_better: ClassVar[bool] = False
+    default_dataset: ClassVar[str] = SHAKESPEARE
+    calibration_batch_size: ClassVar[int] = 8
+
+    # ------------------------------------------------------------------ data
+    def load_data(self, cfg: DataConfig) -> LMText:
+        return load_lm_text(cfg.dataset, cfg.split_seed)
+
+    def tokenize(self, data: LMText, split: str, tokenizer: PreTrainedTokenizerBase,
+                 cfg: DataConfig) -> BlockDataset:
+        """The split's documents as one stream cut into blocks of `max_length` tokens; at most
+        `max_train_examples` (train) or `max_eval_examples` blocks, spread over the split."""
+        blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
+        cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+        return BlockDataset(sample_blocks(blocks, cap, cfg.split_seed))
+
+    def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
+        return pad_collator(tokenizer)
+
+    def latency_inputs(self, data: LMText, split: str, tokenizer: PreTrainedTokenizerBase,
+                       batch: int, max_length: int) -> dict[str, Tensor]:
+        blocks = tokenize_blocks(data.split(split), tokenizer, max_length)
+        ids = blocks[torch.arange(batch) % blocks.shape[0]]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    # ------------------------------------------------------------------ models
+    def load_model(self, name: str, data: LMText, *, trust_remote_code: bool = False,
+                   allow_pickle: bool = False, load_options: dict[str, Any] | None = None,
+                   key: str | None = "teacher.allow_pickle") -> tuple[PreTrainedModel, bool]:
+        """The causal LM saved in `name`; a classifier checkpoint is refused (its LM head is
+        gone). The head counts as trained when it was in the weights (or tied to them)."""
+        config = load_config(name, trust_remote_code)
+        if not self.accepts(config) and any(
+                a.endswith("ForSequenceClassification") for a in config.architectures or ()):
+            raise DistillError(f"{name} is a sequence classifier ({config.architectures[0]}), "
+                               "not a causal language model; use `task: "
+                               "sequence-classification`, or a model saved with its LM head")
+        model, fresh_head = load_checked(
+            AutoModelForCausalLM, name, config=config, key=key,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            **(load_options or {}))
+        return model.eval(), not fresh_head
+
+    def meta_model(self, config: PretrainedConfig, data: LMText,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+        try:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                        trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DistillError(f"{config.model_type} models have no causal-LM form in "
+                               f"transformers ({first[:200]})") from None
+
+    def accepts(self, config: PretrainedConfig) -> bool:
+        return any(a.endswith(_CAUSAL_SUFFIXES) for a in (config.architectures or ()))
+
+    def already_tuned(self, head_trained: bool) -> bool:
+        """Never: a language model's head is always trained, and fine-tuning it means adapting
+        it to the corpus."""
+        return False
+
+    # ------------------------------------------------------------------ losses
+    def hard_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return token_ce_loss(logits, batch["labels"].to(logits.device))
+
+    def kd_loss(self, student_logits: Tensor, teacher: TeacherTarget, batch: dict[str, Tensor],
+                *, temperature: float, kind: str = "forward_kl", beta: float = 0.5,
+                skew: float = 0.1) -> Tensor:
+        """`T² · D(p_T, p_S)` averaged over the target tokens (padding and prompts excluded)."""
+        mask = next_token_mask(batch["labels"].to(student_logits.device))
+        return token_kd_loss(student_logits, teacher, mask, temperature=temperature,
+                             kind=kind, beta=beta, skew=skew)
+
+    def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
+                      loader: DataLoader, *, teacher_source: str, data_cfg: DataConfig,
+                      temperature: float, top_k: int | None, accelerator: Accelerator
+                      ) -> TeacherCache | None:
+        """The teacher's top-k next tokens at every position (`distill.kd.topk_cache`):
+        `8k + 4` bytes per token. Without `loss.top_k` nothing is cached (a full float32
+        vocabulary row per token would be 4·V bytes: 196 KB for SmolLM2)."""
+        if top_k is None:
+            return None
+        assert isinstance(dataset, BlockDataset)
+        vocabulary = load_tokenizer(teacher_source).get_vocab()
+        files = check_weights(teacher_source, allow_pickle=True)  # hashed, never unpickled
+        key = topk_cache.fingerprint(files, vocabulary, dataset.blocks, top_k, temperature)
+        if not files:  # a hub id: nothing local to hash, so its name stands for the weights
+            key = hashlib.sha256(f"{teacher_source}\n{key}".encode()).hexdigest()
+
+        def build() -> topk_cache.TopKCache:
+            return topk_cache.load_or_compute(folder, key, teacher, dataset.blocks, top_k,
+                                              temperature)
+
+        # Rank 0 computes what is missing; the others then find every shard verified.
+        cache = build() if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        cache = cache or build()
+        return TeacherCache(cache.rows, {"kind": "top-k", "k": top_k,
+                                         "bytes_per_token": round(cache.bytes_per_token, 2)})
+
+    # ------------------------------------------------------------------ evaluation
+    def score_batch(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """[summed next-token NLL, number of predicted tokens] of the batch, float64."""
+        device = model_device(model)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        nll, count = token_nll(logits, batch["labels"].to(device))
+        return torch.tensor([float(nll.double()), float(count)], dtype=torch.float64)
+
+    def summarize(self, sums: Tensor, data: LMText) -> dict[str, float]:
+        total, count = float(sums[0]), float(sums[1])
+        if count == 0:
+            raise DistillError("no tokens to predict in the evaluation split")
+        mean = total / count
+        return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+                "tokens": int(count)}
+
+    def describe(self, data: LMText) -> dict[str, Any]:
+        return {"documents": data.sizes()}

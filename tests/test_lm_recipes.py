@@ -1,0 +1,174 @@
+"""Causal language models through every stage of a recipe (the `causal-lm` task).
+
+Tiny random Llama, Qwen2 and GPT-2 models with a word-level tokenizer, on a corpus of 20
+documents drawn from a small Markov chain (so there is something to learn): finetune ->
+distill (top-k cached KD) -> shrink with heal -> evaluate; the report's metric is perplexity
+and retention is teacher ppl / student ppl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from distill.config.recipe import recipe_from_dict
+from distill.errors import DistillError
+from distill.run.pipeline import run_recipe
+
+WORDS = ("the cat dog bird sat ran flew on under over a mat tree roof and then it was "
+         "red blue green big small quick slow happy sad").split()
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS, ".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                   eos_token="</s>")
+
+
+def write_corpus(folder: Path, documents: int = 20, seed: int = 0) -> Path:
+    """Documents from a Markov chain in which each word has 3 likely successors."""
+    rng = random.Random(seed)
+    successors = {w: rng.sample(WORDS, 3) for w in WORDS}
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        word, words = rng.choice(WORDS), []
+        for _ in range(300):
+            words.append(word)
+            word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.choice(WORDS)
+        (folder / f"doc{d:02d}.txt").write_text(" ".join(words) + " .\n", encoding="utf-8")
+    return folder
+
+
+def write_tiny_lm(path: Path, family: str, layers: int = 4, seed: int = 0) -> Path:
+    """A random causal LM of `family` with the word tokenizer, saved in HF format."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, \
+        Qwen2Config, Qwen2ForCausalLM
+
+    tok = word_tokenizer()
+    # An embedding table padded past the tokenizer, as many checkpoints have (and some
+    # tokenizer classes add a token of their own when they load).
+    vocab = len(tok) + 8
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=True))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=False))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers,
+                                           n_head=4, n_positions=128))
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs")
+
+
+def lm_recipe(model: Path, corpus: Path, **stage_overrides: dict) -> dict:
+    heal = {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3, "log_every": 2,
+            "loss": {"alpha": 0.2, "temperature": 1.0, "top_k": 8}}
+    return {
+        "name": "lm", "seed": 0,
+        "teacher": {"model": str(model)},  # the task is inferred: a *ForCausalLM checkpoint
+        "data": {"dataset": str(corpus), "max_length": 32},
+        "stages": [
+            {"kind": "finetune", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3,
+             "log_every": 2},
+            {"kind": "distill", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3,
+             "log_every": 2, "student": {"layers": [0, 1, 3]},
+             "loss": {"alpha": 0.2, "temperature": 1.0, "top_k": 8}},
+            {"kind": "shrink", "schedule": [{"layers": 2}, {"layers": 1}],
+             "calibration_examples": 16, "heal": heal},
+            {"kind": "evaluate", "latency_runs": 1},
+        ],
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_stage_on_a_causal_lm(family: str, corpus: Path, tmp_path: Path) -> None:
+    model = write_tiny_lm(tmp_path / "teacher", family)
+    report = run_recipe(recipe_from_dict(lm_recipe(model, corpus)), output=tmp_path / "run")
+    assert report["task"] == "causal-lm"
+    teacher = report["teacher"]
+    assert teacher["metric"]["name"] == "perplexity"
+    # Fine-tuning on the corpus took the random model far below a uniform guess.
+    assert teacher["metric"]["value"] < 0.5 * len(word_tokenizer())
+    final = report["final"]
+    assert final["retention"] == pytest.approx(teacher["metric"]["value"]
+                                               / final["metric"]["value"])
+    assert math.isfinite(final["metric"]["value"]) and final["latency_ms"]["batch32"] > 0
+    distill = json.loads((tmp_path / "run/stages/01-distill/metrics.json").read_text())
+    assert distill["teacher_cache"]["kind"] == "top-k" and distill["teacher_cache"]["k"] == 8
+    assert distill["teacher_cache"]["bytes_per_token"] == pytest.approx(8 * 8 + 4, rel=0.2)
+    assert "best_validation_perplexity" in distill
+    shrink = json.loads((tmp_path / "run/stages/02-shrink/metrics.json").read_text())
+    assert [s["layers"] for s in shrink["steps"]] == [2, 1]
+    for step in shrink["steps"]:
+        assert 1 < step["validation_before_heal"] < float("inf")
+        assert 1 < step["best_validation_perplexity"] < float("inf")
+    # Every saved model reloads with plain transformers and generates.
+    last = tmp_path / "run" / report["stages"][2]["artifact"]
+    lm = AutoModelForCausalLM.from_pretrained(last)
+    tok = AutoTokenizer.from_pretrained(last)
+    prompt = tok("the cat", return_tensors="pt")
+    out = lm.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert lm.config.num_hidden_layers == 1
+
+
+def test_shrink_after_distill_reads_the_cache_and_never_loads_the_teacher(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's top-k cache is written once (by the distill stage, which loads the teacher to
+    cut the student from it) and read by every heal step of the shrink stage, which then never
+    loads the teacher at all."""
+    import distill.stages.distill as stage
+
+    model = write_tiny_lm(tmp_path / "teacher", "llama")
+    recipe = lm_recipe(model, corpus)
+    recipe["stages"] = recipe["stages"][1:3]  # distill, shrink: the same teacher, k and T
+    loads: list[str] = []
+    real = stage.load_frozen_teacher
+    monkeypatch.setattr(stage, "load_frozen_teacher",
+                        lambda ctx, *a: loads.append(ctx.teacher_source) or real(ctx, *a))
+    run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    assert len(loads) == 1  # the distill stage's
+    distill = json.loads((tmp_path / "run/stages/00-distill/metrics.json").read_text())
+    assert distill["teacher_loaded"]
+    steps = json.loads((tmp_path / "run/stages/01-shrink/metrics.json").read_text())["steps"]
+    for step in steps:
+        assert step["teacher_cache"]["kind"] == "top-k" and step["teacher_loaded"] is False
+    shards = list((tmp_path / "run/teacher_cache").glob("shard-*.safetensors"))
+    assert shards and (tmp_path / "run/teacher_cache/manifest.json").is_file()
+
+
+def test_task_is_inferred_and_a_mismatch_is_refused(corpus: Path, tmp_path: Path,
+                                                    tiny_teacher: Path, tiny_csv: Path) -> None:
+    recipe = lm_recipe(write_tiny_lm(tmp_path / "lm", "gpt2"), corpus)
+    recipe["stages"] = [{"kind": "evaluate", "latency": False}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    assert report["task"] == "causal-lm" and report["teacher"]["metric"]["name"] == "perplexity"
+    bad = {"name": "x", "teacher": {"model": str(tiny_teacher), "task": "causal-lm"},
+           "data": {"dataset": str(corpus)}, "stages": [{"kind": "evaluate"}]}
+    with pytest.raises(DistillError, match="saved as a sequence-classification model"):
+        run_recipe(recipe_from_dict(bad), output=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
