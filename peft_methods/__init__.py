@@ -27,6 +27,7 @@ from peft_methods.ops import (
     apply,
     load_adapter,
     merge,
+    merge_and_unload,
     read_adapter_config,
     save_adapter,
     trainable_report,
@@ -48,5 +49,6 @@ def available() -> list[str]:
 
 
 __all__ = ["AdaptedModel", "Method", "MethodConfig", "PeftMethodError", "adapter_state_dict",
-           "apply", "available", "get_method", "load_adapter", "merge", "read_adapter_config",
+           "apply", "available", "get_method", "load_adapter", "merge", "merge_and_unload",
+           "read_adapter_config",
            "save_adapter", "trainable_report", "unmerge"]

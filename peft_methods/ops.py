@@ -24,11 +24,13 @@ from peft_methods.base import (
     Method,
     MethodConfig,
     PeftMethodError,
+    WrapsBaseLayer,
     get_method,
     infer_task_type,
     load_named,
     make_config,
     method_for_peft_type,
+    replace_module,
     resolve_modules_to_save,
 )
 
@@ -97,6 +99,27 @@ def unmerge(model: AdaptedModel) -> AdaptedModel:
         model.method.unmerge(model)
         model.merged = False
     return model
+
+
+def merge_and_unload(model: AdaptedModel) -> nn.Module:
+    """Fold a mergeable method into the base weights and return the plain base model, every
+    wrapped layer replaced by the layer it wraps (PEFT's `merge_and_unload`): it saves and
+    loads as the original architecture, with no trace of the method.
+
+    Raises:
+        PeftMethodError: the method cannot be merged, or it keeps modules outside the base
+            model (prompt encoders) that merging cannot fold in.
+    """
+    _require_adapted(model)
+    if len(model.extra):
+        raise PeftMethodError(f"{model.method.name} keeps modules outside the model "
+                              f"({', '.join(model.extra)}); it cannot be unloaded")
+    merge(model)
+    base = model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, WrapsBaseLayer):
+            replace_module(base, name, module.base_layer)
+    return base
 
 
 def _require_adapted(model: nn.Module) -> None:

@@ -141,7 +141,7 @@ def test_shrink_after_distill_reads_the_cache_and_never_loads_the_teacher(
     """The run's top-k cache is written once (by the distill stage, which loads the teacher to
     cut the student from it) and read by every heal step of the shrink stage, which then never
     loads the teacher at all."""
-    import distill.stages.distill as stage
+    import distill.stages.training as stage
 
     model = write_tiny_lm(tmp_path / "teacher", "llama")
     recipe = lm_recipe(model, corpus)
@@ -172,3 +172,53 @@ def test_task_is_inferred_and_a_mismatch_is_refused(corpus: Path, tmp_path: Path
     with pytest.raises(DistillError, match="saved as a sequence-classification model"):
         run_recipe(recipe_from_dict(bad), output=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_lora_distill_and_heal_merge_into_a_plain_student(corpus: Path, tmp_path: Path) -> None:
+    """`method: lora` on distill and heal: few weights train, and the saved student is the
+    plain architecture with the adapter merged in (no LoRA tensors, reloads with plain
+    transformers)."""
+    from safetensors import safe_open
+
+    model = write_tiny_lm(tmp_path / "teacher", "qwen2")
+    recipe = lm_recipe(model, corpus)
+    lora = {"method": "lora", "config": {"r": 4, "lora_alpha": 8,
+                                         "target_modules": "all-linear"}}
+    recipe["stages"] = [recipe["stages"][1] | lora,
+                        recipe["stages"][2] | {"schedule": [{"layers": 2}],
+                                               "heal": recipe["stages"][2]["heal"] | lora},
+                        {"kind": "evaluate", "latency": False}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    for artifact in ("stages/00-distill/model", "stages/01-shrink/steps/0-layers2/model"):
+        with safe_open(str(tmp_path / "run" / artifact / "model.safetensors"), "pt") as fh:
+            assert not [k for k in fh.keys() if "lora" in k]
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / artifact)
+    distill = json.loads((tmp_path / "run/stages/00-distill/metrics.json").read_text())
+    assert distill["method"] == "lora" and distill["teacher_cache"]["kind"] == "top-k"
+    assert math.isfinite(report["final"]["metric"]["value"])
+
+
+def test_adapt_distills_from_the_run_teacher_while_it_adapts(corpus: Path,
+                                                            tmp_path: Path) -> None:
+    model = write_tiny_lm(tmp_path / "teacher", "gpt2")
+    recipe = lm_recipe(model, corpus)
+    recipe["stages"] = [recipe["stages"][1],
+                        {"kind": "adapt", "method": "lora", "epochs": 1, "batch_size": 8,
+                         "config": {"r": 4, "target_modules": "all-linear"},
+                         "loss": {"alpha": 0.5, "temperature": 1.0, "top_k": 8}}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run/stages/01-adapt/metrics.json").read_text())
+    assert metrics["teacher"] == str(model) and metrics["loss"]["alpha"] == 0.5
+    # The distill stage's top-k is reused: same teacher, data, k and T.
+    assert metrics["teacher_cache"]["kind"] == "top-k" and not metrics["teacher_loaded"]
+    assert report["final"]["metric"]["name"] == "perplexity"
+    logs = [json.loads(line) for line in
+            (tmp_path / "run/stages/01-adapt/log.jsonl").read_text().splitlines()]
+    assert any("loss_kd" in rec for rec in logs if rec["type"] == "train")
+
+
+def test_a_method_that_cannot_merge_is_refused_for_distill() -> None:
+    from distill.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="houlsby cannot be merged.*allowed: full"):
+        recipe_from_dict({"stages": [{"kind": "distill", "method": "houlsby"}]})

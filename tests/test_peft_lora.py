@@ -232,3 +232,23 @@ def test_lora_plus_saves_as_lora_for_peft(tmp_path) -> None:
     again = pm.load_adapter(build("gpt2"), tmp_path / "a")
     assert again.method.name == "lora_plus" and again.peft_config.loraplus_lr_ratio == 16
     torch.testing.assert_close(logits(again, "gpt2"), logits(model, "gpt2"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_unload_matches_peft_and_leaves_the_plain_architecture(
+        family: str, tmp_path) -> None:
+    """Ours and PEFT's `merge_and_unload` on the same LoRA weights (PEFT's saved adapter,
+    loaded by us) give the same plain model: the original state-dict keys, the same weights,
+    and the adapted model's outputs."""
+    theirs = peft_model(family, r=4, lora_alpha=8, target_modules="all-linear")
+    theirs.save_pretrained(tmp_path / "p")
+    mine = pm.load_adapter(build(family), tmp_path / "p").eval()
+    expected = logits(mine, family)
+    torch.testing.assert_close(logits(theirs, family), expected)
+    plain = pm.merge_and_unload(mine)
+    reference = theirs.merge_and_unload()
+    assert set(plain.state_dict()) == set(build(family).state_dict())
+    assert not any(isinstance(m, LoraLinear) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, family), expected, rtol=1e-5, atol=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from distill.data.tables import load_task_data
 from distill.errors import RecipeError
 from distill.tasks import get_task
 from distill.models.loading import load_tokenizer, teacher_load_options
-from distill.stages.distill import load_frozen_teacher, student_source
+from distill.stages.training import load_frozen_teacher, student_source
 from distill.train.loop import make_accelerator
 
 

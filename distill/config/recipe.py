@@ -103,6 +103,15 @@ class TrainArgs:
     checkpoint_every: int | None = field(default=200, metadata=value_range(1))
     # Seed of this stage (data order, dropout, fresh weights); default: the recipe's seed.
     seed: int | None = field(default=None, metadata=seed_range())
+    # What trains: `full` (every weight) or a PEFT method of `peft_methods` (lora, ia3, ...;
+    # `distill attach --help` lists them) with its options in `config`, e.g. {r: 8,
+    # target_modules: all-linear}. In distill and heal stages the method is merged into the
+    # saved student, so it must be a mergeable one.
+    method: str = "full"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, path: str) -> list[str]:
+        return method_problems(self.method, self.config, path)
 
 
 @dataclass
@@ -180,6 +189,9 @@ class DistillStage(TrainArgs):
     # for language models with `loss.top_k`).
     cache_teacher: bool = True
 
+    def check(self, path: str) -> list[str]:
+        return super().check(path) or merged_method_problems(self.method, path)
+
 
 @dataclass
 class EvaluateStage:
@@ -225,6 +237,9 @@ class HealConfig(TrainArgs):
     # Reuse the teacher's cached logits across steps (logit losses only).
     cache_teacher: bool = True
 
+    def check(self, path: str) -> list[str]:
+        return super().check(path) or merged_method_problems(self.method, path)
+
 
 @dataclass
 class ShrinkStage:
@@ -262,10 +277,8 @@ class AdaptStage(TrainArgs):
 
     kind: Literal["adapt"] = "adapt"
     # A method of `peft_methods` (`distill attach --help` lists them), e.g. lora, ia3, houlsby.
-    method: str = "lora"
-    # The method's options, e.g. {r: 8, lora_alpha: 16, target_modules: [query, value]}.
     # AdaLoRA's `total_step` defaults to the stage's optimizer steps.
-    config: dict[str, Any] = field(default_factory=dict)
+    method: str = "lora"
     # The base model: "previous" (the run's latest model), "teacher", or a path/built-in name.
     model: str = "previous"
     # The task data; default: the recipe's `data`. A new label set gets a new head.
@@ -277,28 +290,48 @@ class AdaptStage(TrainArgs):
     # Like `teacher.allow_pickle`, for a `model` path: read its pickled weights (no
     # safetensors in the folder) with torch.load(weights_only=True).
     allow_pickle: bool = False
+    # Distill while adapting: `alpha` < 1 adds the KD terms against `teacher` (the default
+    # alpha = 1 trains on the task's hard loss only).
+    loss: LossConfig = field(default_factory=lambda: LossConfig(alpha=1.0))
+    # The teacher of the KD terms: "run" (the run's teacher), or a path/built-in name of a
+    # teacher for this stage's task (same tokenizer).
+    teacher: str = "run"
 
-    def check(self, path: str) -> list[str]:
-        import peft_methods
 
-        # The method's own config classes check types, not finiteness: `lora_dropout: .nan`
-        # would train on NaN. No PEFT option means anything by NaN or ±inf.
-        non_finite = _non_finite(self.config, f"{path}.config")
-        if non_finite:
-            return non_finite
-        try:
-            config_cls = peft_methods.get_method(self.method).config_cls
-            options = dict(self.config)
-            if "total_step" in {f.name for f in dataclasses.fields(config_cls)}:
-                # The stage fills in the real step count (AdaLoRA's schedule) when absent.
-                options.setdefault("total_step", 10**9)
-            peft_methods.base.make_config(config_cls, options, self.method)
-        except peft_methods.PeftMethodError as exc:
-            key = "method" if "unknown PEFT method" in str(exc) else "config"
-            return [f"{path}.{key}: {exc}"]
-        except (TypeError, ValueError) as exc:
-            return [f"{path}.config: {exc}"]
+def method_problems(method: str, config: dict[str, Any], path: str) -> list[str]:
+    """A training stage's PEFT method and its options, checked by the method's own config
+    class (unknown method, unknown option, bad value)."""
+    import peft_methods
+
+    # The method's own config classes check types, not finiteness: `lora_dropout: .nan`
+    # would train on NaN. No PEFT option means anything by NaN or ±inf.
+    non_finite = _non_finite(config, f"{path}.config")
+    if non_finite:
+        return non_finite
+    try:
+        config_cls = peft_methods.get_method(method).config_cls
+        options = dict(config)
+        if "total_step" in {f.name for f in dataclasses.fields(config_cls)}:
+            # The stage fills in the real step count (AdaLoRA's schedule) when absent.
+            options.setdefault("total_step", 10**9)
+        peft_methods.base.make_config(config_cls, options, method)
+    except peft_methods.PeftMethodError as exc:
+        key = "method" if "unknown PEFT method" in str(exc) else "config"
+        return [f"{path}.{key}: {exc}"]
+    except (TypeError, ValueError) as exc:
+        return [f"{path}.config: {exc}"]
+    return []
+
+
+def merged_method_problems(method: str, path: str) -> list[str]:
+    """A distill or heal stage merges its method into the student it saves."""
+    import peft_methods
+
+    if method in ("full", *peft_methods.base.mergeable_methods()):
         return []
+    return [f"{path}.method: {method} cannot be merged into the student a distill or heal "
+            f"stage saves; allowed: full, {', '.join(peft_methods.base.mergeable_methods())} "
+            "(or distill with full weights and attach it in an adapt stage)"]
 
 
 def _non_finite(value: Any, path: str) -> list[str]:

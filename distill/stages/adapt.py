@@ -1,9 +1,11 @@
 """`adapt`: a PEFT method on a model of the run, maybe for a new task with a new head.
 
 The base model is frozen; the method's parameters and the `modules_to_save` (the new head and
-the pooler, METHODS.md §3) train in the shared loop. The adapter is saved in PEFT's format in
-`stages/NN-adapt/adapter/`, and the stage evaluates itself on its own data's test split:
-accuracy, trainable parameters and their share, seconds per optimizer step, latency.
+the pooler, METHODS.md §3) train in the shared loop, on the task's hard loss and, with
+`loss.alpha` < 1, the KD terms against the run's teacher or a named one. The adapter is
+saved in PEFT's format in `stages/NN-adapt/adapter/`, and the stage evaluates itself on its own
+data's test split: the task's metric, trainable parameters and their share, seconds per
+optimizer step, latency.
 """
 
 from __future__ import annotations
@@ -15,49 +17,14 @@ from pathlib import Path
 
 import torch
 from rich.markup import escape
-from torch import Tensor, nn
 
 import peft_methods
-
-from distill.run.context import RunContext, StageResult
-from distill.errors import DistillError
-from distill.tasks.metrics import latency_ms
-from distill.models.loading import count_params, dir_size_mb
 from distill.config.recipe import AdaptStage
-from distill.tasks.base import Task
-from distill.train.loop import train_loop
-
-
-class AdaptUnit(nn.Module):
-    """The task's hard loss on the adapted model plus the method's regulariser (AdaLoRA's
-    orthogonality, diff-tuning's λ‖Δ‖); passes the method's optimizer groups and per-step
-    hook through to the training loop."""
-
-    def __init__(self, model: peft_methods.AdaptedModel, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = self.task.hard_loss(out.logits, batch)
-        parts = {"loss_ce": float(loss.detach())}
-        extra = self.model.extra_loss()
-        if extra is not None:
-            parts["loss_reg"] = float(extra.detach())
-            loss = loss + extra
-        return loss, parts
-
-    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
-        return self.model.optimizer_groups(lr, weight_decay)
-
-    def on_step(self, step: int) -> None:
-        self.model.on_step(step)
-
-    @property
-    def reads_gradients(self) -> bool:
-        """Whether `on_step` needs whole gradients (refused under FSDP and DeepSpeed)."""
-        return self.model.method.reads_gradients
+from distill.errors import DistillError
+from distill.models.loading import count_params, dir_size_mb
+from distill.run.context import RunContext, StageResult
+from distill.stages.training import apply_method, frozen_teacher, kd_train
+from distill.tasks.metrics import latency_ms
 
 
 def base_model_source(ctx: RunContext, choice: str) -> str:
@@ -68,15 +35,6 @@ def base_model_source(ctx: RunContext, choice: str) -> str:
         models = [m for m in ctx.models if m.kind == "model"]
         return models[-1].path if models else ctx.teacher_source
     return choice
-
-
-def apply_method(model: nn.Module, method: str, options: dict) -> peft_methods.AdaptedModel:
-    """`peft_methods.apply` with its user errors turned into DistillError (exit code 2)."""
-    try:
-        return peft_methods.apply(model, method, **options)
-    except peft_methods.PeftMethodError as exc:
-        raise DistillError(f"{method}: {exc}".replace(f"{method}: {method}: ", f"{method}: ")
-                           ) from None
 
 
 def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter_dir: Path,
@@ -153,13 +111,21 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
         eval_seconds[0] += time.perf_counter() - start
         return value
 
-    adapted.train()
-    result = train_loop(
-        AdaptUnit(adapted, task.task), loader, cfg,
-        accelerator=ctx.accelerator, keep=adapted, evaluate=validate,
-        metric_name=task.task.metric, maximize=task.task.higher_is_better,
-        log_path=stage_dir / "log.jsonl", desc=f"adapt {cfg.label or cfg.method}",
-        console=ctx.console)
+    # With loss.alpha < 1 the stage distills from its teacher while it adapts.
+    teacher_source = ctx.teacher_source if cfg.teacher == "run" else cfg.teacher
+    teacher = frozen_teacher(task, cfg.loss.attention_kl > 0, teacher_source) \
+        if cfg.loss.alpha < 1 or cfg.loss.hidden_mse or cfg.loss.attention_kl \
+        or cfg.loss.cosine else None
+    if teacher is not None and task.task.head_from_data and \
+            not task.load_model(teacher_source)[1]:
+        raise DistillError(f"stages.{stage_dir.name[:2].lstrip('0') or '0'}.teacher: "
+                           f"{teacher_source} has no trained head for "
+                           f"{task.task.data_name(task.data)}, so it would teach noise; give a "
+                           "teacher fine-tuned on this stage's data")
+    result, summary = kd_train(
+        task, adapted, teacher, teacher_source, cfg, cfg.loss, cache_teacher=True,
+        cache_dir=ctx.run_dir / "teacher_cache", log_path=stage_dir / "log.jsonl",
+        desc=f"adapt {cfg.label or cfg.method}", validate=validate, seed=seed)
     # Training time only: validation passes and checkpoint writes are not steps.
     seconds_per_step = (result.seconds - eval_seconds[0] - result.checkpoint_seconds) \
         / max(result.steps, 1)
@@ -176,9 +142,5 @@ def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:
                       f"{record['metric']['value']:.4f}, {seconds_per_step:.3f} s/step")
     return StageResult("done", out, {
         "method": cfg.method, "label": cfg.label or cfg.method, "base_model": source,
-        "dataset": task.recipe.data.dataset, **task.task.describe(task.data),
-        "steps": result.steps, "train_seconds": round(result.seconds, 2),
-        "bf16": result.bf16,
-        f"best_validation_{task.task.metric}": result.best_metric, "best_epoch": result.best_epoch,
-        "history": result.history, "seed": seed, "model": record},
-        model_metrics=record, artifact_kind="adapter")
+        "dataset": task.recipe.data.dataset, **task.task.describe(task.data), **summary,
+        "model": record}, model_metrics=record, artifact_kind="adapter")

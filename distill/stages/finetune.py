@@ -5,28 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.markup import escape
-from torch import Tensor, nn
 
+from distill.config.recipe import FinetuneStage, LossConfig
 from distill.run.context import RunContext, StageResult
-from distill.models.loading import save_model
-from distill.tasks.base import Task
-from distill.config.recipe import FinetuneStage
-from distill.train.loop import train_loop
-
-
-class SupervisedUnit(nn.Module):
-    """The task's hard loss (cross-entropy on labels or next tokens):
-    `forward(batch) -> (loss, parts)`."""
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = self.task.hard_loss(out.logits, batch)
-        return loss, {"loss_ce": float(loss.detach())}
+from distill.stages.training import kd_train, merged, save_student, with_method
 
 
 def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
@@ -39,20 +21,10 @@ def run(ctx: RunContext, cfg: FinetuneStage, stage_dir: Path) -> StageResult:
         ctx.console.print(f"  finetune skipped: {escape(str(ctx.teacher_source))} already "
                           f"has a trained head for {escape(ctx.task.data_name(ctx.data))}")
         return StageResult("skipped", metrics={"reason": "teacher already tuned"})
-    model.train()
-    result = train_loop(
-        SupervisedUnit(model, ctx.task),
-        ctx.loader("train", cfg.batch_size, shuffle=True, seed=seed),
-        cfg, accelerator=ctx.accelerator, keep=model,
-        **ctx.validation(model, cfg.eval_batch_size), log_path=stage_dir / "log.jsonl",
-        desc="finetune", console=ctx.console)
-    out = stage_dir / "model"
-    if ctx.is_main:
-        save_model(ctx.accelerator.unwrap_model(model), ctx.tokenizer, out)
-    ctx.accelerator.wait_for_everyone()
+    trained = with_method(ctx, model, cfg)
+    _, summary = kd_train(ctx, trained, None, ctx.teacher_source, cfg, LossConfig(alpha=1.0),
+                          cache_teacher=False, cache_dir=ctx.run_dir / "teacher_cache",
+                          log_path=stage_dir / "log.jsonl", desc="finetune", seed=seed)
+    out = save_student(ctx, merged(ctx.accelerator.unwrap_model(trained)), stage_dir / "model")
     ctx.teacher_source = str(out)
-    return StageResult("done", out, {
-        "steps": result.steps, "train_seconds": round(result.seconds, 2),
-        "bf16": result.bf16,
-        f"best_validation_{ctx.task.metric}": result.best_metric, "best_epoch": result.best_epoch,
-        "history": result.history, "seed": seed})
+    return StageResult("done", out, {"method": cfg.method, **summary})

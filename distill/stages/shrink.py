@@ -25,7 +25,7 @@ from distill.compress.importance import resolve_score, select_layers
 from distill.models.loading import count_params
 from distill.config.recipe import ShrinkStage, ShrinkStep
 from distill.compress.depth import keep_layers
-from distill.stages.distill import FrozenTeacher, kd_train, save_student
+from distill.stages.training import frozen_teacher, kd_train, merged, save_student, with_method
 from distill.compress.width import shrink_width, width_importance
 
 
@@ -100,7 +100,7 @@ def start_model(ctx: RunContext, cfg: ShrinkStage) -> tuple[PreTrainedModel, str
 def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     """Run every step of the schedule; each step's model becomes a model of the run."""
     model, source = start_model(ctx, cfg)
-    teacher = FrozenTeacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
+    teacher = frozen_teacher(ctx, eager_attention=cfg.heal.loss.attention_kl > 0)
     batches = calibration_batches(ctx, cfg.calibration_examples)
     # Which layers of the starting model survive, so each step can say so in its terms.
     origin = list(range(num_layers(model)))
@@ -125,11 +125,15 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
         info["start_layers"] = list(origin)
         params, non_emb = count_params(model)
         before = ctx.validation_metric(model, cfg.heal.eval_batch_size)
-        _, summary = kd_train(ctx, model, teacher, cfg.heal, cfg.heal.loss,
-                              cache_teacher=cfg.heal.cache_teacher,
+        seed = ctx.stage_seed(cfg.heal.seed)  # before a PEFT method's weights are made
+        healing = with_method(ctx, model, cfg.heal)
+        _, summary = kd_train(ctx, healing, teacher, ctx.teacher_source, cfg.heal,
+                              cfg.heal.loss, cache_teacher=cfg.heal.cache_teacher,
                               cache_dir=ctx.run_dir / "teacher_cache",
                               log_path=stage_dir / "steps" / name / "log.jsonl",
-                              desc=f"heal {name}")
+                              desc=f"heal {name}", seed=seed)
+        # The next step cuts the healed model: a PEFT method is merged in first.
+        model = merged(ctx.accelerator.unwrap_model(healing))
         out = save_student(ctx, model, stage_dir / "steps" / name / "model")
         outputs.append((name, out))
         steps.append({"step": k, "name": name, "target": {k2: v for k2, v in vars(step).items()
@@ -137,7 +141,7 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
                       **info, "layers": num_layers(model),
                       "hidden_size": model.config.hidden_size,
                       "params": params, "params_non_embedding": non_emb,
-                      "validation_before_heal": before, **summary})
+                      "validation_before_heal": before, "method": cfg.heal.method, **summary})
         if ctx.is_main:  # written last: marks the step as finished for --resume
             atomic_write(step_dir / "step.json", json.dumps(steps[-1], default=str))
             remove_all(step_dir)  # the step's result is durable: its checkpoints may go
