@@ -337,9 +337,14 @@ def attach(student: Annotated[str | None, typer.Argument(
 
 @app.command("eval")
 @_user_errors(DATA_FLAGS | {"data.max_eval_examples": "--max-examples"})
-def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier directory.")],
-             data: Annotated[str, typer.Option(help="Dataset: builtin:NAME, file or folder.")]
-             = "builtin:rotten_tomatoes",
+def eval_cmd(model: Annotated[str, typer.Argument(
+                 help="A saved model: classifier or causal LM directory, built-in name.")],
+             data: Annotated[str | None, typer.Option(
+                 help="Dataset: builtin:NAME, file or folder (default: builtin:rotten_tomatoes "
+                      "for a classifier, builtin:shakespeare for a causal LM).")] = None,
+             task: Annotated[str | None, typer.Option(
+                 help="sequence-classification or causal-lm (default: from the model's "
+                      "config).")] = None,
              split: Annotated[str, typer.Option(help="test or validation.")] = "test",
              text_column: str = "text", label_column: str = "label",
              max_length: int = 128,
@@ -347,18 +352,21 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A saved classifier direc
                  help="Evaluate on the first N examples only.")] = None,
              latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
              ) -> None:
-    """Evaluate a saved classifier on a dataset split: accuracy, F1, size, latency."""
+    """Evaluate a saved model on a dataset split: its task's metrics (accuracy and F1, or
+    perplexity), size, latency."""
     from distill.config.recipe import DataConfig
     from distill.stages.evaluate import evaluate_saved_model
 
     if split not in ("test", "validation"):
         raise DistillError(f"--split: {split!r} is not allowed; allowed: test, validation")
-    cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
+    cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
                      max_length=max_length, max_eval_examples=max_examples)
-    rec = evaluate_saved_model(model, cfg, split=split, latency=latency)
-    table = Table("metric", "value", title=escape(f"{model} on {data} ({split})"))
+    rec = evaluate_saved_model(model, cfg, split=split, latency=latency, task=task)
+    table = Table("metric", "value", title=escape(f"{model} on {rec['dataset']} ({split})"))
     table.add_row(rec["metric"]["name"], f"{rec['metric']['value']:.4f}")
-    table.add_row("f1_macro", f"{rec['f1_macro']:.4f}")
+    for name in rec["other_metrics"]:
+        table.add_row(name, f"{rec[name]:.4f}" if isinstance(rec[name], float)
+                      else f"{rec[name]:,}")
     table.add_row("params", f"{rec['params']:,}")
     table.add_row("size_mb", f"{rec['size_mb']:.1f}")
     for k, v in rec.get("latency_ms", {}).items():

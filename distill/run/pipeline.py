@@ -36,7 +36,8 @@ from distill.models.loading import (
 from distill.run.ownership import (FolderLock, check_claim, claim, clean_leftovers, local_paths,
                                read_marker)
 from distill.run.preflight import preflight
-from distill.config.recipe import AdaptStage, Recipe, dump_recipe, recipe_to_dict
+from distill.config.recipe import (AdaptStage, EvaluateStage, Recipe, dump_recipe,
+                                   recipe_to_dict)
 from distill.run.report import write_report
 from distill.stages import RUNNERS
 from distill.train.loop import make_accelerator
@@ -59,7 +60,12 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     for stage in recipe.stages:
         if isinstance(stage, AdaptStage):
             data = stage.data and dataclasses.replace(stage.data, dataset=fix(stage.data.dataset))
-            stage = dataclasses.replace(stage, model=fix(stage.model), data=data)
+            stage = dataclasses.replace(stage, model=fix(stage.model), data=data,
+                                        teacher=fix(stage.teacher) if stage.teacher != "run"
+                                        else stage.teacher)
+        elif isinstance(stage, EvaluateStage):
+            stage = dataclasses.replace(stage, eval_data=[
+                dataclasses.replace(d, dataset=fix(d.dataset)) for d in stage.eval_data])
         stages.append(stage)
     return dataclasses.replace(recipe, teacher=teacher, stages=stages,
                                data=dataclasses.replace(recipe.data,
@@ -71,7 +77,10 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     names = [recipe.teacher.model, recipe.data.dataset]
     for stage in recipe.stages:
         if isinstance(stage, AdaptStage):
-            names += [stage.model, stage.data.dataset if stage.data else None]
+            names += [stage.model, stage.data.dataset if stage.data else None,
+                      stage.teacher if stage.teacher != "run" else None]
+        elif isinstance(stage, EvaluateStage):
+            names += [d.dataset for d in stage.eval_data]
     return local_paths(*names)
 
 

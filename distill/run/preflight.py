@@ -38,7 +38,8 @@ from distill.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
-from distill.config.recipe import AdaptStage, DistillStage, FinetuneStage, Recipe, ShrinkStage
+from distill.config.recipe import (AdaptStage, DistillStage, EvaluateStage, FinetuneStage,
+                                   Recipe, ShrinkStage)
 from distill.models.weights import checkpoint_shapes
 from distill.tasks import resolve_task
 from distill.tasks.base import Task, TaskData
@@ -303,6 +304,12 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
             elif isinstance(stage, AdaptStage):
                 problems += adapt_problems(stage, recipe, task, config, tokenizer, data,
                                            latest.depth, key)
+            elif isinstance(stage, EvaluateStage):
+                for k, extra in enumerate(stage.eval_data):
+                    try:
+                        task.load_data(extra)
+                    except DistillError as exc:
+                        problems.append(f"{key}.eval_data.{k}: {exc}")
         except DistillError as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     return problems

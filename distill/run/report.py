@@ -26,7 +26,7 @@ from distill.files import atomic_write, json_lines
 DASH = "—"
 _STATUS_STYLE = {"done": "green", "skipped": "yellow", "failed": "bold red"}
 # Text columns are left-aligned; numbers right-aligned so their decimal points line up.
-_LEFT = {"Model", "Method", "Kind", "Status", "Artifact"}
+_LEFT = {"Model", "Method", "Kind", "Status", "Artifact", "Prompt", "Continuation"}
 # Stage folders are `<NN>-<kind>`; anything else under stages/ is not ours to plot.
 _STAGE_DIR = re.compile(r"^\d{2,}-[\w-]+$")
 
@@ -130,6 +130,25 @@ def _models(report: dict) -> list[tuple[str, dict, dict]]:
                              st["model"], stage))
             continue
         rows.append((_stage_label(stage), stage["model"], stage))
+    return rows
+
+
+def _cell(text: Any, limit: int = 160) -> str:
+    """One table cell of free text: line breaks shown as ↵, pipes escaped, cut to `limit`."""
+    text = str(text).replace("\r", "").replace("\n", "↵ ").replace("|", "\\|").strip()
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _sample_rows(report: dict) -> list[list[str]]:
+    """(model, prompt, continuation, tokens/s) for every model that recorded samples."""
+    rows = []
+    for label, model, _ in _models(report):
+        speed = _dict(model.get("generation")).get("tokens_per_s")
+        for k, sample in enumerate(model.get("samples") or []):
+            if isinstance(sample, dict):
+                rows.append([label if k == 0 else "", _cell(sample.get("prompt", "")),
+                             _cell(sample.get("completion", "")),
+                             _fmt(speed, ".1f") if k == 0 else ""])
     return rows
 
 
@@ -253,6 +272,12 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     header, rows = _stage_rows(report)
     lines += ["", "## Stages", ""]
     lines += _md_table(header, rows) if rows else ["No stages were run."]
+    samples = _sample_rows(report)
+    if samples:
+        lines += ["", "## Greedy samples", "",
+                  "Each model continues the same prompts of the evaluation split (greedy, "
+                  "batch 1); ↵ marks a line break.", ""]
+        lines += _md_table(["Model", "Prompt", "Continuation", "tokens/s"], samples)
     if plots:
         lines += ["", "## Plots", ""]
         for name in plots:

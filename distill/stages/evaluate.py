@@ -6,6 +6,7 @@ chosen split, timed at batch 1 and 32 with full-length inputs, and compared to t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rich.markup import escape
@@ -46,6 +47,7 @@ def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: s
             inputs = ctx.task.latency_inputs(ctx.data, split, ctx.tokenizer, b,
                                              ctx.recipe.data.max_length)
             record["latency_ms"][f"batch{b}"] = round(latency_ms(model, **inputs, runs=runs), 3)
+        record.update(ctx.task.serving_metrics(model, ctx.data, split, ctx.tokenizer, runs))
     return record
 
 
@@ -53,6 +55,10 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
                     ) -> dict[str, dict]:
     """Metrics of each model in `refs`, keyed by label; `retention` vs the "teacher" entry."""
     results: dict[str, dict] = {}
+    # The same task on other data: a context per dataset (its own tokenization cache).
+    extra = [dataclasses.replace(ctx, recipe=dataclasses.replace(ctx.recipe, data=cfg_data),
+                                 data=ctx.task.load_data(cfg_data), _tokenized={})
+             for cfg_data in cfg.eval_data]
     for ref in refs:
         ctx.console.print(f"  evaluating {escape(ref.label)} ({escape(str(ref.path))}) on "
                           f"{cfg.split}")
@@ -63,10 +69,17 @@ def evaluate_models(ctx: RunContext, refs: list[ModelRef], cfg: EvaluateStage
         results[ref.label] = model_metrics(model, ref.path, ctx=ctx, split=cfg.split,
                                            batch_size=cfg.batch_size, latency=cfg.latency,
                                            runs=cfg.latency_runs)
-    base = results.get("teacher", {}).get("metric", {}).get("value")
+        results[ref.label]["eval_data"] = [
+            {"dataset": other.recipe.data.dataset, "split": cfg.split,
+             **other.metrics(model, cfg.split, cfg.batch_size)} for other in extra]
+    base = results.get("teacher", {})
     for rec in results.values():
-        rec["retention"] = None if base is None else ctx.task.retention(rec["metric"]["value"],
-                                                                         base)
+        rec["retention"] = ctx.task.retention(rec["metric"]["value"],
+                                              base["metric"]["value"]) if base else None
+        for k, scored in enumerate(rec["eval_data"]):
+            scored["retention"] = ctx.task.retention(
+                scored[ctx.task.metric], base["eval_data"][k][ctx.task.metric]) \
+                if base else None
     return results
 
 
@@ -92,6 +105,8 @@ def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "te
 
     config = load_config(model_path)
     kind = resolve_task(task, config, model_path)
+    if not data_cfg.dataset:  # the task's own default data
+        data_cfg = dataclasses.replace(data_cfg, dataset=kind.default_dataset)
     data = kind.load_data(data_cfg)
     kind.check_model(config, data, model_path)
     model, head_trained = kind.load_model(model_path, data, key=None)
@@ -105,5 +120,8 @@ def evaluate_saved_model(model_path: str, data_cfg: DataConfig, split: str = "te
     if not head_trained and head_is_fresh(model_path, model):
         ctx.console.print(f"[yellow]{escape(untrained_head_warning(model_path))}[/]",
                           soft_wrap=True)
-    return model_metrics(model, model_path, ctx=ctx, split=split, batch_size=batch_size,
-                         latency=latency, runs=runs)
+    record = model_metrics(model, model_path, ctx=ctx, split=split, batch_size=batch_size,
+                           latency=latency, runs=runs)
+    standard = {"params", "params_non_embedding", "size_mb", "metric", "latency_ms"}
+    return record | {"dataset": data_cfg.dataset, "task": kind.name,
+                     "other_metrics": [k for k in record if k not in standard]}

@@ -116,6 +116,7 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
         cache = ctx.task.teacher_cache(
             cache_dir, teacher.get, ctx.tokenized("train"),
             ctx.loader("train", args.eval_batch_size), teacher_source=teacher_source,
+            tokenizer=ctx.tokenizer,
             data_cfg=ctx.recipe.data, temperature=loss_cfg.temperature, top_k=loss_cfg.top_k,
             accelerator=ctx.accelerator)
         if cache is not None:

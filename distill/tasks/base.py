@@ -134,7 +134,8 @@ class Task(ABC):
 
     @abstractmethod
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
-                      loader: DataLoader, *, teacher_source: str, data_cfg: DataConfig,
+                      loader: DataLoader, *, teacher_source: str,
+                      tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
                       temperature: float, top_k: int | None, accelerator: Accelerator
                       ) -> TeacherCache | None:
         """The teacher's soft labels for every item of `dataset` (the loader's batches, in
@@ -154,6 +155,12 @@ class Task(ABC):
     @abstractmethod
     def summarize(self, sums: Tensor, data: TaskData) -> dict[str, float]:
         """Metrics from the summed vector; `self.metric` is among them."""
+
+    def serving_metrics(self, model: nn.Module, data: TaskData, split: str,
+                        tokenizer: PreTrainedTokenizerBase, runs: int) -> dict[str, Any]:
+        """What the evaluation adds beside the forward latency (a language model's generation
+        speed and greedy samples); nothing by default."""
+        return {}
 
     @abstractmethod
     def describe(self, data: TaskData) -> dict[str, Any]:

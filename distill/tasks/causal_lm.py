@@ -1,9 +1,11 @@
 """`causal-lm`: next-token prediction; perplexity (lower is better).
 
-Data: a text corpus (`builtin:shakespeare`, a folder of .txt/.md files: `distill.data.text`)
-split by whole documents and packed into blocks of `data.max_length` tokens, every token a
-target. Model: an `AutoModelForCausalLM`. Distillation compares the teacher's and the student's
-next-token distributions at every target position ([B, n, V] logits, or the teacher's cached
+Data: a text corpus (`builtin:shakespeare`, `builtin:bbc_news`, a folder of .txt/.md files:
+`distill.data.text`) split by whole documents and packed into blocks of `data.max_length`
+tokens, every token a target; or instruction/chat data (`builtin:chatterbot`, a .json/.jsonl
+file of chat or instruction records: `distill.data.dialogues`), one conversation per sequence,
+the loss on the responses only. Model: an `AutoModelForCausalLM`. Distillation compares the
+teacher's and the student's next-token distributions at every target position ([B, n, V] logits, or the teacher's cached
 top-k), in chunks of positions so that float32 copies of the whole vocabulary never exist for
 the whole batch (`distill.kd.token_losses`).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,15 +33,32 @@ from transformers import (
 
 from distill.config.recipe import DataConfig
 from distill.data.batching import pad_collator
+from distill.data.dialogues import (DialogueDataset, Dialogues, is_dialogue_source,
+                                    load_dialogues, render, tokenize_dialogues)
 from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, sample_blocks,
                                tokenize_blocks)
 from distill.errors import DistillError
 from distill.kd.token_losses import next_token_mask, token_ce_loss, token_kd_loss, token_nll
-from distill.models.loading import check_weights, load_checked, load_config, load_tokenizer
+from distill.models.loading import check_weights, load_checked, load_config
 from distill.kd import topk_cache
 from distill.tasks.base import Task, TeacherCache, TeacherTarget, model_device
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_NEW_TOKENS = 32  # greedy tokens per sample
+_PROMPT_TOKENS = 32  # tokens of a text document that prompt a sample
+
+
+def _prompts(data: LMText | Dialogues, split: str, tokenizer: PreTrainedTokenizerBase,
+             count: int = 3) -> list[str]:
+    """`count` prompts spread over the split (see `CausalLM.serving_metrics`)."""
+    items = data.split(split)
+    if not items:
+        raise DistillError(f"the {split} split holds no text to prompt the model with")
+    picks = [items[(i * len(items)) // count] for i in range(count)]
+    if isinstance(data, Dialogues):
+        return [render(conv[:1], tokenizer, add_generation_prompt=True) for conv in picks]
+    return [tokenizer.decode(tokenizer(doc, add_special_tokens=False)["input_ids"]
+                             [:_PROMPT_TOKENS]) for doc in picks]
 
 
 class CausalLM(Task):
@@ -49,24 +69,41 @@ class CausalLM(Task):
     calibration_batch_size: ClassVar[int] = 8
 
     # ------------------------------------------------------------------ data
-    def load_data(self, cfg: DataConfig) -> LMText:
+    def load_data(self, cfg: DataConfig) -> LMText | Dialogues:
+        if is_dialogue_source(cfg.dataset):
+            return load_dialogues(cfg.dataset, cfg.split_seed)
         return load_lm_text(cfg.dataset, cfg.split_seed)
 
-    def tokenize(self, data: LMText, split: str, tokenizer: PreTrainedTokenizerBase,
-                 cfg: DataConfig) -> BlockDataset:
-        """The split's documents as one stream cut into blocks of `max_length` tokens; at most
-        `max_train_examples` (train) or `max_eval_examples` blocks, spread over the split."""
-        blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
+    def tokenize(self, data: LMText | Dialogues, split: str,
+                 tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+                 ) -> BlockDataset | DialogueDataset:
+        """Text: the split's documents as one stream cut into blocks of `max_length` tokens;
+        at most `max_train_examples` (train) or `max_eval_examples` blocks, spread over the
+        split. Conversations: one sequence each, labels on the responses only, capped alike."""
         cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+        if isinstance(data, Dialogues):
+            return tokenize_dialogues(data.split(split), tokenizer, cfg.max_length, cap)
+        blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
         return BlockDataset(sample_blocks(blocks, cap, cfg.split_seed))
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
         return pad_collator(tokenizer)
 
-    def latency_inputs(self, data: LMText, split: str, tokenizer: PreTrainedTokenizerBase,
-                       batch: int, max_length: int) -> dict[str, Tensor]:
-        blocks = tokenize_blocks(data.split(split), tokenizer, max_length)
-        ids = blocks[torch.arange(batch) % blocks.shape[0]]
+    def latency_inputs(self, data: LMText | Dialogues, split: str,
+                       tokenizer: PreTrainedTokenizerBase, batch: int, max_length: int
+                       ) -> dict[str, Tensor]:
+        """`batch` rows of `max_length` real tokens of the split (its text repeated when the
+        split is shorter than that)."""
+        texts = data.split(split)
+        if isinstance(data, Dialogues):
+            texts = [render(m, tokenizer, add_generation_prompt=False) for m in texts]
+        stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)
+                  ["input_ids"]]
+        if not stream:
+            raise DistillError(f"the {split} split holds no text to time the model on")
+        need = batch * max_length
+        stream = (stream * -(-need // len(stream)))[:need]
+        ids = torch.tensor(stream, dtype=torch.long).view(batch, max_length)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     # ------------------------------------------------------------------ models
@@ -119,16 +156,16 @@ class CausalLM(Task):
                              kind=kind, beta=beta, skew=skew)
 
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
-                      loader: DataLoader, *, teacher_source: str, data_cfg: DataConfig,
+                      loader: DataLoader, *, teacher_source: str,
+                      tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
                       temperature: float, top_k: int | None, accelerator: Accelerator
                       ) -> TeacherCache | None:
         """The teacher's top-k next tokens at every position (`distill.kd.topk_cache`):
         `8k + 4` bytes per token. Without `loss.top_k` nothing is cached (a full float32
         vocabulary row per token would be 4·V bytes: 196 KB for SmolLM2)."""
-        if top_k is None:
-            return None
-        assert isinstance(dataset, BlockDataset)
-        vocabulary = load_tokenizer(teacher_source).get_vocab()
+        if top_k is None or not isinstance(dataset, BlockDataset):
+            return None  # conversations have no fixed block shape: the teacher runs live
+        vocabulary = tokenizer.get_vocab()
         files = check_weights(teacher_source, allow_pickle=True)  # hashed, never unpickled
         key = topk_cache.fingerprint(files, vocabulary, dataset.blocks, top_k, temperature)
         if not files:  # a hub id: nothing local to hash, so its name stands for the weights
@@ -163,5 +200,41 @@ class CausalLM(Task):
         return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
                 "tokens": int(count)}
 
-    def describe(self, data: LMText) -> dict[str, Any]:
-        return {"documents": data.sizes()}
+    @torch.inference_mode()
+    def serving_metrics(self, model: nn.Module, data: LMText | Dialogues, split: str,
+                        tokenizer: PreTrainedTokenizerBase, runs: int) -> dict[str, Any]:
+        """Greedy generation at batch 1 from 3 prompts of the split: new tokens per second
+        and milliseconds per token (the best of `runs` passes, after one warm-up), and the
+        continuations as samples. Text: the first 32 tokens of documents spread over the
+        split; conversations: the first question with the generation prompt."""
+        prompts = _prompts(data, split, tokenizer)
+        device = model_device(model)
+        model.eval()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        best, samples = float("inf"), []
+        new_tokens = 0
+        for attempt in range(max(1, runs) + 1):
+            start, produced, outs = time.perf_counter(), 0, []
+            for text in prompts:
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                ids = {k: v.to(device) for k, v in ids.items()}
+                out = model.generate(**ids, max_new_tokens=_NEW_TOKENS, do_sample=False,
+                                     pad_token_id=pad)
+                new = out[0, ids["input_ids"].shape[1]:]
+                produced += int(new.numel())
+                outs.append(tokenizer.decode(new, skip_special_tokens=True))
+            seconds = time.perf_counter() - start
+            if attempt > 0 and produced and seconds < best:  # attempt 0 warms up
+                best, new_tokens = seconds, produced
+            samples = outs
+        tokens_per_s = new_tokens / best if new_tokens else None
+        return {"generation": {"tokens_per_s": round(tokens_per_s, 2) if tokens_per_s else None,
+                               "ms_per_token": round(1000 / tokens_per_s, 3)
+                               if tokens_per_s else None,
+                               "new_tokens": new_tokens, "batch": 1},
+                "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, samples)]}
+
+    def describe(self, data: LMText | Dialogues) -> dict[str, Any]:
+        kind = "conversations" if isinstance(data, Dialogues) else "documents"
+        return {kind: data.sizes()}

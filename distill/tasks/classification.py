@@ -114,7 +114,8 @@ class SequenceClassification(Task):
         return kd_kl_loss(student_logits, teacher, temperature, kind=kind, beta=beta, skew=skew)
 
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
-                      loader: DataLoader, *, teacher_source: str, data_cfg: DataConfig,
+                      loader: DataLoader, *, teacher_source: str,
+                      tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
                       temperature: float, top_k: int | None, accelerator: Accelerator
                       ) -> TeacherCache:
         """Every training example's full logits, [N, C] float32 (a few hundred KB)."""
