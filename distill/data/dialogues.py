@@ -28,17 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from distill.config.schema import check_seed
+from distill.data.splits import holdout_split
 from distill.errors import DistillError
 
 CHATTERBOT = "builtin:chatterbot"
 _SUFFIXES = (".json", ".jsonl")
-_EVAL_FRACTION = 0.1
 IGNORE_INDEX = -100
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
@@ -71,15 +70,9 @@ def load_dialogues(source: str, split_seed: int = 0) -> Dialogues:
     """Read the conversations of `source` and split them (see the module docstring)."""
     check_seed(split_seed, "split_seed")
     conversations = _chatterbot() if source == CHATTERBOT else _records(Path(source))
-    n = len(conversations)
-    k = int(_EVAL_FRACTION * n)
-    if k == 0:
-        raise DistillError(f"{source} has {n} conversations, too few to hold out 10 % for test "
-                           "and 10 % for validation; give at least 10")
-    order = np.random.default_rng(split_seed).permutation(n)
-    parts = {"test": order[:k], "validation": order[k:2 * k], "train": order[2 * k:]}
-    return Dialogues(**{split: [conversations[i] for i in sorted(idx.tolist())]
-                        for split, idx in parts.items()}, source=source)
+    parts = holdout_split(len(conversations), split_seed, source, "conversations")
+    return Dialogues(**{split: [conversations[i] for i in idx] for split, idx in parts.items()},
+                     source=source)
 
 
 def _chatterbot() -> list[list[Message]]:

@@ -33,12 +33,12 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.splits import holdout_split
 from distill.errors import DistillError
 from distill.config.schema import check_seed
 
 SHAKESPEARE = "builtin:shakespeare"
 BBC_NEWS = "builtin:bbc_news"
-_EVAL_FRACTION = 0.1
 _TEXT_SUFFIXES = (".txt", ".md")
 _ALLOWED = (f"allowed: {SHAKESPEARE}, {BBC_NEWS}, or a folder of {'/'.join(_TEXT_SUFFIXES)} "
             "files")
@@ -148,16 +148,9 @@ def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
     """
     check_seed(split_seed, "split_seed")
     names, texts = _read_documents(source)
-    n = len(texts)
-    k = int(_EVAL_FRACTION * n)
-    if k == 0:
-        raise DistillError(f"{source} has {n} documents, too few to hold out 10 % for test "
-                           "and 10 % for validation; give at least 10 files")
-    order = np.random.default_rng(split_seed).permutation(n)
-    parts = {"test": order[:k], "validation": order[k:2 * k], "train": order[2 * k:]}
     # Within a split, documents keep the sorted file order (not the shuffled one), so the
     # token stream of a split does not depend on how the shuffle happened to list them.
-    parts = {split: sorted(idx.tolist()) for split, idx in parts.items()}
+    parts = holdout_split(len(texts), split_seed, source, "documents")
     return LMText(**{split: [texts[i] for i in idx] for split, idx in parts.items()},
                   names={split: [names[i] for i in idx] for split, idx in parts.items()},
                   source=source)
