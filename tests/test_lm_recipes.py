@@ -271,3 +271,75 @@ def test_bbc_news_is_a_text_corpus_for_language_models() -> None:
     text = load_lm_text(BBC_NEWS)
     assert text.sizes() == {"train": 1781, "validation": 222, "test": 222}
     assert all(doc.strip() for doc in text.test)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _other_tokenizer_lm(path: Path) -> Path:
+    """A tiny GPT-2 whose tokenizer has one more word than the run's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    write_tiny_lm(path, "gpt2")
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS, ".", ",", "extra"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(path)
+    return path
+
+
+LM_BAD_INPUT = [
+    ("text folder missing", "text source not found",
+     lambda r, t: r["data"].update(dataset=str(t / "nowhere"))),
+    ("too few documents", "too few to hold out 10 %",
+     lambda r, t: r["data"].update(dataset=str(write_corpus(t / "few", documents=5)))),
+    ("top_k past the vocabulary", "stages.1.loss.top_k: 5000 is more than the",
+     lambda r, t: r["stages"][1]["loss"].update(top_k=5000)),
+    ("unknown divergence", "stages.1.loss.divergence",
+     lambda r, t: r["stages"][1]["loss"].update(divergence="kl")),
+    ("a method that cannot merge on distill", "houlsby cannot be merged",
+     lambda r, t: r["stages"][1].update(method="houlsby")),
+    ("eval_data missing", "stages.3.eval_data.0: text source not found",
+     lambda r, t: r["stages"][3].update(eval_data=[{"dataset": str(t / "none")}])),
+    ("chat record of neither form", "record 1: expected",
+     lambda r, t: r["stages"].__setitem__(2, {
+         "kind": "adapt", "data": {"dataset": str(_bad_chat(t))}})),
+    ("adapt teacher with another tokenizer", "tokenizer mismatch",
+     lambda r, t: r["stages"].__setitem__(2, {
+         "kind": "adapt", "teacher": str(_other_tokenizer_lm(t / "other")),
+         "loss": {"alpha": 0.5}})),
+]
+
+
+def _bad_chat(folder: Path) -> Path:
+    path = folder / "chat.jsonl"
+    path.write_text(json.dumps({"question": "hi", "answer": "hello"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("what,needle,patch", LM_BAD_INPUT, ids=[c[0] for c in LM_BAD_INPUT])
+def test_bad_language_model_input_is_one_clear_line(what: str, needle: str, patch,
+                                                    corpus: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    recipe = lm_recipe(write_tiny_lm(tmp_path / "teacher", "llama"), corpus)
+    patch(recipe, tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_top_k_on_a_classifier_is_refused(tiny_teacher: Path, tiny_csv: Path,
+                                          tmp_path: Path) -> None:
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_teacher, tiny_csv)
+    recipe["stages"][1]["loss"]["top_k"] = 4
+    with pytest.raises(DistillError, match="top_k: applies to token-level tasks"):
+        run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")

@@ -290,6 +290,7 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
                               else None)
     for index, stage in enumerate(recipe.stages):
         key = f"stages.{index}"
+        problems += top_k_problems(stage, task, config, key)
         try:
             if isinstance(stage, DistillStage):
                 arch_info_for(config.model_type)
@@ -313,6 +314,24 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
         except DistillError as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     return problems
+
+
+def top_k_problems(stage: object, task: Task, config: PretrainedConfig, key: str) -> list[str]:
+    """`loss.top_k` is a token-level setting and must fit the vocabulary."""
+    where = {DistillStage: "loss", ShrinkStage: "heal.loss", AdaptStage: "loss"}.get(type(stage))
+    if where is None:
+        return []
+    loss = stage.heal.loss if isinstance(stage, ShrinkStage) else stage.loss  # type: ignore
+    if loss.top_k is None:
+        return []
+    if not task.token_level:
+        return [f"{key}.{where}.top_k: applies to token-level tasks (causal-lm) only; this "
+                f"run's task is {task.name}"]
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and loss.top_k > vocab:
+        return [f"{key}.{where}.top_k: {loss.top_k} is more than the {vocab} tokens of the "
+                f"vocabulary; allowed: 1..{vocab}"]
+    return []
 
 
 def shrink_problems(stage: ShrinkStage, model: PreTrainedModel, shape: _Shape, key: str,
@@ -374,6 +393,16 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
                             f"from the run's (the teacher's, {recipe.teacher.model}), which "
                             "tokenizes the data for every stage; adapt a model that shares "
                             "the teacher's vocabulary")
+    if stage.teacher != "run" and (stage.loss.alpha < 1 or stage.loss.hidden_mse
+                                   or stage.loss.attention_kl or stage.loss.cosine):
+        check_model_source(stage.teacher, recipe.teacher.allow_pickle, f"{key}.teacher")
+        own = load_tokenizer(stage.teacher, trust)
+        if own.get_vocab() != tokenizer.get_vocab():
+            problems.append(f"{key}.teacher: tokenizer mismatch: {stage.teacher} and the run's "
+                            f"teacher {recipe.teacher.model} tokenize differently ({len(own)} "
+                            f"and {len(tokenizer)} tokens), so their outputs cannot be compared "
+                            "position by position; distill from a teacher with the run's "
+                            "tokenizer")
     extra = 0
     try:
         model = task.meta_model(config, data, trust)

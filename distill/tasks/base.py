@@ -59,6 +59,8 @@ class Task(ABC):
     # Whether the head is made for the data (a classifier's labels): a teacher whose head was
     # never trained for them teaches noise, and pre-flight refuses it.
     head_from_data: ClassVar[bool] = False
+    # Whether teacher and student are compared per token (top-k KD applies).
+    token_level: ClassVar[bool] = False
     # What `distill shrink` calibrates on when no --data is given, and in batches of how many.
     default_dataset: ClassVar[str]
     calibration_batch_size: ClassVar[int] = 32

@@ -5,8 +5,8 @@ Data: a text corpus (`builtin:shakespeare`, `builtin:bbc_news`, a folder of .txt
 tokens, every token a target; or instruction/chat data (`builtin:chatterbot`, a .json/.jsonl
 file of chat or instruction records: `distill.data.dialogues`), one conversation per sequence,
 the loss on the responses only. Model: an `AutoModelForCausalLM`. Distillation compares the
-teacher's and the student's next-token distributions at every target position ([B, n, V] logits, or the teacher's cached
-top-k), in chunks of positions so that float32 copies of the whole vocabulary never exist for
+teacher's and the student's next-token distributions at every target position ([B, n, V]
+logits, or the teacher's cached top-k), in chunks of positions so that float32 copies of the whole vocabulary never exist for
 the whole batch (`distill.kd.token_losses`).
 """
 
@@ -67,6 +67,7 @@ class CausalLM(Task):
     higher_is_better: ClassVar[bool] = False
     default_dataset: ClassVar[str] = SHAKESPEARE
     calibration_batch_size: ClassVar[int] = 8
+    token_level: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ data
     def load_data(self, cfg: DataConfig) -> LMText | Dialogues:
