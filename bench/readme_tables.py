@@ -349,6 +349,26 @@ def token_loss_memory(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def lm_teacher_cache(data: dict[str, Any]) -> list[str]:
+    """bench/lm_teacher_cache.py: a SmolLM2 heal epoch with and without the top-k cache."""
+    label = {"live": "no cache: the teacher runs every batch",
+             "cold": "cache empty: filled first, then used",
+             "warm": "cache complete: the teacher is never loaded"}
+    lines = [row(f"heal epoch, SmolLM2 30 → {data['student_layers']} layers, "
+                 f"{data['blocks']} × {data['block_tokens']} tokens, batch {data['batch']}, "
+                 f"top-{data['k']} KD, {data['precision']}", "s / step", "loop vs no cache",
+                 "filling the cache", "teacher loaded", "peak memory (RSS)"),
+             row("---", "---:", "---:", "---:", "---", "---:")]
+    live = data["modes"][0]
+    for m in data["modes"]:
+        lines.append(row(label[m["mode"]], f"{m['seconds_per_step']:.2f}",
+                         f"{live['train_seconds'] / m['train_seconds']:.2f}×",
+                         f"{m['cache_seconds']:.1f} s" if m["mode"] == "cold" else "—",
+                         "yes" if m["teacher_loaded"] else "no",
+                         f"{m['peak_rss_mib']:,.0f} MiB"))
+    return lines
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
@@ -367,6 +387,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                                "bench/progressive_vs_oneshot.py", progressive_vs_oneshot),
     "token_loss_memory": ("bench/results/token_loss_memory.json",
                           "bench/token_loss_memory.py", token_loss_memory),
+    "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
+                         lm_teacher_cache),
 }
 
 
