@@ -302,8 +302,9 @@ def attach(student: Annotated[str | None, typer.Argument(
            ) -> None:
     """Attach a PEFT adapter to a student and train it on a task (a one-stage recipe).
 
-    Reports trainable parameters, their share of the model, test accuracy and seconds per
-    step; the adapter is saved in Hugging Face PEFT's format.
+    Reports trainable parameters, their share of the model, the test metric of the model's
+    task (accuracy, or perplexity for a causal LM) and seconds per step; the adapter is saved
+    in Hugging Face PEFT's format.
     """
     import peft_methods
     from distill.commands.attach import attach as attach_fn
@@ -329,7 +330,7 @@ def attach(student: Annotated[str | None, typer.Argument(
     table = Table("metric", "value", title=escape(f"{method} on {student} for {data}"))
     table.add_row("trainable params", f"{rec['trainable_params']:,}")
     table.add_row("share of the model", f"{rec['trainable_percent']:.3f} %")
-    table.add_row("test accuracy", f"{rec['metric']['value']:.4f}")
+    table.add_row(f"test {rec['metric']['name']}", f"{rec['metric']['value']:.4f}")
     table.add_row("seconds per step", f"{rec['seconds_per_step']:.3f}")
     table.add_row("adapter", escape(f"{rec['run_dir']}/{rec['adapter']}"))
     console.print(table)

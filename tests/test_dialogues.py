@@ -114,3 +114,34 @@ def test_a_recipe_adapts_a_causal_lm_on_conversations_with_kd(tmp_path: Path) ->
     assert final["metric"]["name"] == "perplexity"
     # 2 test conversations, answers of 4 words + the EOS: 5 targets each.
     assert final["tokens"] == 2 * 5
+
+
+def test_attach_command_trains_lora_on_a_causal_lm_with_chat_data(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from test_lm_recipes import write_tiny_lm
+
+    rows = [{"messages": [{"role": "user", "content": f"the {w}"},
+                          {"role": "assistant", "content": f"{w} sat ."}]}
+            for w in ("cat", "dog", "bird", "mat", "tree") * 4]
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(rows))
+    model = write_tiny_lm(tmp_path / "lm", "qwen2")
+    result = CliRunner().invoke(app, [
+        "attach", str(model), "--data", str(chat), "--max-length", "32", "--epochs", "1",
+        "--batch-size", "4", "-O", "r=4", "-O", "target_modules=all-linear",
+        "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "test perplexity" in result.output
+    assert (tmp_path / "run/stages/00-adapt/adapter/adapter_config.json").is_file()
+    config = json.loads((tmp_path / "run/stages/00-adapt/adapter/adapter_config.json")
+                        .read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    # Hugging Face PEFT reads the adapter onto the plain model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model),
+                                           tmp_path / "run/stages/00-adapt/adapter")
+    assert sum("lora_" in n for n, _ in peft_model.named_parameters()) > 0

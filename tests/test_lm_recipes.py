@@ -343,3 +343,41 @@ def test_top_k_on_a_classifier_is_refused(tiny_teacher: Path, tiny_csv: Path,
     recipe["stages"][1]["loss"]["top_k"] = 4
     with pytest.raises(DistillError, match="top_k: applies to token-level tasks"):
         run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+
+
+def test_a_damaged_cache_shard_is_recomputed_never_used(corpus: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the distill stage (which fills the cache) and the shrink stage (which reads it)
+    one shard is damaged: the heal recomputes that shard with the teacher and ends bitwise
+    where an undamaged run ends."""
+    from safetensors.torch import load_file
+
+    from distill.kd import topk_cache
+
+    model = write_tiny_lm(tmp_path / "teacher", "llama")
+    recipe = lm_recipe(model, corpus)
+    recipe["stages"] = recipe["stages"][1:3]
+    recipe["stages"][1]["schedule"] = [{"layers": 2}]
+    clean = tmp_path / "clean"
+    run_recipe(recipe_from_dict(recipe), output=clean)
+
+    calls = {"n": 0}
+    real = topk_cache.load_or_compute
+
+    def damaging(folder, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the shrink stage's read: flip bytes in the first shard
+            shard = sorted(Path(folder).glob("shard-*.safetensors"))[0]
+            data = bytearray(shard.read_bytes())
+            data[-8:] = bytes(8)
+            shard.write_bytes(bytes(data))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(topk_cache, "load_or_compute", damaging)
+    damaged = tmp_path / "damaged"
+    run_recipe(recipe_from_dict(recipe), output=damaged)
+    step = json.loads((damaged / "stages/01-shrink/metrics.json").read_text())["steps"][0]
+    assert step["teacher_loaded"]  # the shard was recomputed from the teacher
+    name = "stages/01-shrink/steps/0-layers2/model/model.safetensors"
+    a, b = load_file(str(clean / name)), load_file(str(damaged / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
