@@ -369,6 +369,21 @@ def lm_teacher_cache(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def smollm_heal(data: dict[str, Any]) -> list[str]:
+    """bench/smollm_heal.py: a 20-layer SmolLM2 healed with KD + CE vs CE alone."""
+    lines = [row(f"SmolLM2-135M, {data['heal_steps']} heal steps of {data['batch']} × "
+                 f"{data['block_tokens']} Shakespeare tokens", "held-out Shakespeare ppl",
+                 "× teacher", "BBC News ppl (never seen)", "× teacher"),
+             row("---", "---:", "---:", "---:", "---:")]
+    for r in data["rows"]:
+        lines.append(row(r["arm"], f"{r['shakespeare_ppl']:.1f}",
+                         f"{r['shakespeare_vs_teacher']:.2f}×" if "shakespeare_vs_teacher" in r
+                         else "1×", f"{r['bbc_news_ppl']:.1f}",
+                         f"{r['bbc_news_vs_teacher']:.2f}×" if "bbc_news_vs_teacher" in r
+                         else "1×"))
+    return lines
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
@@ -389,6 +404,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                           "bench/token_loss_memory.py", token_loss_memory),
     "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
                          lm_teacher_cache),
+    "smollm_heal": ("bench/results/smollm_heal.json", "bench/smollm_heal.py", smollm_heal),
 }
 
 
