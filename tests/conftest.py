@@ -130,6 +130,17 @@ def tiny_topics(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_topics(tmp_path_factory.mktemp("topics") / "topics.csv")
 
 
+def classifier(name: str, label_names: list[str], **options: object):
+    """A sequence classifier with a head for `label_names`, as the recipes load it
+    (`SequenceClassification.load_model`): (model, whether its head was trained for them)."""
+    from types import SimpleNamespace
+
+    from distill.tasks import get_task
+
+    return get_task("sequence-classification").load_model(
+        name, SimpleNamespace(label_names=list(label_names)), **options)
+
+
 def tiny_recipe(model: Path, data: Path, **overrides: object) -> dict:
     """A complete recipe for the tiny model and data: finetune -> distill -> evaluate."""
     recipe = {

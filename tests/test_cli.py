@@ -97,8 +97,9 @@ def test_shrink_command_cuts_depth_and_width(tiny_bert: Path, tiny_csv: Path,
     assert AutoModel.from_pretrained(tmp_path / "a").config.num_hidden_layers == 2
     # a classifier, cut in depth by importance and in width, calibrated on its task data
     clf = tmp_path / "clf"
-    from distill.models.loading import load_classifier, save_model
-    save_model(load_classifier(str(tiny_bert), ["neg", "pos"])[0], None, clf)
+    from conftest import classifier
+    from distill.models.loading import save_model
+    save_model(classifier(str(tiny_bert), ["neg", "pos"])[0], None, clf)
     result = runner.invoke(app, ["shrink", str(clf), "--out", str(tmp_path / "b"),
                                  "--layers", "3", "--hidden", "16", "--heads", "2",
                                  "--data", str(tiny_csv), "--max-length", "16"])

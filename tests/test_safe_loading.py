@@ -28,7 +28,7 @@ def test_pickled_teacher_loads_with_allow_pickle(env: Env, tmp_path: Path) -> No
     and gives the same model as its safetensors twin."""
     import torch
 
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     recipe = tiny_recipe(env.bert, env.csv, name="pickled")
     recipe["teacher"] = {"model": env["pickled"], "allow_pickle": True}
@@ -38,9 +38,9 @@ def test_pickled_teacher_loads_with_allow_pickle(env: Env, tmp_path: Path) -> No
     result = runner.invoke(app, ["run", str(path), "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output[-3000:]
     torch.manual_seed(0)
-    a, _ = load_classifier(env["pickled"], ["neg", "pos"], allow_pickle=True)
+    a, _ = classifier(env["pickled"], ["neg", "pos"], allow_pickle=True)
     torch.manual_seed(0)
-    b, _ = load_classifier(str(env.bert), ["neg", "pos"])
+    b, _ = classifier(str(env.bert), ["neg", "pos"])
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, msg=name)
 
@@ -175,10 +175,10 @@ def test_an_index_naming_a_pickle_is_refused_before_loading(
 def test_load_classifier_refuses_an_index_naming_a_pickle(bin_index: Path,
                                                           no_unpickling: None) -> None:
     from distill.errors import DistillError
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     with pytest.raises(DistillError, match="names pickled shards"):
-        load_classifier(str(bin_index), ["neg", "pos"])
+        classifier(str(bin_index), ["neg", "pos"])
 
 
 def test_an_allowed_pickle_shard_loads_with_weights_only(
@@ -187,7 +187,7 @@ def test_an_allowed_pickle_shard_loads_with_weights_only(
     into the same model as the safetensors original."""
     import torch
 
-    from distill.models.loading import load_classifier
+    from conftest import classifier
     from distill.run.preflight import preflight
     from distill.config.recipe import load_recipe
 
@@ -203,10 +203,10 @@ def test_an_allowed_pickle_shard_loads_with_weights_only(
 
     monkeypatch.setattr(torch, "load", recording_load)
     torch.manual_seed(0)
-    a, _ = load_classifier(str(bin_index), ["neg", "pos"], allow_pickle=True)
+    a, _ = classifier(str(bin_index), ["neg", "pos"], allow_pickle=True)
     monkeypatch.setattr(torch, "load", real_load)
     torch.manual_seed(0)
-    b, _ = load_classifier(str(env.bert), ["neg", "pos"])
+    b, _ = classifier(str(env.bert), ["neg", "pos"])
     assert calls and all(c.get("weights_only") is True for c in calls), calls
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, msg=name)
@@ -216,12 +216,12 @@ def test_an_allowed_pickle_shard_runs_no_code(env: Env, tmp_path: Path) -> None:
     """weights_only=True: a shard that would run code when unpickled is refused, in the
     run's pre-flight (which reads the shard's tensor names) and when loading."""
     from distill.errors import DistillError
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     marker = tmp_path / "exploit-ran"
     evil = index_naming_bin(env.bert, tmp_path / "evil", payload=_Exploit(str(marker)))
     with pytest.raises(DistillError, match="hold more than tensors"):
-        load_classifier(str(evil), ["neg", "pos"], allow_pickle=True)
+        classifier(str(evil), ["neg", "pos"], allow_pickle=True)
     distill = stage("distill", student={"layers": [0, 2]})
     result = runner.invoke(app, ["run", _recipe_file(env, tmp_path, str(evil), [distill],
                                                      allow_pickle=True),
@@ -241,14 +241,14 @@ def test_an_index_naming_files_elsewhere_is_refused(env: Env, tmp_path: Path, sh
     import json
 
     from distill.errors import DistillError
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     folder = index_naming_bin(env.bert, tmp_path / "model")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"] = dict.fromkeys(index["weight_map"], shard)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(DistillError, match=needle):
-        load_classifier(str(folder), ["neg", "pos"])
+        classifier(str(folder), ["neg", "pos"])
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -259,14 +259,14 @@ def test_a_model_folder_holding_an_adapter_is_refused(env: Env, tmp_path: Path,
     import shutil
 
     from distill.errors import DistillError
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     folder = tmp_path / "model"
     shutil.copytree(env.bert, folder)
     shutil.copy(Path(env["adapter"]) / "adapter_config.json", folder)
     shutil.copy(Path(env["adapter"]) / "adapter_model.bin", folder)
     with pytest.raises(DistillError, match="holds a PEFT adapter"):
-        load_classifier(str(folder), ["neg", "pos"])
+        classifier(str(folder), ["neg", "pos"])
     result = runner.invoke(app, ["inspect", str(folder)])
     assert result.exit_code == 2 and "holds a PEFT adapter" in result.stderr
 
@@ -300,7 +300,7 @@ def test_an_edited_gguf_cache_folder_is_checked_like_any_folder(
     pickle is refused like a model folder would be."""
     from distill.models import gguf
     from distill.errors import DistillError
-    from distill.models.loading import load_classifier
+    from conftest import classifier
 
     monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"
@@ -312,7 +312,7 @@ def test_an_edited_gguf_cache_folder_is_checked_like_any_folder(
     assert gguf.gguf_to_hf(source) == entry  # taken as a finished conversion
     if route == "load_classifier":
         with pytest.raises(DistillError, match="names pickled shards"):
-            load_classifier(str(source), ["neg", "pos"])
+            classifier(str(source), ["neg", "pos"])
         return
     args = ["inspect", str(source)] if route == "inspect" else ["run", _recipe_file(
         env, tmp_path, str(source), [stage("finetune", epochs=0.2)]), "--output",

@@ -9,13 +9,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill.errors import DistillError
-from distill.models.loading import count_params, load_classifier, save_model
+from conftest import classifier
+from distill.models.loading import count_params, save_model
 from distill.compress.depth import evenly_spaced, keep_layers
 
 
 @pytest.fixture()
 def teacher(tiny_bert: Path):
-    model, tuned = load_classifier(str(tiny_bert), ["neg", "pos"])
+    model, tuned = classifier(str(tiny_bert), ["neg", "pos"])
     assert tuned is False  # a fresh head
     return model
 
@@ -65,7 +66,7 @@ def test_student_reloads_with_plain_transformers(teacher, tmp_path: Path) -> Non
 
 def test_head_for_same_labels_counts_as_tuned(teacher, tmp_path: Path) -> None:
     save_model(teacher, None, tmp_path / "t")
-    _, tuned = load_classifier(str(tmp_path / "t"), ["neg", "pos"])
+    _, tuned = classifier(str(tmp_path / "t"), ["neg", "pos"])
     assert tuned is True
-    model, tuned_other = load_classifier(str(tmp_path / "t"), ["a", "b", "c"])
+    model, tuned_other = classifier(str(tmp_path / "t"), ["a", "b", "c"])
     assert tuned_other is False and model.config.num_labels == 3

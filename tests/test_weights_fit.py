@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from conftest import tiny_recipe
 from distill.cli import app
 from distill.errors import DistillError
-from distill.models.loading import load_classifier
+from conftest import classifier
 from distill.run.preflight import preflight
 from distill.config.recipe import recipe_from_dict
 
@@ -86,7 +86,7 @@ def models(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 # ----------------------------------------------------------------------------- fit
 def test_a_renamed_tensor_is_an_error_naming_it(models: dict[str, Path]) -> None:
     with pytest.raises(DistillError, match="weights do not fit its config") as err:
-        load_classifier(str(models["renamed"]), LABELS)
+        classifier(str(models["renamed"]), LABELS)
     assert f"missing bert.{QUERY}" in str(err.value)
     assert f"unexpected {QUERY.replace('query', 'qquery')}" in str(err.value)
     assert len(str(err.value).splitlines()) <= 2
@@ -95,7 +95,7 @@ def test_a_renamed_tensor_is_an_error_naming_it(models: dict[str, Path]) -> None
 def test_a_tensor_of_another_shape_is_an_error_naming_both_shapes(
         models: dict[str, Path]) -> None:
     with pytest.raises(DistillError) as err:
-        load_classifier(str(models["reshaped"]), LABELS)
+        classifier(str(models["reshaped"]), LABELS)
     assert (f"shape of bert.{INTERMEDIATE} is [5, 5] in the file but [64, 32] in the model"
             in str(err.value))
 
@@ -103,14 +103,14 @@ def test_a_tensor_of_another_shape_is_an_error_naming_both_shapes(
 def test_many_mismatches_name_the_first_few_and_count_the_rest(
         models: dict[str, Path]) -> None:
     with pytest.raises(DistillError, match=r"missing bert\.encoder\.layer\.3\..*, and \d+ more"):
-        load_classifier(str(models["short"]), LABELS)
+        classifier(str(models["short"]), LABELS)
 
 
 @pytest.mark.parametrize("name", ["tuned", "pretraining", "no_pooler"])
 def test_a_new_task_head_loads(models: dict[str, Path], name: str) -> None:
     """Only the head may be new: another task's head (masked-LM, next sentence) is left out,
     and a missing pooler (which only the classification head reads) is made with it."""
-    model, trained = load_classifier(str(models[name]), LABELS)
+    model, trained = classifier(str(models[name]), LABELS)
     assert trained is (name == "tuned")
     assert model.config.num_labels == 2
 
@@ -119,7 +119,7 @@ def test_a_head_for_other_labels_is_replaced(models: dict[str, Path]) -> None:
     """A classifier for 2 labels, loaded for 3 (a finetune or adapt stage on another task):
     the head has another shape and is made afresh; the body loads."""
     body = load_file(str(models["tuned"] / "model.safetensors"))
-    model, trained = load_classifier(str(models["tuned"]), ["a", "b", "c"])
+    model, trained = classifier(str(models["tuned"]), ["a", "b", "c"])
     assert not trained and model.classifier.weight.shape == (3, 32)
     torch.testing.assert_close(model.state_dict()[f"bert.{QUERY}"], body[f"bert.{QUERY}"])
 

@@ -228,19 +228,6 @@ def lm_batches(blocks: torch.Tensor, batch_size: int, shuffle: bool = False,
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def lm_blocks(tokenizer: PreTrainedTokenizerBase, split: str, block_size: int,
-              source: str = SHAKESPEARE, split_seed: int = 0, max_blocks: int | None = None,
-              seed: int = 0) -> torch.Tensor:
-    """Shortcut: `load_lm_text` -> one split -> `tokenize_blocks` -> `sample_blocks`.
-
-    Returns:
-        (num_blocks, block_size) token ids.
-    """
-    text = load_lm_text(source, split_seed)
-    return sample_blocks(tokenize_blocks(text.split(split), tokenizer, block_size),
-                         max_blocks, seed)
-
-
 @dataclass(eq=False)
 class BlockDataset(Dataset):
     """Token blocks as training items: `input_ids` = `labels` (unshifted: the model predicts

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -174,37 +173,6 @@ def config_num_layers(config: PretrainedConfig) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False,
-                    allow_pickle: bool = False, load_options: dict[str, Any] | None = None
-                    ) -> tuple[PreTrainedModel, bool]:
-    """A sequence classifier with a head for `label_names`.
-
-    Weights are read from safetensors only, unless `allow_pickle`: then pickled weights (a
-    `pytorch_model.bin`, an index's pickled shards) are read with `torch.load(weights_only=True)`
-    (tensors and plain containers only, no arbitrary objects). When the checkpoint has no
-    head, or one for other labels, a fresh head is initialised; any other tensor missing,
-    unexpected or of another shape is an error (`load_checked`).
-
-    `load_options` go to `from_pretrained` as they are (`dtype`, `device_map`,
-    `offload_folder`: see `teacher_load_options`).
-
-    Returns:
-        (model in eval mode, whether the head was already trained for exactly these labels).
-    """
-    id2label = dict(enumerate(label_names))
-    label2id = {v: k for k, v in id2label.items()}
-    config = load_config(name, trust_remote_code)
-    old = getattr(config, "id2label", None) or {}
-    same_labels = [old.get(i, old.get(str(i))) for i in range(len(old))] == label_names
-    config.num_labels = len(label_names)
-    config.id2label, config.label2id = id2label, label2id
-    model, fresh_head = load_checked(
-        AutoModelForSequenceClassification, name, config=config,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **(load_options or {}))
-    head_trained = same_labels and not fresh_head
-    return model.eval(), head_trained
 
 
 def load_checked(cls: Any, name: str, *, trust_remote_code: bool = False,

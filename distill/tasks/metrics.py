@@ -1,33 +1,12 @@
-"""Task metrics, predictions and CPU latency of classifiers."""
+"""Classification metrics (confusion matrix, accuracy, macro-F1) and forward-pass latency."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
 
 import torch
 from torch import nn
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable[dict], device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels over a loader.
-
-    Returns:
-        (predictions [N], labels [N]) as int64 CPU tensors.
-    """
-    was_training = model.training
-    model.eval()
-    preds, labels = [], []
-    for batch in loader:
-        out = model(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device))
-        preds.append(out.logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    model.train(was_training)
-    return torch.cat(preds), torch.cat(labels)
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
