@@ -1,4 +1,5 @@
-"""Files the toolkit reads and writes: JSON lines, and atomic writes of files and folders.
+"""Files the toolkit reads and writes: JSON lines, atomic writes of files and folders, and the
+root of its cache (converted GGUF models, tokenized data).
 
 The writers write beside the target and rename into place (`os.replace` is atomic within one
 file system): a crash or kill leaves the old version or the new one, never a mix.
@@ -13,6 +14,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+CACHE_ENV = "DISTILL_CACHE"
+
+
+def cache_root() -> Path:
+    """Root of the toolkit's cache: `$DISTILL_CACHE`, else `~/.cache/distill`. Everything in it
+    can be rebuilt, so it is safe to delete."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "distill"
 
 
 def json_lines(text: str) -> Iterator[tuple[int, str]]:

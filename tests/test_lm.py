@@ -254,6 +254,37 @@ def test_folder_source_and_errors(tmp_path: Path) -> None:
         text.split("dev")
 
 
+def test_a_list_of_sources_is_a_mixture_split_per_source(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"doc{i:02d}.txt").write_text(f"note {i}\n")
+    (tmp_path / "rows.csv").write_text("text,other\n" + "".join(f"row {i},x\n"
+                                                                 for i in range(30)))
+    alone = [load_lm_text(str(folder)), load_lm_text(str(tmp_path / "rows.csv"))]
+    mixed = load_lm_text([str(folder), str(tmp_path / "rows.csv")])
+    for split in ("train", "validation", "test"):
+        # Each source keeps its own held-out documents, in the listed order.
+        assert mixed.split(split) == alone[0].split(split) + alone[1].split(split)
+        assert mixed.names[split] == ([f"{folder}: {n}" for n in alone[0].names[split]]
+                                      + [f"{tmp_path / 'rows.csv'}: {n}"
+                                         for n in alone[1].names[split]])
+    assert mixed.sizes() == {"train": 40, "validation": 5, "test": 5}
+    assert alone[1].test[0].startswith("row ")
+    with pytest.raises(DistillError, match="column 'body' not found"):
+        load_lm_text(str(tmp_path / "rows.csv"), text_column="body")
+    with pytest.raises(DistillError, match="lists a source twice"):
+        load_lm_text([str(folder), str(folder)])
+    with pytest.raises(DistillError, match="an empty list"):
+        load_lm_text([])
+
+
+def test_rotten_tomatoes_snippets_are_text_documents() -> None:
+    text = load_lm_text("builtin:rotten_tomatoes")
+    assert sum(text.sizes().values()) == 12_808
+    assert all(doc.strip() for doc in text.test)
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers
 

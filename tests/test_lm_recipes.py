@@ -300,6 +300,8 @@ LM_BAD_INPUT = [
      lambda r, t: r["stages"][1].update(method="houlsby")),
     ("eval_data missing", "stages.3.eval_data.0: text source not found",
      lambda r, t: r["stages"][3].update(eval_data=[{"dataset": str(t / "none")}])),
+    ("conversations in a text mixture", "a list mixes text corpora only",
+     lambda r, t: r["data"].update(dataset=[r["data"]["dataset"], "builtin:chatterbot"])),
     ("chat record of neither form", "record 1: expected",
      lambda r, t: r["stages"].__setitem__(2, {
          "kind": "adapt", "data": {"dataset": str(_bad_chat(t))}})),
@@ -332,6 +334,17 @@ def test_bad_language_model_input_is_one_clear_line(what: str, needle: str, patc
     assert result.exit_code == 2, result.output
     assert needle in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_list_on_a_classifier_is_refused(tiny_teacher: Path, tiny_csv: Path,
+                                                   tmp_path: Path) -> None:
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_teacher, tiny_csv)
+    recipe["data"]["dataset"] = [str(tiny_csv), str(tiny_csv)]
+    with pytest.raises(DistillError, match="a classifier trains on one dataset"):
+        run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -298,11 +298,12 @@ def test_an_edited_gguf_cache_folder_is_checked_like_any_folder(
         no_unpickling: None) -> None:
     """A .gguf file resolves to its cached conversion; a cache entry someone changed to name a
     pickle is refused like a model folder would be."""
+    from distill.files import CACHE_ENV
     from distill.models import gguf
     from distill.errors import DistillError
     from conftest import classifier
 
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF not really")
     entry = gguf.cache_dir_for(source)

@@ -63,8 +63,15 @@ class DataConfig:
     """The task data: a built-in dataset, one local file, or a folder of split files."""
 
     # `builtin:rotten_tomatoes`, `builtin:bbc_news`, a .csv/.json/.jsonl/.parquet file (split
-    # 80/10/10 with `split_seed`), or a folder with train/validation/test files.
-    dataset: str = "builtin:rotten_tomatoes"
+    # 80/10/10 with `split_seed`), or a folder with train/validation/test files. Language models
+    # also read text corpora and conversations (distill/data/text.py, dialogues.py), and a list
+    # of text corpora as one mixture.
+    dataset: str | list[str] = "builtin:rotten_tomatoes"
+    # A hub id, or a folder saved by `datasets`, is read with `datasets` (distill/data/hub.py):
+    # its configuration, and one split to use as the whole source (carved 80/10/10 like a
+    # file); null: the dataset's own train/validation/test, missing ones carved out of train.
+    config: str | None = None
+    split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
     # Tokens per example; longer texts are truncated.

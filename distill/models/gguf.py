@@ -29,19 +29,13 @@ from pathlib import Path
 import torch
 
 from distill.errors import DistillError
+from distill.files import cache_root
 
 GGUF_SUFFIX = ".gguf"
-CACHE_ENV = "DISTILL_CACHE"
 # Written last into a conversion: its presence is what marks a cache entry as complete (the
 # rename is atomic already; this also guards against folders created by other means).
 _DONE_MARKER = ".distill-gguf-complete"
 _STALE_SECONDS = 3600
-
-
-def cache_root() -> Path:
-    """Root of the toolkit's cache: `$DISTILL_CACHE`, else `~/.cache/distill`."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "distill"
 
 
 def cache_dir_for(gguf_path: str | Path) -> Path:

@@ -49,7 +49,9 @@ def stage_dir_name(index: int, kind: str) -> str:
 def absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe with every local model, data and offload path made absolute, so that the
     stored recipe means the same from any working folder (`--resume` from elsewhere)."""
-    def fix(name: str | None) -> str | None:
+    def fix(name: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(name, list):  # a text mixture
+            return [fix(n) for n in name]  # type: ignore[misc]
         return str(Path(name).expanduser().absolute()) if local_paths(name) else name
 
     teacher = dataclasses.replace(
@@ -81,7 +83,8 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
                       stage.teacher if stage.teacher != "run" else None]
         elif isinstance(stage, EvaluateStage):
             names += [d.dataset for d in stage.eval_data]
-    return local_paths(*names)
+    flat = [n for name in names for n in (name if isinstance(name, list) else [name])]
+    return local_paths(*flat)
 
 
 def recipe_digest(recipe: Recipe) -> str:

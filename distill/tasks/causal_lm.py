@@ -33,10 +33,12 @@ from transformers import (
 
 from distill.config.recipe import DataConfig
 from distill.data.batching import pad_collator
-from distill.data.dialogues import (DialogueDataset, Dialogues, is_dialogue_source,
-                                    load_dialogues, render, tokenize_dialogues)
+from distill.data.dialogues import (DialogueDataset, Dialogues, dialogues_from_splits,
+                                    is_dialogue_source, is_dialogue_table, load_dialogues,
+                                    render, tokenize_dialogues)
+from distill.data.hub import is_datasets_source, load_splits
 from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, sample_blocks,
-                               tokenize_blocks)
+                               text_from_splits, tokenize_blocks)
 from distill.errors import DistillError
 from distill.kd.token_losses import next_token_mask, token_ce_loss, token_kd_loss, token_nll
 from distill.models.loading import check_weights, load_checked, load_config
@@ -71,9 +73,19 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------ data
     def load_data(self, cfg: DataConfig) -> LMText | Dialogues:
-        if is_dialogue_source(cfg.dataset):
-            return load_dialogues(cfg.dataset, cfg.split_seed)
-        return load_lm_text(cfg.dataset, cfg.split_seed)
+        sources = cfg.dataset if isinstance(cfg.dataset, list) else [cfg.dataset]
+        dialogue = [s for s in sources if is_dialogue_source(s)]
+        if dialogue and len(sources) > 1:
+            raise DistillError(f"data.dataset: {dialogue[0]} is conversations; a list mixes text "
+                               "corpora only; give conversations as the one dataset")
+        if dialogue:
+            return load_dialogues(dialogue[0], cfg.split_seed)
+        if len(sources) == 1 and is_datasets_source(sources[0]):
+            splits = load_splits(sources[0], cfg.config, cfg.split)
+            if is_dialogue_table(splits["train"].column_names):
+                return dialogues_from_splits(splits, sources[0], cfg.split_seed)
+            return text_from_splits(splits, sources[0], cfg.text_column, cfg.split_seed)
+        return load_lm_text(cfg.dataset, cfg.split_seed, cfg.text_column)
 
     def tokenize(self, data: LMText | Dialogues, split: str,
                  tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
