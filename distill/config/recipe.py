@@ -72,6 +72,10 @@ class DataConfig:
     # file); null: the dataset's own train/validation/test, missing ones carved out of train.
     config: str | None = None
     split: str | None = None
+    # Language-model text larger than memory: read the source as a stream and keep only the
+    # first max_train_examples / max_eval_examples blocks of each split (both then required;
+    # distill/data/streaming.py says how a stream is split).
+    streaming: bool = False
     text_column: str = "text"
     label_column: str = "label"
     # Tokens per example; longer texts are truncated.

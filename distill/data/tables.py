@@ -109,6 +109,9 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         if cap is not None and cap < 1:  # the recipe loader checks this; direct callers may not
             raise DistillError(f"data.{key}: {cap} is out of range; allowed: >= 1 or null")
     check_seed(cfg.split_seed, "data.split_seed")
+    if cfg.streaming:
+        raise DistillError("data.streaming: applies to language-model text (task causal-lm); "
+                           "a classifier's data is read whole")
     if isinstance(cfg.dataset, list):
         raise DistillError(f"data.dataset: {cfg.dataset} is a list; a list of datasets mixes "
                            "text for language models, a classifier trains on one dataset")

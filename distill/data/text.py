@@ -144,13 +144,17 @@ def _read_documents(source: str, text_column: str) -> tuple[list[str], list[str]
         files = sorted(p for p in root.rglob("*")
                        if p.suffix.lower() in _TEXT_SUFFIXES and not p.is_dir())
     names = [p.relative_to(root).as_posix() for p in files]
-    texts = [strip_markdown(_read_document(p)) for p in files]
-    return names, texts
+    return names, [read_document(p) for p in files]
 
 
-def _read_document(path: Path) -> str:
-    """One document's text; a file that cannot be read is an error naming it (skipping it
-    would move the other documents between splits)."""
+def read_document(path: Path) -> str:
+    """One .txt/.md document's text, markdown marks stripped (`strip_markdown`); a file that
+    cannot be read is an error naming it (skipping it would move the other documents between
+    splits)."""
+    return strip_markdown(_read_text(path))
+
+
+def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -1,7 +1,8 @@
 """`causal-lm`: next-token prediction; perplexity (lower is better).
 
-Data: a text corpus (`builtin:shakespeare`, `builtin:bbc_news`, a folder of .txt/.md files:
-`distill.data.text`) split by whole documents and packed into blocks of `data.max_length`
+Data: a text corpus (`builtin:shakespeare`, `builtin:bbc_news`, a folder of .txt/.md files, a
+text column, a `datasets` source, or a list of them: `distill.data.text`; or read as a stream:
+`distill.data.streaming`) split by whole documents and packed into blocks of `data.max_length`
 tokens, every token a target; or instruction/chat data (`builtin:chatterbot`, a .json/.jsonl
 file of chat or instruction records: `distill.data.dialogues`), one conversation per sequence,
 the loss on the responses only. Model: an `AutoModelForCausalLM`. Distillation compares the
@@ -37,6 +38,7 @@ from distill.data.dialogues import (DialogueDataset, Dialogues, dialogues_from_s
                                     is_dialogue_source, is_dialogue_table, load_dialogues,
                                     render, tokenize_dialogues)
 from distill.data.hub import is_datasets_source, load_splits
+from distill.data.streaming import StreamedText
 from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, sample_blocks,
                                text_from_splits, tokenize_blocks)
 from distill.errors import DistillError
@@ -75,6 +77,14 @@ class CausalLM(Task):
     def load_data(self, cfg: DataConfig) -> LMText | Dialogues:
         sources = cfg.dataset if isinstance(cfg.dataset, list) else [cfg.dataset]
         dialogue = [s for s in sources if is_dialogue_source(s)]
+        if cfg.streaming:
+            if dialogue:
+                raise DistillError(f"data.streaming: streams text; {dialogue[0]} is "
+                                   "conversations, read whole (set data.streaming: false)")
+            if cfg.max_train_examples is None or cfg.max_eval_examples is None:
+                raise DistillError("data.streaming: needs data.max_train_examples and "
+                                   "data.max_eval_examples, the blocks to read from the stream")
+            return StreamedText(cfg.dataset, cfg.text_column, cfg.config, cfg.split)
         if dialogue and len(sources) > 1:
             raise DistillError(f"data.dataset: {dialogue[0]} is conversations; a list mixes text "
                                "corpora only; give conversations as the one dataset")
@@ -94,6 +104,9 @@ class CausalLM(Task):
         at most `max_train_examples` (train) or `max_eval_examples` blocks, spread over the
         split. Conversations: one sequence each, labels on the responses only, capped alike."""
         cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+        if isinstance(data, StreamedText):
+            assert cap is not None  # load_data refused a stream without caps
+            return BlockDataset(data.blocks(split, tokenizer, cfg.max_length, cap))
         if isinstance(data, Dialogues):
             return tokenize_dialogues(data.split(split), tokenizer, cfg.max_length, cap)
         blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
@@ -248,6 +261,8 @@ class CausalLM(Task):
                                "new_tokens": new_tokens, "batch": 1},
                 "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, samples)]}
 
-    def describe(self, data: LMText | Dialogues) -> dict[str, Any]:
+    def describe(self, data: LMText | Dialogues | StreamedText) -> dict[str, Any]:
         kind = "conversations" if isinstance(data, Dialogues) else "documents"
+        if isinstance(data, StreamedText):
+            return {"streamed": True, "documents_read": data.documents_read()}
         return {kind: data.sizes()}
