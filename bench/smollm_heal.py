@@ -1,19 +1,32 @@
-"""Healing a cut SmolLM2 with KD vs with cross-entropy alone, through the recipes.
+"""Healing a cut SmolLM2: KD vs cross-entropy, top-k vs full-vocabulary KD, LoRA vs full
+weights, progressive vs one-shot -- each arm through the recipes, at the same heal steps.
 
-SmolLM2-135M (30 layers) is cut to 20 layers by loss-increase importance (the same cut for
-both arms: the calibration batch is fixed), then healed for one epoch of Shakespeare training
-blocks (batch 4 × 128 tokens) either with top-64 KD plus cross-entropy (alpha 0.5, T = 1, the
-teacher's top-k from the run's cache) or with cross-entropy alone (alpha 1), at the same
-learning rate and steps. Every model is scored on held-out Shakespeare (plays the heal never
-saw, the healing corpus's own kind of text) and on BBC News articles (a corpus it never saw).
+SmolLM2-135M (30 layers) is cut to 20 layers by loss-increase importance (the same calibration
+batch for every arm) and healed on general text -- the recipe's mixture of Shakespeare's plays
+and Rotten Tomatoes critic snippets -- for the same number of optimizer steps (batch 4 x 128
+tokens, the same blocks in the same order). Arms:
 
-    python bench/smollm_heal.py [--blocks 160] [--eval-blocks 32]
+- `kd_topk`: top-64 KD (from the run's teacher cache) + cross-entropy, alpha 0.5, every weight;
+- `kd_only`: top-64 KD alone (alpha 0);
+- `ce`: cross-entropy alone (alpha 1);
+- `kd_full`: KD on the whole 49,152-token vocabulary (the teacher runs every batch) + CE;
+- `lora_kd`: as `kd_topk` with LoRA r = 16 on every linear layer (merged into the student at
+  the end), at a LoRA learning rate (10x);
+- `progressive`: as `kd_topk`, cutting 30 -> 24 -> 20 with half the heal steps after each cut.
+
+Every model is scored on held-out text of the mixture (documents no heal saw) and on BBC News
+articles (a corpus no heal saw). Each arm runs in a fresh process, so its peak memory is its own.
+
+    python bench/smollm_heal.py [--steps 60] [--eval-blocks 64] [--arms kd_topk,ce,...]
     # -> bench/results/smollm_heal.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,19 +34,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from provenance import RESULTS, write_result  # noqa: E402
 
+MIXTURE = ["builtin:shakespeare", "builtin:rotten_tomatoes"]
+BATCH = 4
+LR = 2e-4
+ARMS = {  # name -> (label, schedule, heal overrides)
+    "kd_topk": ("top-64 KD + CE, full weights", [20], {}),
+    "kd_only": ("top-64 KD alone (alpha 0)", [20], {"loss": {"alpha": 0.0}}),
+    "ce": ("CE only (alpha 1)", [20], {"loss": {"alpha": 1.0}}),
+    "kd_full": ("full-vocabulary KD + CE", [20], {"loss": {"top_k": None}}),
+    "lora_kd": ("LoRA r=16 (all-linear), top-64 KD + CE", [20],
+                {"method": "lora", "config": {"r": 16, "alpha": 32,
+                                              "target_modules": "all-linear"},
+                 "learning_rate": 10 * LR}),
+    "progressive": ("progressive 30 -> 24 -> 20, top-64 KD + CE", [24, 20], {}),
+}
 
-def recipe(name: str, alpha: float, blocks: int, eval_blocks: int, layers: int) -> dict:
-    heal = {"epochs": 1, "batch_size": 4, "eval_batch_size": 8, "learning_rate": 1e-4,
-            "bf16": "auto", "log_every": 4, "keep_best": False, "checkpoint_every": None,
-            "loss": {"alpha": alpha, "temperature": 1.0, "top_k": 64}}
+
+def recipe(arm: str, steps: int, eval_blocks: int) -> dict:
+    _, schedule, overrides = ARMS[arm]
+    loss = {"alpha": 0.5, "temperature": 1.0, "top_k": 64} | overrides.get("loss", {})
+    heal = {"epochs": 1 / len(schedule), "batch_size": BATCH, "eval_batch_size": 8,
+            "learning_rate": LR, "bf16": "auto", "log_every": 10, "keep_best": False,
+            "checkpoint_every": None} | {k: v for k, v in overrides.items() if k != "loss"}
+    heal["loss"] = loss
     return {
-        "name": name, "seed": 0,
+        "name": f"heal-{arm}", "seed": 0,
         "teacher": {"model": "builtin:smollm2-135m"},
-        "data": {"dataset": "builtin:shakespeare", "max_length": 128,
-                 "max_train_examples": blocks, "max_eval_examples": eval_blocks},
+        "data": {"dataset": MIXTURE, "max_length": 128, "max_train_examples": steps * BATCH,
+                 "max_eval_examples": eval_blocks},
         "stages": [
             {"kind": "shrink", "start": "teacher", "calibration_examples": 16,
-             "schedule": [{"layers": layers}], "heal": heal},
+             "schedule": [{"layers": n} for n in schedule], "heal": heal},
             {"kind": "evaluate", "batch_size": 8, "latency": False,
              "eval_data": [{"dataset": "builtin:bbc_news", "max_length": 128,
                             "max_eval_examples": eval_blocks}]},
@@ -41,46 +72,60 @@ def recipe(name: str, alpha: float, blocks: int, eval_blocks: int, layers: int) 
     }
 
 
-def main() -> int:
+def one_arm(arm: str, work: Path, steps: int, eval_blocks: int) -> dict:
+    """Run one arm in this process; its numbers and this process's peak memory."""
     from distill.config.recipe import recipe_from_dict
     from distill.run.pipeline import run_recipe
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=160)
-    parser.add_argument("--eval-blocks", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=20)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="smollm-heal-"))
-    arms = {}
-    for name, alpha in (("kd", 0.5), ("ce", 1.0)):
-        report = run_recipe(recipe_from_dict(recipe(name, alpha, args.blocks, args.eval_blocks,
-                                                    args.layers)), output=work / name)
-        stage = report["stages"][0]
-        step = stage["steps"][0]
-        model = step["model"]
-        arms[name] = {
-            "alpha": alpha, "seconds": stage["seconds"],
-            "shakespeare_ppl": model["metric"]["value"],
+    out = work / arm
+    report = run_recipe(recipe_from_dict(recipe(arm, steps, eval_blocks)), output=out)
+    records = [json.loads(p.read_text()) for p in
+               sorted((out / "stages" / "00-shrink" / "steps").glob("*/step.json"))]
+    model = report["stages"][0]["steps"][-1]["model"]
+    train_seconds = sum(r["train_seconds"] for r in records)
+    heal_steps = sum(r["steps"] for r in records)
+    return {"arm": arm, "label": ARMS[arm][0], "layers": [r["layers"] for r in records],
+            "heal_steps": heal_steps, "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / heal_steps, 3),
+            "stage_seconds": report["stages"][0]["seconds"],
+            "trainable_params": records[-1]["trainable_params"],
+            "bf16": records[-1]["bf16"],
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mixture_ppl": model["metric"]["value"],
             "bbc_news_ppl": model["eval_data"][0]["perplexity"],
-            "teacher": report["teacher"],
-        }
-    teacher = arms["kd"]["teacher"]
-    t_shakespeare = teacher["metric"]["value"]
-    t_bbc = teacher["eval_data"][0]["perplexity"]
-    rows = [{"arm": "teacher (30 layers)", "shakespeare_ppl": t_shakespeare, "bbc_news_ppl": t_bbc}]
-    for name, label in (("kd", "KD + CE (alpha 0.5)"), ("ce", "CE only (alpha 1)")):
-        arm = arms[name]
-        rows.append({"arm": f"{args.layers} layers, healed with {label}",
-                     "shakespeare_ppl": arm["shakespeare_ppl"], "bbc_news_ppl": arm["bbc_news_ppl"],
-                     "shakespeare_vs_teacher": arm["shakespeare_ppl"] / t_shakespeare,
-                     "bbc_news_vs_teacher": arm["bbc_news_ppl"] / t_bbc,
-                     "stage_seconds": arm["seconds"]})
-    result = {"teacher": "builtin:smollm2-135m", "layers": args.layers,
-              "train_blocks": args.blocks, "eval_blocks": args.eval_blocks, "block_tokens": 128,
-              "heal_steps": args.blocks // 4, "batch": 4, "learning_rate": 1e-4, "k": 64,
-              "seeds": 1, "rows": rows}
+            "teacher_mixture_ppl": report["teacher"]["metric"]["value"],
+            "teacher_bbc_news_ppl": report["teacher"]["eval_data"][0]["perplexity"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arm", help=argparse.SUPPRESS)  # a child process's arm
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.arm:
+        print(json.dumps(one_arm(args.arm, Path(args.work), args.steps, args.eval_blocks)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="smollm-heal-"))
+    rows = []
+    for arm in args.arms.split(","):
+        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--work", str(work),
+                              "--steps", str(args.steps), "--eval-blocks",
+                              str(args.eval_blocks)],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    teacher = {"mixture_ppl": rows[0]["teacher_mixture_ppl"],
+               "bbc_news_ppl": rows[0]["teacher_bbc_news_ppl"]}
     for row in rows:
-        print(row)
+        row["mixture_vs_teacher"] = row["mixture_ppl"] / teacher["mixture_ppl"]
+        row["bbc_news_vs_teacher"] = row["bbc_news_ppl"] / teacher["bbc_news_ppl"]
+    result = {"teacher": "builtin:smollm2-135m", "layers": 20, "healing_data": MIXTURE,
+              "never_seen": "builtin:bbc_news", "heal_steps": args.steps, "batch": BATCH,
+              "block_tokens": 128, "learning_rate": LR, "eval_blocks": args.eval_blocks,
+              "seeds": 1, "teacher_ppl": teacher, "arms": rows}
     path = write_result(RESULTS / "smollm_heal.json", result)
     print(f"wrote {path}")
     return 0

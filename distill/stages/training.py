@@ -131,6 +131,7 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
         accelerator=ctx.accelerator, keep=model, log_path=log_path, desc=desc,
         console=ctx.console, **validation)
     summary = {"loss": vars(loss.w) | {"top_k": loss_cfg.top_k}, "steps": result.steps,
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "train_seconds": round(result.seconds, 2), "bf16": result.bf16,
                f"best_validation_{ctx.task.metric}": result.best_metric,
                "best_epoch": result.best_epoch, "history": result.history, "seed": seed}
