@@ -259,6 +259,10 @@ def test_evaluate_scores_every_model_on_each_eval_data_too(corpus: Path, tmp_pat
     student = report["final"]["eval_data"][0]
     teacher = report["teacher"]["eval_data"][0]
     assert student["retention"] == pytest.approx(teacher["perplexity"] / student["perplexity"])
+    # The models table shows it too: "value (retention)" under the dataset's name.
+    table = (tmp_path / "run" / "report.md").read_text()
+    assert "| perplexity on other |" in table
+    assert f"{student['perplexity']:.4f} ({100 * student['retention']:.1f}%)" in table
     bad = recipe | {"stages": [{"kind": "evaluate", "eval_data": [
         {"dataset": str(tmp_path / "missing")}]}]}
     with pytest.raises(DistillError, match=r"stages.0.eval_data.0: text source not found"):

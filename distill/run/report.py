@@ -178,10 +178,14 @@ def _model_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     has_method = any(_extra(m, s, "method") is not None for _, m, s in models)
     has_trainable = any(_extra(m, s, "trainable_params") is not None for _, m, s in models)
 
+    # More datasets of the task (the evaluate stage's eval_data): one column each, "metric
+    # (retention)", named after the dataset.
+    others = next((m["eval_data"] for _, m, _ in models if m.get("eval_data")), [])
     header = ["Model", "Params (M)", "Non-emb params (M)", "Size (MB)", metric_header,
               *(["F1 macro"] if has_f1 else []), "Latency b1 (ms)", "Latency b32 (ms)",
-              "Retention", *(["Method"] if has_method else []),
-              *(["Trainable"] if has_trainable else [])]
+              "Retention", *(f"{metric_header} on {_data_name(d.get('dataset'))}"
+                             for d in others),
+              *(["Method"] if has_method else []), *(["Trainable"] if has_trainable else [])]
 
     rows = []
     for label, m, stage in models:
@@ -195,6 +199,12 @@ def _model_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         row += [_fmt(m.get("f1_macro"), ".4f")] if has_f1 else []
         row += [_fmt(latency.get("batch1"), ".2f"), _fmt(latency.get("batch32"), ".2f"),
                 _fmt(m.get("retention"), ".1f", 100.0, "%")]
+        scored = m.get("eval_data") or []
+        for k in range(len(others)):
+            d = _dict(scored[k]) if k < len(scored) else {}
+            value = _fmt(d.get(_metric_name(m) or ""), ".4f")
+            retention = _fmt(d.get("retention"), ".1f", 100.0, "%")
+            row.append(value if retention == DASH else f"{value} ({retention})")
         if has_method:
             method = _extra(m, stage, "method")
             row.append(str(method) if method is not None else DASH)
@@ -206,6 +216,14 @@ def _model_rows(report: dict) -> tuple[list[str], list[list[str]]]:
             row.append(DASH if count is None else f"{int(count):,}{share}")
         rows.append(row)
     return header, rows
+
+
+def _data_name(dataset: Any) -> str:
+    """A short name for a dataset in a column header: `bbc_news` for `builtin:bbc_news`, a
+    path's last part, `a + b` for a mixture."""
+    if isinstance(dataset, list):
+        return " + ".join(_data_name(d) for d in dataset)
+    return str(dataset or DASH).removeprefix("builtin:").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _stage_rows(report: dict) -> tuple[list[str], list[list[str]]]:
