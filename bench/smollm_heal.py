@@ -43,7 +43,7 @@ ARMS = {  # name -> (label, schedule, heal overrides)
     "ce": ("CE only (alpha 1)", [20], {"loss": {"alpha": 1.0}}),
     "kd_full": ("full-vocabulary KD + CE", [20], {"loss": {"top_k": None}}),
     "lora_kd": ("LoRA r=16 (all-linear), top-64 KD + CE", [20],
-                {"method": "lora", "config": {"r": 16, "alpha": 32,
+                {"method": "lora", "config": {"r": 16, "lora_alpha": 32,
                                               "target_modules": "all-linear"},
                  "learning_rate": 10 * LR}),
     "progressive": ("progressive 30 -> 24 -> 20, top-64 KD + CE", [24, 20], {}),
