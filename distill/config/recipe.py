@@ -72,10 +72,22 @@ class DataConfig:
     # file); null: the dataset's own train/validation/test, missing ones carved out of train.
     config: str | None = None
     split: str | None = None
+    # A text mixture's share of blocks per source, in the order of `dataset` (e.g. [1, 1]:
+    # as many blocks of each); null: in proportion to the sources' sizes.
+    weights: list[float] | None = field(default=None, metadata=value_range(0, lo_open=True))
     # Language-model text larger than memory: read the source as a stream and keep only the
     # first max_train_examples / max_eval_examples blocks of each split (both then required;
     # distill/data/streaming.py says how a stream is split).
     streaming: bool = False
+
+    def check(self, path: str) -> list[str]:
+        if self.weights is None:
+            return []
+        if not isinstance(self.dataset, list) or len(self.weights) != len(self.dataset):
+            n = len(self.dataset) if isinstance(self.dataset, list) else 1
+            return [f"{path}.weights: {len(self.weights)} weights for {n} dataset(s); give one "
+                    "per source of a dataset list"]
+        return []
     text_column: str = "text"
     label_column: str = "label"
     # Tokens per example; longer texts are truncated.

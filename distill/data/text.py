@@ -69,6 +69,7 @@ class LMText:
     test: list[str]
     names: dict[str, list[str]]  # split -> document names (relative paths), same order
     source: str
+    parts: list[LMText] | None = None  # a mixture's sources, in order
 
     def sizes(self) -> dict[str, int]:
         """Documents per split."""
@@ -222,7 +223,7 @@ def _mixture(sources: list[str], split_seed: int, text_column: str) -> LMText:
     return LMText(**{split: [doc for p in parts for doc in p.split(split)] for split in splits},
                   names={split: [f"{p.source}: {n}" for p in parts for n in p.names[split]]
                          for split in splits},
-                  source=" + ".join(sources))
+                  source=" + ".join(sources), parts=parts)
 
 
 def tokenize_blocks(documents: list[str], tokenizer: PreTrainedTokenizerBase,
@@ -274,6 +275,35 @@ def sample_blocks(blocks: torch.Tensor, num: int | None, seed: int = 0) -> torch
         raise DistillError(f"number of blocks: {num}; allowed: at least 1")
     idx = np.sort(np.random.default_rng(seed).choice(n, size=num, replace=False))
     return blocks[torch.from_numpy(idx)]
+
+
+def mixture_blocks(parts: list[LMText], split: str, tokenizer: PreTrainedTokenizerBase,
+                   block_size: int, weights: list[float], cap: int | None, seed: int = 0
+                   ) -> torch.Tensor:
+    """Blocks of a mixture drawn from each source in the ratio of `weights`.
+
+    Each source's split is packed on its own (`tokenize_blocks`); source i gives
+    round(cap · w_i / Σw) blocks (a fixed sample spread over its split, `sample_blocks`), or,
+    with no cap, as many as the scarcest source allows at these ratios.
+
+    Returns:
+        (N, block_size) token ids, the sources' blocks one after the other.
+
+    Raises:
+        DistillError: a source with fewer blocks than its share.
+    """
+    blocks = [tokenize_blocks(p.split(split), tokenizer, block_size) for p in parts]
+    total = sum(weights)
+    if cap is None:
+        scale = min(len(b) / (w / total) for b, w in zip(blocks, weights))
+        counts = [int(scale * w / total) for w in weights]
+    else:
+        counts = [round(cap * w / total) for w in weights]
+    for part, b, n in zip(parts, blocks, counts):
+        if n > len(b):
+            raise DistillError(f"data.weights: {part.source} has {len(b)} {split} blocks, fewer "
+                               f"than its share of {n}; lower its weight or the caps")
+    return torch.cat([sample_blocks(b, max(n, 1), seed) for b, n in zip(blocks, counts)])
 
 
 def lm_batches(blocks: torch.Tensor, batch_size: int, shuffle: bool = False,

@@ -39,8 +39,8 @@ from distill.data.dialogues import (DialogueDataset, Dialogues, dialogues_from_s
                                     render, tokenize_dialogues)
 from distill.data.hub import is_datasets_source, load_splits
 from distill.data.streaming import StreamedText
-from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, sample_blocks,
-                               text_from_splits, tokenize_blocks)
+from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, mixture_blocks,
+                               sample_blocks, text_from_splits, tokenize_blocks)
 from distill.errors import DistillError
 from distill.kd.token_losses import next_token_mask, token_ce_loss, token_kd_loss, token_nll
 from distill.models.loading import check_weights, load_checked, load_config
@@ -109,6 +109,9 @@ class CausalLM(Task):
             return BlockDataset(data.blocks(split, tokenizer, cfg.max_length, cap))
         if isinstance(data, Dialogues):
             return tokenize_dialogues(data.split(split), tokenizer, cfg.max_length, cap)
+        if cfg.weights is not None and data.parts:
+            return BlockDataset(mixture_blocks(data.parts, split, tokenizer, cfg.max_length,
+                                               cfg.weights, cap, cfg.split_seed))
         blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
         return BlockDataset(sample_blocks(blocks, cap, cfg.split_seed))
 
