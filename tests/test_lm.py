@@ -279,6 +279,30 @@ def test_a_list_of_sources_is_a_mixture_split_per_source(tmp_path: Path) -> None
         load_lm_text([])
 
 
+def test_mixture_weights_set_each_sources_share_of_blocks(tmp_path: Path) -> None:
+    from distill.data.text import mixture_blocks
+
+    tok = word_tokenizer()
+    big, small = tmp_path / "big", tmp_path / "small"
+    for folder, n, word in ((big, 40, "a"), (small, 20, "b")):
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i:02d}.txt").write_text(f"{word} " * 15)
+    mixed = load_lm_text([str(big), str(small)])
+    blocks = mixture_blocks(mixed.parts, "train", tok, 4, [1, 3], cap=20)
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    # 5 blocks of the first source, then 15 of the second (each block is one source's text).
+    assert blocks.shape == (20, 4)
+    assert (blocks[:5] != b).all() and (blocks[5:] != a).all()
+    # No cap: as many as the scarcer source allows at these ratios (1:1 here).
+    whole = mixture_blocks(mixed.parts, "train", tok, 4, [1, 1], cap=None)
+    rows_a, rows_b = int((whole == a).any(1).sum()), int((whole == b).any(1).sum())
+    assert rows_a == rows_b == 64 and len(whole) == 128  # the smaller source's 64 blocks
+    with pytest.raises(DistillError, match="data.weights: .*small has 64 train blocks, fewer "
+                                           "than its share of 90"):
+        mixture_blocks(mixed.parts, "train", tok, 4, [1, 9], cap=100)
+
+
 def test_rotten_tomatoes_snippets_are_text_documents() -> None:
     text = load_lm_text("builtin:rotten_tomatoes")
     assert sum(text.sizes().values()) == 12_808
