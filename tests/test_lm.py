@@ -400,3 +400,24 @@ def test_perplexity_edge_cases() -> None:
     assert uniform.training  # mode restored
     with pytest.raises(ValueError, match="no tokens to predict"):
         perplexity(uniform, [])
+
+
+def test_training_blocks_come_in_a_fixed_shuffled_order(tmp_path: Path) -> None:
+    """The first blocks (a shrink's calibration batch) come from across the split, not from
+    its first document; the order is fixed by the split seed."""
+    from distill.config.recipe import DataConfig
+    from distill.tasks import get_task
+
+    words = "a b c d e f".split()
+    for i in range(30):
+        (tmp_path / f"{i:02d}.txt").write_text(f"{words[i % 6]} " * 40)
+    task, tok = get_task("causal-lm"), word_tokenizer()
+    cfg = DataConfig(dataset=str(tmp_path), max_length=8)
+    data = task.load_data(cfg)
+    items = task.tokenize(data, "train", tok, cfg)
+    first = {int(items.blocks[i, 0]) for i in range(8)}
+    assert len(first) >= 3  # in document order all 8 would be the first document's word
+    again = task.tokenize(data, "train", tok, cfg)
+    assert torch.equal(items.blocks, again.blocks)
+    ordered = tokenize_blocks(data.train, tok, block_size=8)
+    assert sorted(items.blocks.tolist()) == sorted(ordered.tolist())  # the same blocks

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
@@ -102,18 +103,27 @@ class CausalLM(Task):
                  ) -> BlockDataset | DialogueDataset:
         """Text: the split's documents as one stream cut into blocks of `max_length` tokens;
         at most `max_train_examples` (train) or `max_eval_examples` blocks, spread over the
-        split. Conversations: one sequence each, labels on the responses only, capped alike."""
+        split. Conversations: one sequence each, labels on the responses only, capped alike.
+
+        Items come in a fixed order shuffled with `data.split_seed` (a stream's in stream
+        order), so that the first few -- a shrink's calibration batch, a capped subset of
+        conversations -- are drawn from the whole split, not from its first document."""
         cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+        rng = np.random.default_rng(cfg.split_seed)
         if isinstance(data, StreamedText):
             assert cap is not None  # load_data refused a stream without caps
             return BlockDataset(data.blocks(split, tokenizer, cfg.max_length, cap))
         if isinstance(data, Dialogues):
-            return tokenize_dialogues(data.split(split), tokenizer, cfg.max_length, cap)
+            conversations = data.split(split)
+            conversations = [conversations[i] for i in rng.permutation(len(conversations))]
+            return tokenize_dialogues(conversations, tokenizer, cfg.max_length, cap)
         if cfg.weights is not None and data.parts:
-            return BlockDataset(mixture_blocks(data.parts, split, tokenizer, cfg.max_length,
-                                               cfg.weights, cap, cfg.split_seed))
-        blocks = tokenize_blocks(data.split(split), tokenizer, cfg.max_length)
-        return BlockDataset(sample_blocks(blocks, cap, cfg.split_seed))
+            blocks = mixture_blocks(data.parts, split, tokenizer, cfg.max_length, cfg.weights,
+                                    cap, cfg.split_seed)
+        else:
+            blocks = sample_blocks(tokenize_blocks(data.split(split), tokenizer, cfg.max_length),
+                                   cap, cfg.split_seed)
+        return BlockDataset(blocks[torch.from_numpy(rng.permutation(len(blocks)))])
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
         return pad_collator(tokenizer)
