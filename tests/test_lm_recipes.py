@@ -219,11 +219,40 @@ def test_adapt_distills_from_the_run_teacher_while_it_adapts(corpus: Path,
     assert any("loss_kd" in rec for rec in logs if rec["type"] == "train")
 
 
-def test_a_method_that_cannot_merge_is_refused_for_distill() -> None:
+def test_a_method_that_cannot_merge_is_refused_for_heal() -> None:
     from distill.errors import RecipeError
 
     with pytest.raises(RecipeError, match="houlsby cannot be merged.*allowed: full"):
-        recipe_from_dict({"stages": [{"kind": "distill", "method": "houlsby"}]})
+        recipe_from_dict({"stages": [{"kind": "shrink", "schedule": [{"layers": 2}],
+                                      "heal": {"method": "houlsby"}}]})
+
+
+@pytest.mark.parametrize("method,config", [("prefix_tuning", {"num_virtual_tokens": 4}),
+                                           ("houlsby", {"reduction_factor": 4})])
+def test_distill_keeps_a_method_that_cannot_merge_as_an_adapter(
+        method: str, config: dict, corpus: Path, tmp_path: Path) -> None:
+    import peft_methods
+    from distill.tasks import get_task
+
+    model = write_tiny_lm(tmp_path / "teacher", "llama")
+    recipe = lm_recipe(model, corpus)
+    recipe["stages"] = [recipe["stages"][1] | {"method": method, "config": config}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    stage = tmp_path / "run" / "stages" / "00-distill"
+    record = report["stages"][0]["model"]
+    assert report["stages"][0]["artifact"].endswith("adapter")
+    assert record["method"] == method and 0 < record["trainable_params"] < record["params"]
+    # The base is the student as it was cut: the teacher's layers [0, 1, 3], untouched.
+    base, _ = get_task("causal-lm").load_model(str(stage / "model"), None)
+    teacher, _ = get_task("causal-lm").load_model(str(model), None)
+    assert torch.equal(base.model.layers[2].mlp.up_proj.weight,
+                       teacher.model.layers[3].mlp.up_proj.weight)
+    config_file = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    assert config_file["base_model_name_or_path"] == str(stage / "model")
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    plain = base(input_ids=ids).logits
+    adapted = peft_methods.load_adapter(base, stage / "adapter")  # wraps base in place
+    assert not torch.allclose(adapted(input_ids=ids).logits, plain)
 
 
 def test_eval_command_on_a_causal_lm(corpus: Path, tmp_path: Path) -> None:
@@ -300,8 +329,8 @@ LM_BAD_INPUT = [
      lambda r, t: r["stages"][1]["loss"].update(top_k=5000)),
     ("unknown divergence", "stages.1.loss.divergence",
      lambda r, t: r["stages"][1]["loss"].update(divergence="kl")),
-    ("a method that cannot merge on distill", "houlsby cannot be merged",
-     lambda r, t: r["stages"][1].update(method="houlsby")),
+    ("a method that cannot merge on heal", "houlsby cannot be merged",
+     lambda r, t: r["stages"][2]["heal"].update(method="houlsby")),
     ("eval_data missing", "stages.3.eval_data.0: text source not found",
      lambda r, t: r["stages"][3].update(eval_data=[{"dataset": str(t / "none")}])),
     ("conversations in a text mixture", "a list mixes text corpora only",

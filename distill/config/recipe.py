@@ -128,8 +128,9 @@ class TrainArgs:
     seed: int | None = field(default=None, metadata=seed_range())
     # What trains: `full` (every weight) or a PEFT method of `peft_methods` (lora, ia3, ...;
     # `distill attach --help` lists them) with its options in `config`, e.g. {r: 8,
-    # target_modules: all-linear}. In distill and heal stages the method is merged into the
-    # saved student, so it must be a mergeable one.
+    # target_modules: all-linear}. A distill stage merges a mergeable method into the student
+    # it saves and keeps any other as an adapter on it; a heal step, whose model the next cut
+    # works on, takes mergeable methods only.
     method: str = "full"
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -211,9 +212,6 @@ class DistillStage(TrainArgs):
     # Compute the teacher's soft labels once and reuse them every epoch (logit losses only;
     # for language models with `loss.top_k`).
     cache_teacher: bool = True
-
-    def check(self, path: str) -> list[str]:
-        return super().check(path) or merged_method_problems(self.method, path)
 
 
 @dataclass
@@ -350,14 +348,14 @@ def method_problems(method: str, config: dict[str, Any], path: str) -> list[str]
 
 
 def merged_method_problems(method: str, path: str) -> list[str]:
-    """A distill or heal stage merges its method into the student it saves."""
+    """A heal step merges its method into the student the next cut works on."""
     import peft_methods
 
     if method in ("full", *peft_methods.base.mergeable_methods()):
         return []
-    return [f"{path}.method: {method} cannot be merged into the student a distill or heal "
-            f"stage saves; allowed: full, {', '.join(peft_methods.base.mergeable_methods())} "
-            "(or distill with full weights and attach it in an adapt stage)"]
+    return [f"{path}.method: {method} cannot be merged into the student a heal step hands to "
+            f"the next cut; allowed: full, {', '.join(peft_methods.base.mergeable_methods())} "
+            "(or attach it after the shrink in an adapt stage, with KD: loss.alpha < 1)"]
 
 
 def _non_finite(value: Any, path: str) -> list[str]:
