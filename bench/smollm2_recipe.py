@@ -57,15 +57,16 @@ def main() -> int:
     for stage in report["stages"]:
         for step in stage.get("steps") or []:
             if step.get("model"):
-                models.append({"name": f"{stage['name']} {step['name']}",
+                models.append({"name": f"{stage['index']:02d}-{stage['kind']} {step['name']}",
                                **_scores(step["model"], teacher)})
         if stage.get("model") and not stage.get("steps"):
-            models.append({"name": stage["name"], **_scores(stage["model"], teacher)})
+            models.append({"name": f"{stage['index']:02d}-{stage['kind']}",
+                           **_scores(stage["model"], teacher)})
     printed = done.stdout[done.stdout.rfind("stage "):] if "stage " in done.stdout else ""
     machine = provenance() | {"commit": commit, "dirty": False}
     result = {"recipe": args.recipe, "exit_code": done.returncode,
               "setup_seconds": round(setup_seconds, 1), "run_seconds": round(seconds, 1),
-              "stages": [{"name": s["name"], "kind": s.get("kind"), "seconds": s.get("seconds")}
+              "stages": [{"index": s["index"], "kind": s.get("kind"), "seconds": s.get("seconds")}
                          for s in report["stages"]],
               "models": models, "printed_tail": printed[-3000:], "provenance": machine}
     path = RESULTS / "smollm2_recipe.json"
