@@ -83,18 +83,8 @@ def load_splits(name: str, config: str | None = None, split: str | None = None,
                 loaded = loaded[split]
         else:
             loaded = datasets.load_dataset(name, config, split=split)
-    except DistillError:
-        raise
-    except ConnectionError:
-        hint = f"did you mean `builtin:{name}`? " if name in _BUILTIN_NAMES else ""
-        raise DistillError(
-            f"{key}: {hint}{name!r} is not a built-in or a local path, so it was looked up on the "
-            "Hugging Face Hub, which cannot be reached from here; where there is a network, "
-            f"save it with `datasets.load_dataset({name!r}).save_to_disk(DIR)` and give DIR"
-        ) from None
-    except (FileNotFoundError, ValueError) as exc:  # DatasetNotFoundError is a FileNotFoundError
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"{key}: cannot read {name!r} with `datasets`: {first}") from None
+    except (ConnectionError, FileNotFoundError, ValueError) as exc:
+        raise datasets_error(name, exc, key) from None
     if not isinstance(loaded, datasets.DatasetDict):
         return {"train": loaded}
     out = {}
@@ -106,6 +96,21 @@ def load_splits(name: str, config: str | None = None, split: str | None = None,
         raise DistillError(f"{key}: {name} has no train split (splits: {', '.join(loaded)}); "
                            "pick the one to split with data.split")
     return out
+
+
+def datasets_error(name: str, exc: Exception, key: str = "data.dataset") -> DistillError:
+    """What a user error of `datasets` (no network, no such dataset, configuration or split;
+    `DatasetNotFoundError` is a FileNotFoundError) means, in one line naming `name`."""
+    if isinstance(exc, DistillError):
+        return exc
+    if isinstance(exc, ConnectionError):
+        hint = f"did you mean `builtin:{name}`? " if name in _BUILTIN_NAMES else ""
+        return DistillError(
+            f"{key}: {hint}{name!r} is not a built-in or a local path, so it was looked up on the "
+            "Hugging Face Hub, which cannot be reached from here; where there is a network, "
+            f"save it with `datasets.load_dataset({name!r}).save_to_disk(DIR)` and give DIR")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DistillError(f"{key}: cannot read {name!r} with `datasets`: {first}")
 
 
 def column_values(dataset: Any, name: str, source: str, key: str) -> list[Any]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.hub import SPLIT_NAMES, is_hub_id
+from distill.data.hub import SPLIT_NAMES, datasets_error, is_hub_id
 from distill.data.text import read_document
 from distill.errors import DistillError
 
@@ -48,6 +48,7 @@ class StreamedText:
         self.config = config
         self.hub_split = split
         self._read: dict[str, list[str]] = {s: [] for s in _SPLITS}
+        self._streams: Any = None
 
     def sizes(self) -> dict[str, int | None]:
         """Documents per split: not known for a stream (None each); see `documents_read`."""
@@ -146,9 +147,12 @@ class StreamedText:
             yield text or ""
 
     def _load(self) -> Any:
-        """The `datasets` stream(s) of the source: an IterableDataset or a dict of them."""
+        """The `datasets` stream(s) of the source: an IterableDataset or a dict of them
+        (opened once; each iteration reads from the start)."""
         import datasets
 
+        if self._streams is not None:
+            return self._streams
         path = Path(self.source).expanduser()
         try:
             if path.is_file():
@@ -158,23 +162,17 @@ class StreamedText:
                                        f"{path.suffix or 'suffix-less'} file; allowed: "
                                        f"{', '.join(_BUILDERS)} or a folder of .txt/.md")
                 options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-                return datasets.load_dataset(builder, data_files=str(path), split="train",
-                                             streaming=True, **options)
-            if not is_hub_id(self.source):
+                streams = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                                streaming=True, **options)
+            elif not is_hub_id(self.source):
                 raise DistillError(f"data.streaming: {self.source} is not a hub id, a local "
                                    "file or a folder; built-ins are read whole (set "
                                    "data.streaming: false)")
-            streams = datasets.load_dataset(self.source, self.config, split=self.hub_split,
-                                            streaming=True)
-        except DistillError:
-            raise
-        except ConnectionError:
-            raise DistillError(
-                f"data.dataset: {self.source!r} is not a built-in or a local path, so it was "
-                "looked up on the Hugging Face Hub, which cannot be reached from here"
-            ) from None
-        except (FileNotFoundError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DistillError(f"data.dataset: cannot stream {self.source!r}: {first}"
-                               ) from None
-        return dict(streams) if isinstance(streams, datasets.IterableDatasetDict) else streams
+            else:
+                streams = datasets.load_dataset(self.source, self.config, split=self.hub_split,
+                                                streaming=True)
+        except (ConnectionError, FileNotFoundError, ValueError) as exc:
+            raise datasets_error(self.source, exc) from None
+        self._streams = (dict(streams) if isinstance(streams, datasets.IterableDatasetDict)
+                         else streams)
+        return self._streams

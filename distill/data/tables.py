@@ -371,17 +371,24 @@ def _read_table(path: Path, cfg: DataConfig) -> _Table:
     df = _read_frame(path, suffix, cfg.text_column)
     if len(df) == 0:
         raise DistillError(f"{path}: the dataset is empty (no rows)")
-    columns = [str(c) for c in df.columns]
     for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-        if column not in df.columns:
-            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise DistillError(f"data.{key}: column {column!r} not found in {path}; {hint}"
-                               f"columns: {', '.join(columns)}")
+        _require_column(df, column, key, path)
     texts, labels = df[cfg.text_column].tolist(), df[cfg.label_column].tolist()
     _check_texts(texts, path, cfg.text_column)
     _check_labels(labels, path, cfg.label_column)
     return _Table(texts, labels, str(path))
+
+
+def _require_column(df: pd.DataFrame, column: str, key: str, path: Path) -> None:
+    """`data.<key>`'s column is in the file, else an error listing the columns (and the
+    closest name)."""
+    if column in df.columns:
+        return
+    columns = [str(c) for c in df.columns]
+    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DistillError(f"data.{key}: column {column!r} not found in {path}; {hint}"
+                       f"columns: {', '.join(columns)}")
 
 
 def read_text_column(path: Path, column: str) -> list[str]:
@@ -390,12 +397,7 @@ def read_text_column(path: Path, column: str) -> list[str]:
     df = _read_frame(path, path.suffix.lower(), column)
     if len(df) == 0:
         raise DistillError(f"{path}: the dataset is empty (no rows)")
-    if column not in df.columns:
-        columns = [str(c) for c in df.columns]
-        close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise DistillError(f"data.text_column: column {column!r} not found in {path}; {hint}"
-                           f"columns: {', '.join(columns)}")
+    _require_column(df, column, "text_column", path)
     texts = df[column].tolist()
     _check_texts(texts, path, column)
     return texts

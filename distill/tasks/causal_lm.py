@@ -7,8 +7,8 @@ tokens, every token a target; or instruction/chat data (`builtin:chatterbot`, a 
 file of chat or instruction records: `distill.data.dialogues`), one conversation per sequence,
 the loss on the responses only. Model: an `AutoModelForCausalLM`. Distillation compares the
 teacher's and the student's next-token distributions at every target position ([B, n, V]
-logits, or the teacher's cached top-k), in chunks of positions so that float32 copies of the whole vocabulary never exist for
-the whole batch (`distill.kd.token_losses`).
+logits, or the teacher's cached top-k), in chunks of positions so that float32 copies of the
+whole vocabulary never exist for the whole batch (`distill.kd.token_losses`).
 """
 
 from __future__ import annotations
