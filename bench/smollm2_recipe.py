@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from provenance import RESULTS, ROOT, provenance
 
 
@@ -50,6 +51,7 @@ def main() -> int:
             print(done.stdout[-4000:], done.stderr[-4000:], file=sys.stderr)
             return done.returncode
         report = json.loads((run_dir / "report.json").read_text())
+        recipe = yaml.safe_load((clone / args.recipe).read_text())
         if args.keep:
             subprocess.run(["cp", "-r", str(run_dir), str(args.keep)], check=True)
     teacher = report["teacher"]
@@ -59,7 +61,12 @@ def main() -> int:
             if step.get("model"):
                 models.append({"name": f"{stage['index']:02d}-{stage['kind']} {step['name']}",
                                **_scores(step["model"], teacher)})
-        if stage.get("model") and not stage.get("steps"):
+        if stage.get("model") and stage.get("kind") == "adapt":  # scored on its own data
+            m = stage["model"]
+            models.append({"name": f"{stage['index']:02d}-adapt", "adapter": {
+                "method": m.get("method"), "trainable_params": m.get("trainable_params"),
+                "perplexity": m["metric"]["value"], "data": _adapt_data(recipe, stage)}})
+        elif stage.get("model") and not stage.get("steps"):
             models.append({"name": f"{stage['index']:02d}-{stage['kind']}",
                            **_scores(stage["model"], teacher)})
     printed = done.stdout[done.stdout.rfind("stage "):] if "stage " in done.stdout else ""
@@ -73,6 +80,12 @@ def main() -> int:
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "printed_tail"}, indent=1))
     return 0
+
+
+def _adapt_data(recipe: dict, stage: dict) -> str:
+    """The dataset an adapt stage trained and was scored on (its own `data`, else the run's)."""
+    own = recipe["stages"][stage["index"]].get("data") or {}
+    return str(own.get("dataset") or recipe["data"]["dataset"])
 
 
 def _scores(model: dict, teacher: dict) -> dict:
