@@ -74,7 +74,7 @@ def recipe(arm: str, steps: int, eval_blocks: int) -> dict:
 
 def one_arm(arm: str, work: Path, steps: int, eval_blocks: int) -> dict:
     """Run one arm in this process; its numbers and this process's peak memory."""
-    from distill.config.recipe import recipe_from_dict
+    from distill.config.loading import recipe_from_dict
     from distill.run.pipeline import run_recipe
 
     out = work / arm

@@ -11,7 +11,8 @@ The Python API does everything the CLI does:
 from __future__ import annotations
 
 from distill.errors import DistillError, RecipeError
-from distill.config.recipe import Recipe, load_recipe, recipe_from_dict
+from distill.config.recipe import Recipe
+from distill.config.loading import load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
 

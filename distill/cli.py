@@ -172,7 +172,7 @@ def run(recipe: Annotated[str | None, typer.Argument(
         ) -> None:
     """Run a recipe: every stage in order, then print the results table."""
     from distill.run.pipeline import resume_recipe, run_recipe
-    from distill.config.recipe import load_recipe
+    from distill.config.loading import load_recipe
     from distill.run.report import print_report
 
     if resume is not None:
@@ -196,7 +196,7 @@ def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped 
     """Check a recipe without running it: its keys, then its data, models and stage plans
     (what `run` checks before any work); report every problem at once."""
     from distill.run.preflight import preflight
-    from distill.config.recipe import load_recipe
+    from distill.config.loading import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     preflight(loaded)
@@ -208,7 +208,7 @@ def validate(recipe: Annotated[str, typer.Argument(help="Recipe file or shipped 
 @_user_errors()
 def list_recipes() -> None:
     """List the shipped recipes with one line each."""
-    from distill.config.recipe import read_yaml
+    from distill.config.loading import read_yaml
 
     table = Table("recipe", "stages", "description")
     for path in sorted(RECIPES_DIR.glob("*.yaml")):

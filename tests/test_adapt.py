@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import peft_methods
 from distill.cli import app
 from distill.run.pipeline import run_recipe
-from distill.config.recipe import RecipeError, recipe_from_dict
+from distill.config.loading import recipe_from_dict
+from distill.errors import RecipeError
 from conftest import tiny_recipe
 
 runner = CliRunner()

@@ -632,7 +632,7 @@ def _edited_run(e: Env, out: Path) -> Path:
     """A run whose recipe.yaml differs (in `seed`) from the recipe it started with."""
     from distill import recipe_from_dict
     from distill.run.pipeline import absolute_paths, recipe_digest
-    from distill.config.recipe import dump_recipe, recipe_to_dict
+    from distill.config.loading import dump_recipe, recipe_to_dict
 
     started = absolute_paths(recipe_from_dict(tiny_recipe(e.bert, e.csv)))
     _old_run(out)

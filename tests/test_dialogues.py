@@ -90,7 +90,7 @@ def test_instruction_and_chat_records(tmp_path: Path) -> None:
 def test_a_recipe_adapts_a_causal_lm_on_conversations_with_kd(tmp_path: Path) -> None:
     """Instruction data as the adapt stage's own data: LoRA trained with KD from the run's
     teacher (live: conversations have no block shape to cache), perplexity on answers only."""
-    from distill.config.recipe import recipe_from_dict
+    from distill.config.loading import recipe_from_dict
     from distill.run.pipeline import run_recipe
     from test_lm_recipes import write_corpus, write_tiny_lm
 

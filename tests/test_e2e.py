@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_recipe
 from distill.cli import app
-from distill.config.recipe import load_recipe
+from distill.config.loading import load_recipe
 
 MODEL_KEYS = {"params", "params_non_embedding", "size_mb", "latency_ms", "metric", "retention"}
 runner = CliRunner()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from distill.config.recipe import recipe_from_dict
+from distill.config.loading import recipe_from_dict
 from distill.errors import DistillError
 from distill.run.pipeline import run_recipe
 

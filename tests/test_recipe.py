@@ -11,8 +11,9 @@ import yaml
 
 import distill.config.recipe as recipe_mod
 from distill.errors import DistillError, RecipeError
-from distill.config.recipe import (DistillStage, Recipe, apply_overrides, dump_recipe, load_recipe,
-                            recipe_from_dict)
+from distill.config.recipe import DistillStage, Recipe
+from distill.config.loading import (apply_overrides, dump_recipe, load_recipe,
+                                    recipe_from_dict)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 BASE = {"name": "t", "stages": [{"kind": "finetune"}, {"kind": "distill",

@@ -189,7 +189,7 @@ def test_an_allowed_pickle_shard_loads_with_weights_only(
 
     from conftest import classifier
     from distill.run.preflight import preflight
-    from distill.config.recipe import load_recipe
+    from distill.config.loading import load_recipe
 
     finetune = stage("finetune", epochs=0.2, keep_best=False)
     preflight(load_recipe(_recipe_file(env, tmp_path, str(bin_index), [finetune],

@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from distill.config.recipe import recipe_from_dict
+from distill.config.loading import recipe_from_dict
 from distill.data import streaming
 from distill.data.streaming import StreamedText
 from distill.data.text import read_document, tokenize_blocks

@@ -23,7 +23,7 @@ from distill.cli import app
 from distill.errors import DistillError
 from conftest import classifier
 from distill.run.preflight import preflight
-from distill.config.recipe import recipe_from_dict
+from distill.config.loading import recipe_from_dict
 
 runner = CliRunner()
 LABELS = ["neg", "pos"]

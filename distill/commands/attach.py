@@ -13,14 +13,8 @@ import yaml
 from rich.console import Console
 
 from distill.errors import DistillError
-from distill.config.recipe import (
-    AdaptStage,
-    DataConfig,
-    ModelSpec,
-    Recipe,
-    recipe_from_dict,
-    recipe_to_dict,
-)
+from distill.config.recipe import AdaptStage, DataConfig, ModelSpec, Recipe
+from distill.config.loading import recipe_from_dict, recipe_to_dict
 from distill.config.schema import YAMLInputError, load_yaml
 
 

@@ -1,1 +1,3 @@
-"""Recipes: YAML loading, the typed dataclasses of every section and stage, validation, --set overrides."""
+"""Recipes: the typed dataclasses of every section and stage (`recipe`), reading, validating
+and writing recipe files with --set overrides (`loading`), and the strict YAML and type
+conversion under both (`schema`)."""

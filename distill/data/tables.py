@@ -7,16 +7,14 @@
 Splits are deterministic: a single table (a built-in dataset or one local file) is shuffled with
 `numpy.random.default_rng(split_seed)` and cut into test (first 10 %), validation (next 10 %) and
 train (the rest), so metrics from different runs and machines compare. Every problem with the
-user's data raises a `DistillError` that names the file, the column or the label at fault.
+user's data raises a `DistillError` that names the file, the column or the label at fault
+(a file's reading and its cell checks live in `distill.data.frames`).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,10 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from distill.errors import DistillError
+from distill.data.frames import (as_int, check_labels, check_texts, count_rows, first_rows,
+                                 read_frame, require_column)
 from distill.data.hub import class_names, column_values, is_datasets_source, load_splits
 from distill.data.token_cache import tokenized
-from distill.files import json_lines
 from distill.config.recipe import DataConfig
 from distill.config.schema import check_seed
 
@@ -198,13 +197,13 @@ def _load_datasets(cfg: DataConfig) -> tuple[dict[str, _Table], list[str] | None
             unlabelled = [i for i, v in enumerate(labels) if v is None or v < 0]
             if unlabelled:
                 # Hub test splits are often unlabelled (-1): scoring them would be meaningless.
-                raise DistillError(f"{where}: {_count(unlabelled)} no label (-1) in column "
+                raise DistillError(f"{where}: {count_rows(unlabelled)} no label (-1) in column "
                                    f"{cfg.label_column!r} (rows, counting from 1: "
-                                   f"{_rows(unlabelled)}); pick a labelled split with "
+                                   f"{first_rows(unlabelled)}); pick a labelled split with "
                                    "data.split")
             labels = [names[v] for v in labels]
-        _check_texts(texts, where, cfg.text_column)
-        _check_labels(labels, where, cfg.label_column)
+        check_texts(texts, where, cfg.text_column)
+        check_labels(labels, where, cfg.label_column)
         tables[split] = _Table(texts, labels, where)
     missing = [s for s in ("test", "validation") if s not in tables]
     return _carve(tables.pop("train"), missing, cfg.split_seed) | tables, names
@@ -299,218 +298,34 @@ def _carve(table: _Table, missing: list[str], seed: int) -> dict[str, _Table]:
     return out
 
 
-# Raw control characters inside strings are accepted, as pandas' and Arrow's JSON readers do.
-_LENIENT_JSON = json.JSONDecoder(strict=False)
-
-
-def _read_records(path: Path) -> pd.DataFrame:
-    """A .json file (a list of records, or JSON lines) or a .jsonl file as a DataFrame."""
-    text = path.read_bytes().decode("utf-8")  # as written: no "\r" folded into "\n"
-    try:
-        records = _LENIENT_JSON.decode(text)
-        # A single object is a one-line JSON-lines file.
-        records = records if isinstance(records, list) else [records]
-    except json.JSONDecodeError:  # not one JSON document: read it as JSON lines
-        records = list(_json_lines(text, path))
-    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise DistillError(f"{path}: record {bad + 1} is {type(records[bad]).__name__}, not an "
-                           "object; allowed: a JSON list of records, or one object per line")
-    return pd.DataFrame.from_records(records)
-
-
-def _json_lines(text: str, path: Path) -> Iterator[Any]:
-    """The values of a JSON-lines text, one per line (`files.json_lines` splits it)."""
-    for number, line in json_lines(text):
-        try:
-            yield _LENIENT_JSON.decode(line)
-        except json.JSONDecodeError as exc:
-            raise DistillError(f"{path}: line {number} is not valid JSON ({exc.msg}); "
-                               "allowed: a JSON list of records, or one JSON object per "
-                               "line") from None
-
-
-def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
-    """One local data file as a DataFrame, every failure a `DistillError` naming the file."""
-    try:
-        if path.stat().st_size == 0:
-            raise DistillError(f"{path}: the dataset is empty (an empty file)")
-        if suffix in (".csv", ".tsv"):
-            with warnings.catch_warnings():
-                # A row with more fields than the header makes pandas take the extra leading
-                # fields as an index and shift the columns (index_col=None), or drop the rest
-                # with this warning (index_col=False); either way the texts would be wrong.
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                # Only empty cells are missing: a text that reads "NA" or "null" stays a text.
-                # The text column stays text: "007" or "1e5" are texts, not numbers.
-                return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",",
-                                   keep_default_na=False, na_values=[""], index_col=False,
-                                   dtype={text_column: str})
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        return _read_records(path)
-    except pd.errors.ParserWarning:
-        sep = "tab" if suffix == ".tsv" else "comma"
-        raise DistillError(f"{path}: a row has more fields than the header; quote texts that "
-                           f"contain a {sep}") from None
-    except UnicodeDecodeError:
-        raise DistillError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except PermissionError:
-        raise DistillError(f"{path}: permission denied; make the file readable") from None
-    except (ValueError, OSError) as exc:  # pandas' ParserError is a ValueError
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"{path}: cannot read it as {suffix}: {first}") from None
-
-
 def _read_table(path: Path, cfg: DataConfig) -> _Table:
     """Read one local file and check its text and label columns."""
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
         raise DistillError(f"data.dataset: {path}: unsupported file type {suffix or '(none)'!r}; "
                            f"{_ALLOWED_FORMS}")
-    df = _read_frame(path, suffix, cfg.text_column)
+    df = read_frame(path, suffix, cfg.text_column)
     if len(df) == 0:
         raise DistillError(f"{path}: the dataset is empty (no rows)")
     for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-        _require_column(df, column, key, path)
+        require_column(df, column, key, path)
     texts, labels = df[cfg.text_column].tolist(), df[cfg.label_column].tolist()
-    _check_texts(texts, path, cfg.text_column)
-    _check_labels(labels, path, cfg.label_column)
+    check_texts(texts, path, cfg.text_column)
+    check_labels(labels, path, cfg.label_column)
     return _Table(texts, labels, str(path))
-
-
-def _require_column(df: pd.DataFrame, column: str, key: str, path: Path) -> None:
-    """`data.<key>`'s column is in the file, else an error listing the columns (and the
-    closest name)."""
-    if column in df.columns:
-        return
-    columns = [str(c) for c in df.columns]
-    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise DistillError(f"data.{key}: column {column!r} not found in {path}; {hint}"
-                       f"columns: {', '.join(columns)}")
-
-
-def read_text_column(path: Path, column: str) -> list[str]:
-    """The texts of column `column` of one local .csv/.tsv/.parquet file (text corpora: a row
-    is a document), every text checked."""
-    df = _read_frame(path, path.suffix.lower(), column)
-    if len(df) == 0:
-        raise DistillError(f"{path}: the dataset is empty (no rows)")
-    _require_column(df, column, "text_column", path)
-    texts = df[column].tolist()
-    _check_texts(texts, path, column)
-    return texts
-
-
-def _rows(bad: list[int]) -> str:
-    """Row indices as the messages count them (data rows from 1), the first five."""
-    return ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-
-
-def _count(bad: list[int], one: str = "has", many: str = "have") -> str:
-    """`1 row has` / `3 rows have` (or the verbs given)."""
-    return f"{len(bad)} rows {many}" if len(bad) > 1 else f"1 row {one}"
-
-
-def _show(value: Any) -> str:
-    """What a cell holds, for an error message: its kind and a short repr."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    kind = ("true/false" if isinstance(value, (bool, np.bool_))
-            else "a list" if isinstance(value, (list, tuple))
-            else "a mapping" if isinstance(value, dict)
-            else "bytes" if isinstance(value, (bytes, bytearray))
-            else "an integer" if isinstance(value, (int, np.integer))
-            else "a number" if isinstance(value, (float, np.floating))
-            else type(value).__name__)
-    text = repr(value)
-    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
-
-
-def _check_texts(texts: list[Any], path: Path | str, column: str) -> None:
-    """Every text is a non-blank string; anything else names its rows.
-
-    A number, list, mapping or bytes in the text column is a wrong column or a broken export;
-    turned into a string it would train on "[1, 2]" or "b'...'" without a word.
-    """
-    blank = [i for i, t in enumerate(texts)
-             if _is_null(t) or (isinstance(t, str) and not t.strip())]
-    if blank:
-        raise DistillError(f"{path}: {_count(blank)} an empty or missing text in column "
-                           f"{column!r} (data rows, counting from 1: {_rows(blank)})")
-    wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if wrong:
-        raise DistillError(f"{path}: {_count(wrong, 'is', 'are')} not text in column "
-                           f"{column!r} (data rows, counting from 1: {_rows(wrong)}; row "
-                           f"{wrong[0] + 1} holds {_show(texts[wrong[0]])}); allowed: strings")
-
-
-def _label_kind(value: Any) -> str | None:
-    """`string`, `integer` or `true/false` for a usable label (1.0 counts as an integer)."""
-    if isinstance(value, (bool, np.bool_)):
-        return "true/false"
-    if isinstance(value, str):
-        return "string"
-    return "integer" if _as_int(value) is not None else None
-
-
-def _check_labels(labels: list[Any], path: Path | str, column: str) -> None:
-    """Every label is present and of one kind: all strings, all integers or all true/false.
-
-    Mixed kinds would meet as text (1 and "1" the same class, 2 sorted after "10"), and floats,
-    lists or bytes are no class names at all.
-    """
-    missing = [i for i, v in enumerate(labels)
-               if _is_null(v) or (isinstance(v, str) and not v.strip())]
-    if missing:
-        raise DistillError(f"{path}: {_count(missing)} no label in column {column!r} "
-                           f"(data rows, counting from 1: {_rows(missing)})")
-    first: dict[str, int] = {}
-    for i, value in enumerate(labels):
-        kind = _label_kind(value)
-        if kind is None and isinstance(value, (float, np.floating)):
-            raise DistillError(f"{path}: label {value!r} in column {column!r} (data row {i + 1}) "
-                               "is not a class; allowed: string or integer labels (this is "
-                               "classification)")
-        if kind is None:
-            raise DistillError(f"{path}: data row {i + 1} of column {column!r} holds "
-                               f"{_show(value)}; allowed: string or integer labels")
-        first.setdefault(kind, i)
-        if len(first) > 1:
-            (a, j), (b, k) = first.items()
-            raise DistillError(f"{path}: column {column!r} mixes {a} labels (data row {j + 1}: "
-                               f"{labels[j]!r}) and {b} labels (data row {k + 1}: "
-                               f"{labels[k]!r}); allowed: one kind per column")
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or value is pd.NA or (
-        isinstance(value, (float, np.floating)) and bool(np.isnan(value)))
-
-
-def _as_int(value: Any) -> int | None:
-    """The label as an integer class id if it is one (1, np.int64(1), 1.0), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None  # booleans read better as the names "False"/"True"
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)  # a CSV integer column with a NaN elsewhere becomes float
-    return None
 
 
 def _encode_labels(tables: dict[str, _Table],
                    names: list[str] | None) -> tuple[list[str], dict[str, list[int]]]:
     """Map raw labels to ids 0..K-1; return the label names and the ids of every split."""
     every = [v for t in tables.values() for v in t.labels]
-    floats = [v for v in every if isinstance(v, (float, np.floating)) and _as_int(v) is None]
+    floats = [v for v in every if isinstance(v, (float, np.floating)) and as_int(v) is None]
     if floats:
         raise DistillError(f"{tables['train'].where}: label {floats[0]!r} is not a class; "
                            "allowed: string or integer labels (this is classification)")
     # Integer labels keep their numeric order (2 < 10); anything else is compared as text.
-    integer = names is None and all(_as_int(v) is not None for v in every)
-    key = _as_int if integer else str
+    integer = names is None and all(as_int(v) is not None for v in every)
+    key = as_int if integer else str
     if names is None:
         names = [str(v) for v in sorted({key(v) for v in tables["train"].labels})]
     if len(names) < 2:

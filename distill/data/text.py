@@ -46,7 +46,8 @@ from transformers import PreTrainedTokenizerBase
 from distill.data.hub import column_values, is_datasets_source, load_splits
 from distill.data.splits import carve_missing, holdout_split
 from distill.data.token_cache import flat_ids, tokenized
-from distill.data.tables import load_builtin_table, read_text_column
+from distill.data.frames import read_text_column
+from distill.data.tables import load_builtin_table
 from distill.errors import DistillError
 from distill.config.schema import check_seed
 

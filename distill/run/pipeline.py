@@ -36,8 +36,8 @@ from distill.models.loading import (
 from distill.run.ownership import (FolderLock, check_claim, claim, clean_leftovers, local_paths,
                                read_marker)
 from distill.run.preflight import preflight
-from distill.config.recipe import (AdaptStage, EvaluateStage, Recipe, dump_recipe,
-                                   recipe_to_dict)
+from distill.config.recipe import AdaptStage, EvaluateStage, Recipe
+from distill.config.loading import dump_recipe, recipe_to_dict
 from distill.run.report import write_report
 from distill.stages import RUNNERS
 from distill.train.loop import make_accelerator
@@ -165,7 +165,7 @@ def resume_recipe(run_dir: str | Path, console: Console | None = None) -> dict:
     Refused when the folder is not a run of ours, or when its recipe.yaml no longer is the
     recipe the run started with (the differing keys are named).
     """
-    from distill.config.recipe import load_recipe
+    from distill.config.loading import load_recipe
 
     run_dir = Path(run_dir).absolute()
     marker = read_marker(run_dir)
