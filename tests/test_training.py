@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
@@ -41,6 +42,27 @@ def test_bf16_auto_is_the_measured_choice(setting: object, tiny_bert: Path, tiny
     run_tiny(tmp_path, recipe)
     metrics = json.loads((tmp_path / "run/stages/00-finetune/metrics.json").read_text())
     assert metrics["bf16"] is (bf16_is_faster("cpu") if setting == "auto" else False)
+
+
+def test_bf16_is_measured_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe times one core (a busy neighbour on the others would skew an all-threads
+    timing towards fp32), and the thread count is restored afterwards."""
+    from distill.train import precision
+
+    seen: list[int] = []
+
+    def timed(bf16: bool, repeats: int = 3) -> float:
+        seen.append(torch.get_num_threads())
+        return 1.0 if bf16 else 2.0
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(precision, "matmul_seconds", timed)
+    precision.bf16_is_faster.cache_clear()
+    try:
+        assert precision.bf16_is_faster("cpu") is True
+    finally:
+        precision.bf16_is_faster.cache_clear()
+    assert seen == [1, 1] and torch.get_num_threads() == threads
 
 
 def test_bf16_setting_values() -> None:

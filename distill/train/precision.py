@@ -43,11 +43,21 @@ def bf16_is_faster(device_type: str) -> bool:
     """True if a bf16-autocast matmul beats fp32 on this machine's `device_type`.
 
     CUDA: whenever the GPU supports bf16 (Ampere and later run it on tensor cores). CPU:
-    `matmul_seconds` both ways (under 1 ms in fp32; on a fallback CPU bf16 takes ~50 ms, so
-    the check costs a fraction of a second).
+    `matmul_seconds` both ways on one thread (under 1 ms in fp32; on a fallback CPU bf16 takes
+    ~50 ms, so the check costs a fraction of a second).
     """
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    return matmul_seconds(bf16=True) < CLEAR_WIN * matmul_seconds(bf16=False)
+    # Timed on one thread: the question is whether a core has fast bf16 units. With every
+    # thread, another process busy on the cores slows the bf16 kernels' synchronised parallel
+    # regions far more than fp32's (measured on a 2-core AMX Xeon while a training run held
+    # both cores: bf16 24 ms vs fp32 7.8 ms on all threads, 0.20 vs 0.38 ms on one), and fp32
+    # would be chosen for a run that then trains 1.6x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return matmul_seconds(bf16=True) < CLEAR_WIN * matmul_seconds(bf16=False)
+    finally:
+        torch.set_num_threads(threads)
