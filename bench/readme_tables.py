@@ -384,6 +384,32 @@ def smollm_heal(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def smollm2_recipe(data: dict[str, Any]) -> list[str]:
+    """bench/smollm2_recipe.py: the shipped SmolLM2 recipe run as a new user runs it."""
+    lines = [row("model (recipes/smollm2-shakespeare.yaml)", "held-out mixture ppl",
+                 "× teacher", "BBC News ppl (never seen)", "× teacher"),
+             row("---", "---:", "---:", "---:", "---:")]
+    for m in data["models"]:  # the teacher, then each model of the run
+        if "adapter" in m:
+            continue
+        bbc = m["builtin:bbc_news"]
+        cut = re.fullmatch(r"\d+-shrink \d+-layers(\d+)", m["name"])
+        name = f"shrink → {cut[1]} layers, healed" if cut else m["name"]
+        lines.append(row(name, f"{m['perplexity']:.1f}", f"{m['vs_teacher']:.2f}×",
+                         f"{bbc['perplexity']:.1f}", f"{bbc['vs_teacher']:.2f}×"))
+    stages = ", ".join(f"{s['kind']} {minutes(s['seconds'])}" for s in data["stages"])
+    lines += ["", f"`distill run` in a fresh clone: exit {data['exit_code']}, "
+              f"{minutes(data['run_seconds'])} ({stages}), on {cpu(data['provenance'])}."]
+    for m in data["models"]:
+        if "adapter" in m:
+            a = m["adapter"]
+            lines.append("")
+            lines.append(f"The adapter ({a['method']}, {millions(a['trainable_params'])} "
+                         f"trainable parameters) scores perplexity {a['perplexity']:.2f} on "
+                         f"held-out {a['data']} answers.")
+    return lines
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora_memory": ("bench/results/qlora_memory.json", "bench/qlora_memory.py", qlora_memory),
     "launch_modes": ("bench/results/launch_modes.json", "bench/launch_modes.py", launch_modes),
@@ -405,6 +431,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
                          lm_teacher_cache),
     "smollm_heal": ("bench/results/smollm_heal.json", "bench/smollm_heal.py", smollm_heal),
+    "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
+                       smollm2_recipe),
 }
 
 
