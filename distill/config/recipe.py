@@ -90,6 +90,10 @@ class DataConfig:
     max_eval_examples: int | None = field(default=None, metadata=value_range(1))
     # Seed of the train/validation/test split of a single file (fixed so numbers compare).
     split_seed: int = field(default=0, metadata=seed_range())
+    # Language models: add N blocks of max_length tokens sampled from the run's teacher to the
+    # training split (general text in the teacher's own distribution, so a heal keeps more
+    # than its corpus holds; distill/kd/teacher_samples.py). Sampled once, cached in the run.
+    teacher_samples: int | None = field(default=None, metadata=value_range(1))
 
 
 @dataclass

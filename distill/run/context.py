@@ -6,7 +6,8 @@ teacher and the models made so far are, and caches the tokenized splits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.kd import teacher_samples
+from distill.models.loading import check_weights
 from distill.train import sharding
+from distill.train.precision import resolve
 from distill.config.recipe import Recipe
 from distill.data.batching import make_loader
 from distill.errors import DistillError
@@ -67,6 +71,11 @@ class RunContext:
     task: Task
     console: Console = field(default_factory=Console)
     models: list[ModelRef] = field(default_factory=list)
+    # Loads the run's frozen teacher (set by the pipeline): `data.teacher_samples` samples
+    # from it when the training split is first tokenized.
+    teacher_model: Callable[[], nn.Module] | None = None
+    # What `data.teacher_samples` added (blocks, seconds, ...); None without it.
+    samples_info: dict | None = None
     _tokenized: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,9 +96,46 @@ class RunContext:
     def tokenized(self, split: str) -> Dataset:
         """The split tokenized once per run (all stages share one tokenizer)."""
         if split not in self._tokenized:
-            self._tokenized[split] = self.task.tokenize(self.data, split, self.tokenizer,
-                                                        self.recipe.data)
+            dataset = self.task.tokenize(self.data, split, self.tokenizer, self.recipe.data)
+            if split == "train" and self.recipe.data.teacher_samples:
+                dataset = self._with_teacher_samples(dataset)
+            self._tokenized[split] = dataset
         return self._tokenized[split]
+
+    def _with_teacher_samples(self, dataset: Dataset) -> Dataset:
+        """The training split plus `data.teacher_samples` blocks sampled from the run's
+        current teacher (`distill.kd.teacher_samples`): rank 0 samples what the run's cache
+        lacks, the other ranks then read it."""
+        cfg = self.recipe.data
+        assert cfg.teacher_samples is not None
+        if self.teacher_model is None:
+            raise DistillError("data.teacher_samples: this run has no teacher to sample from")
+        problem = self.task.sample_problem(self.data)
+        if problem:
+            raise DistillError(problem)
+        bf16 = self.from_main(resolve("auto", self.accelerator.device.type))
+        files = check_weights(self.teacher_source, allow_pickle=True)  # hashed, never loaded
+        key = teacher_samples.fingerprint(files, self.tokenizer.get_vocab(),
+                                          cfg.teacher_samples, cfg.max_length, cfg.split_seed,
+                                          bf16)
+        if not files:  # a hub id: nothing local to hash, so its name stands for the weights
+            key = hashlib.sha256(f"{self.teacher_source}\n{key}".encode()).hexdigest()
+        pad = self.tokenizer.pad_token_id
+        start = teacher_samples.start_token(self.tokenizer)
+
+        def get() -> tuple[torch.Tensor, dict]:
+            return teacher_samples.load_or_sample(
+                self.run_dir / "teacher_cache", key, self.teacher_model, start,
+                cfg.teacher_samples, cfg.max_length, cfg.split_seed, bf16, pad,
+                self.tokenizer.eos_token_id)
+
+        if self.is_main:
+            self.console.print(f"  sampling {cfg.teacher_samples} training blocks of "
+                               f"{cfg.max_length} tokens from the teacher (or reading them)")
+        got = get() if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        blocks, self.samples_info = got or get()
+        return self.task.add_samples(dataset, blocks, cfg.split_seed)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
                seed: int = 0) -> DataLoader:

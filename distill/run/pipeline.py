@@ -40,6 +40,7 @@ from distill.config.recipe import AdaptStage, EvaluateStage, Recipe
 from distill.config.loading import dump_recipe, recipe_to_dict
 from distill.run.report import write_report
 from distill.stages import RUNNERS
+from distill.stages.training import load_frozen_teacher
 from distill.train.loop import make_accelerator
 
 def stage_dir_name(index: int, kind: str) -> str:
@@ -240,6 +241,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
     ctx = RunContext(recipe=recipe, run_dir=run_dir, data=data, tokenizer=tokenizer,
                      accelerator=accelerator, teacher_source=recipe.teacher.model,
                      task=task, console=console)
+    ctx.teacher_model = lambda: load_frozen_teacher(ctx)
     report: dict = {"recipe": recipe.name, "task": task.name, "teacher": {}, "stages": [],
                     "final": {}, "data": {"dataset": recipe.data.dataset, "sizes": data.sizes(),
                                           **task.describe(data)}}
@@ -285,6 +287,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
             if not result.step_models:
                 ctx.models.append(ModelRef(name, str(result.model_dir), index,
                                            kind=result.artifact_kind))
+        if ctx.samples_info is not None:
+            report["data"]["teacher_samples"] = ctx.samples_info
         if result.model_metrics is not None:
             evaluated[name] = result.model_metrics
         if stage.kind == "evaluate":

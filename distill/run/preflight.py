@@ -120,6 +120,9 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
     problems = tokenizer_problems(tokenizer, spec.model, "teacher.model")
     problems += fits_model(tokenizer, config, recipe.data.max_length, spec.model,
                            "teacher.model", "data.max_length")
+    if recipe.data.teacher_samples:
+        problem = task.sample_problem(data)
+        problems += [problem] if problem else []
     problems += stage_problems(recipe, task, config, model, tokenizer, data)
     if task.head_from_data:
         problems += teacher_head_problems(recipe, model)
@@ -377,6 +380,10 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
         except DistillError as exc:
             return [f"{key}.{exc}" if str(exc).startswith("data.") else f"{key}.data: {exc}"]
     problems: list[str] = []
+    if stage.data is not None and stage.data.teacher_samples:
+        problem = task.sample_problem(data)
+        if problem:
+            problems.append(f"{key}.{problem}")
     if stage.model in ("previous", "teacher"):
         name, config = recipe.teacher.model, copy.deepcopy(teacher_config)
         layer_key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers")

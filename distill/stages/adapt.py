@@ -85,7 +85,7 @@ def task_context(ctx: RunContext, cfg: AdaptStage) -> RunContext:
         return ctx
     recipe = dataclasses.replace(ctx.recipe, data=cfg.data)
     return dataclasses.replace(ctx, recipe=recipe, data=ctx.task.load_data(cfg.data),
-                               _tokenized={})
+                               samples_info=None, _tokenized={})
 
 
 def run(ctx: RunContext, cfg: AdaptStage, stage_dir: Path) -> StageResult:

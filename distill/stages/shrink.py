@@ -25,6 +25,7 @@ from distill.compress.importance import resolve_score, select_layers
 from distill.models.loading import count_params
 from distill.config.recipe import ShrinkStage, ShrinkStep
 from distill.compress.depth import keep_layers
+from distill.train.precision import autocast, resolve
 from distill.stages.training import frozen_teacher, kd_train, merged, save_student, with_method
 from distill.compress.width import shrink_width, width_importance
 
@@ -118,8 +119,14 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
             steps.append(record)
             continue
         ctx.console.print(f"  shrink step {name}: cutting")
-        model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score,
-                          agree=ctx.from_main)
+        # Ranking runs in the heal's precision: under bf16 on a machine where it pays (the
+        # 30 -> 20 ranking of SmolLM2 on 64 blocks: 218 s instead of 397 s, the same layers).
+        device = ctx.accelerator.device.type
+        bf16 = ctx.from_main(resolve(cfg.heal.bf16, device))
+        with autocast(bf16, device):
+            model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score,
+                              agree=ctx.from_main)
+        info["calibration_bf16"] = bf16
         if "kept_layers" in info:
             origin = [origin[i] for i in info["kept_layers"]]
         info["start_layers"] = list(origin)

@@ -135,6 +135,8 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
                "train_seconds": round(result.seconds, 2), "bf16": result.bf16,
                f"best_validation_{ctx.task.metric}": result.best_metric,
                "best_epoch": result.best_epoch, "history": result.history, "seed": seed}
+    if ctx.samples_info is not None:
+        summary["teacher_samples"] = ctx.samples_info
     if uses_teacher and teacher is not None:
         summary |= {"layer_map": loss.layer_map, "teacher": teacher_source,
                     "teacher_cache": cache_info, "teacher_loaded": teacher.loaded}

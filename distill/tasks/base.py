@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config.recipe import DataConfig
+from distill.errors import DistillError
 from distill.kd.token_losses import TopK
 
 # What a teacher contributes to a logit loss: its logits, or its cached top-k (language models).
@@ -84,6 +85,17 @@ class Task(ABC):
     def batch_items(self, batch: dict[str, Tensor]) -> int:
         """Examples in a batch (calibration counts them)."""
         return int(batch["input_ids"].shape[0])
+
+    def sample_problem(self, data: TaskData) -> str | None:
+        """Why `data.teacher_samples` cannot extend this data's training split (None: it
+        can). Only language models train on text sampled from the teacher."""
+        return (f"data.teacher_samples: adds text sampled from the teacher, for causal-lm; "
+                f"this run's task is {self.name}")
+
+    def add_samples(self, dataset: Dataset, blocks: Tensor, seed: int) -> Dataset:
+        """The training split with `blocks` [N, n] of token ids sampled from the teacher
+        added, shuffled in with `seed` (only where `sample_problem` is None)."""
+        raise DistillError(self.sample_problem(dataset) or "data.teacher_samples: unsupported")
 
     @abstractmethod
     def latency_inputs(self, data: TaskData, split: str, tokenizer: PreTrainedTokenizerBase,

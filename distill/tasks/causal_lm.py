@@ -125,6 +125,25 @@ class CausalLM(Task):
                                    cap, cfg.split_seed)
         return BlockDataset(blocks[torch.from_numpy(rng.permutation(len(blocks)))])
 
+    def sample_problem(self, data: LMText | Dialogues | StreamedText) -> str | None:
+        if isinstance(data, Dialogues):
+            return (f"data.teacher_samples: adds blocks of sampled text to a text corpus; "
+                    f"{data.source} is conversations (one per sequence, loss on the answers)")
+        return None
+
+    def add_samples(self, dataset: Dataset, blocks: Tensor, seed: int) -> BlockDataset:
+        """The corpus blocks and the teacher's sampled blocks [N, max_length], shuffled
+        together with `seed` (a shrink's calibration batch, the first blocks, holds both)."""
+        if not isinstance(dataset, BlockDataset):
+            raise DistillError("data.teacher_samples: adds blocks of sampled text to a text "
+                               "corpus, not to conversations")
+        if blocks.shape[1] != dataset.blocks.shape[1]:
+            raise DistillError(f"data.teacher_samples: sampled blocks of {blocks.shape[1]} "
+                               f"tokens do not fit blocks of {dataset.blocks.shape[1]}")
+        merged = torch.cat([dataset.blocks, blocks.to(dataset.blocks.dtype)])
+        order = np.random.default_rng(seed).permutation(len(merged))
+        return BlockDataset(merged[torch.from_numpy(order)])
+
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
         return pad_collator(tokenizer)
 

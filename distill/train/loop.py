@@ -45,7 +45,7 @@ from distill.train import parallel
 from distill.train.checkpoint import load_latest, save_checkpoint
 from distill.errors import DistillError
 from distill.files import json_lines
-from distill.train.precision import bf16_is_faster
+from distill.train.precision import autocast as bf16_autocast, resolve
 from distill.config.recipe import TrainArgs
 
 
@@ -249,7 +249,7 @@ def _decide_bf16(args: TrainArgs, accelerator: Accelerator, desc: str,
     measurement decides for all (one precision per run)."""
     if args.bf16 != "auto":
         return bool(args.bf16)
-    decision = [bf16_is_faster(accelerator.device.type)]
+    decision = [resolve("auto", accelerator.device.type)]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
     if console is not None and accelerator.is_main_process:
@@ -314,8 +314,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps), total_steps)
     bf16 = _decide_bf16(args, accelerator, desc, console)
-    autocast = (torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
-                if bf16 else contextlib.nullcontext())
+    autocast = bf16_autocast(bf16, accelerator.device.type)
 
     result = LoopResult(steps=0, seconds=0.0, bf16=bf16)
     best_state: dict[str, torch.Tensor] | None = None

@@ -38,6 +38,17 @@ def matmul_seconds(bf16: bool, repeats: int = 3) -> float:
     return min(times)
 
 
+def resolve(setting: bool | str, device_type: str) -> bool:
+    """A `bf16` setting (true, false or "auto") decided for this machine's `device_type`."""
+    return bf16_is_faster(device_type) if setting == "auto" else bool(setting)
+
+
+def autocast(bf16: bool, device_type: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on `device_type` when `bf16`, else a context that does nothing."""
+    return (torch.autocast(device_type, dtype=torch.bfloat16) if bf16
+            else contextlib.nullcontext())
+
+
 @functools.cache
 def bf16_is_faster(device_type: str) -> bool:
     """True if a bf16-autocast matmul beats fp32 on this machine's `device_type`.
