@@ -75,7 +75,7 @@ def main() -> int:
               "setup_seconds": round(setup_seconds, 1), "run_seconds": round(seconds, 1),
               "stages": [{"index": s["index"], "kind": s.get("kind"), "seconds": s.get("seconds")}
                          for s in report["stages"]],
-              "models": models, "printed_tail": printed[-3000:], "provenance": machine}
+              "data": report["data"], "models": models, "printed_tail": printed[-3000:], "provenance": machine}
     path = RESULTS / "smollm2_recipe.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "printed_tail"}, indent=1))
