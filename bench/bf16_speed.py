@@ -1,6 +1,6 @@
 """Is bf16 autocast faster than fp32 on this CPU? The evidence behind `bf16: auto`.
 
-Times, side by side in one process: one [128×512]·[512×512] matmul
+Times, side by side in one process: one [128×512]·[512×512] matmul of fp32 and of bf16 tensors
 (`distill.train.precision.matmul_seconds`, what `bf16_is_faster` compares) and one training step of
 the real MiniLM-L6 classifier (batch 32 × 64 tokens, forward + backward + AdamW), each in fp32
 and under bf16 autocast, best of a few repeats; and records what `bf16: auto` decides here.

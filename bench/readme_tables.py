@@ -400,6 +400,11 @@ def smollm2_recipe(data: dict[str, Any]) -> list[str]:
     stages = ", ".join(f"{s['kind']} {minutes(s['seconds'])}" for s in data["stages"])
     lines += ["", f"`distill run` in a fresh clone: exit {data['exit_code']}, "
               f"{minutes(data['run_seconds'])} ({stages}), on {cpu(data['provenance'])}."]
+    samples = data.get("data", {}).get("teacher_samples")
+    if samples:  # sampled inside the shrink stage, before its first heal
+        lines += ["", f"The shrink stage's time includes sampling {samples['blocks']} blocks "
+                  f"({samples['tokens']:,} tokens) from the teacher: "
+                  f"{minutes(samples['seconds'])} in {'bf16' if samples['bf16'] else 'fp32'}."]
     for m in data["models"]:
         if "adapter" in m:
             a = m["adapter"]

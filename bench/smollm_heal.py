@@ -2,9 +2,11 @@
 weights, progressive vs one-shot -- each arm through the recipes, at the same heal steps.
 
 SmolLM2-135M (30 layers) is cut to 20 layers by loss-increase importance (the same calibration
-batch for every arm) and healed on general text -- the recipe's mixture of Shakespeare's plays
-and Rotten Tomatoes critic snippets -- for the same number of optimizer steps (batch 4 x 128
-tokens, the same blocks in the same order). Arms:
+batch for every arm) and healed on general text as the recipe heals -- half blocks of its
+mixture of Shakespeare's plays and Rotten Tomatoes critic snippets, half blocks sampled from the
+teacher (`data.teacher_samples`, sampled once and read from the toolkit's cache by every arm) --
+for the same number of optimizer steps (batch 4 x 128 tokens, the same blocks in the same
+order). Arms:
 
 - `kd_topk`: top-64 KD (from the run's teacher cache) + cross-entropy, alpha 0.5, every weight;
 - `kd_only`: top-64 KD alone (alpha 0);
@@ -12,7 +14,8 @@ tokens, the same blocks in the same order). Arms:
 - `kd_full`: KD on the whole 49,152-token vocabulary (the teacher runs every batch) + CE;
 - `lora_kd`: as `kd_topk` with LoRA r = 16 on every linear layer (merged into the student at
   the end), at a LoRA learning rate (10x);
-- `progressive`: as `kd_topk`, cutting 30 -> 24 -> 20 with half the heal steps after each cut.
+- `progressive`: as `kd_topk`, cutting 30 -> 24 -> 20 with half the heal steps after each cut;
+- `no_samples`: as `kd_topk`, on mixture blocks only (what the teacher samples buy).
 
 Every model is scored on held-out text of the mixture (documents no heal saw) and on BBC News
 articles (a corpus no heal saw). Each arm runs in a fresh process, so its peak memory is its own.
@@ -47,6 +50,8 @@ ARMS = {  # name -> (label, schedule, heal overrides)
                                               "target_modules": "all-linear"},
                  "learning_rate": 10 * LR}),
     "progressive": ("progressive 30 -> 24 -> 20, top-64 KD + CE", [24, 20], {}),
+    "no_samples": ("top-64 KD + CE, corpus blocks only (no teacher samples)", [20],
+                   {"data": {"teacher_samples": None}}),
 }
 
 
@@ -55,13 +60,18 @@ def recipe(arm: str, steps: int, eval_blocks: int) -> dict:
     loss = {"alpha": 0.5, "temperature": 1.0, "top_k": 64} | overrides.get("loss", {})
     heal = {"epochs": 1 / len(schedule), "batch_size": BATCH, "eval_batch_size": 8,
             "learning_rate": LR, "bf16": "auto", "log_every": 10, "keep_best": False,
-            "checkpoint_every": None} | {k: v for k, v in overrides.items() if k != "loss"}
+            "checkpoint_every": None} | {k: v for k, v in overrides.items()
+                                          if k not in ("loss", "data")}
     heal["loss"] = loss
+    data = {"dataset": MIXTURE, "max_length": 128, "max_train_examples": steps * BATCH // 2,
+            "teacher_samples": steps * BATCH - steps * BATCH // 2,
+            "max_eval_examples": eval_blocks}
+    if "data" in overrides:  # corpus blocks only: as many blocks, all from the mixture
+        data |= {"max_train_examples": steps * BATCH} | overrides["data"]
     return {
         "name": f"heal-{arm}", "seed": 0,
         "teacher": {"model": "builtin:smollm2-135m"},
-        "data": {"dataset": MIXTURE, "max_length": 128, "max_train_examples": steps * BATCH,
-                 "max_eval_examples": eval_blocks},
+        "data": data,
         "stages": [
             {"kind": "shrink", "start": "teacher", "calibration_examples": 16,
              "schedule": [{"layers": n} for n in schedule], "heal": heal},
@@ -85,6 +95,7 @@ def one_arm(arm: str, work: Path, steps: int, eval_blocks: int) -> dict:
     train_seconds = sum(r["train_seconds"] for r in records)
     heal_steps = sum(r["steps"] for r in records)
     return {"arm": arm, "label": ARMS[arm][0], "layers": [r["layers"] for r in records],
+            "kept_layers": records[-1]["start_layers"],  # the teacher's layers kept
             "heal_steps": heal_steps, "train_seconds": round(train_seconds, 1),
             "seconds_per_step": round(train_seconds / heal_steps, 3),
             "stage_seconds": report["stages"][0]["seconds"],
@@ -123,6 +134,7 @@ def main() -> int:
         row["mixture_vs_teacher"] = row["mixture_ppl"] / teacher["mixture_ppl"]
         row["bbc_news_vs_teacher"] = row["bbc_news_ppl"] / teacher["bbc_news_ppl"]
     result = {"teacher": "builtin:smollm2-135m", "layers": 20, "healing_data": MIXTURE,
+              "teacher_samples": args.steps * BATCH - args.steps * BATCH // 2,
               "never_seen": "builtin:bbc_news", "heal_steps": args.steps, "batch": BATCH,
               "block_tokens": 128, "learning_rate": LR, "eval_blocks": args.eval_blocks,
               "seeds": 1, "teacher_ppl": teacher, "arms": rows}

@@ -104,10 +104,12 @@ def test_samples_are_cached_and_a_damaged_file_is_resampled(peaked: AutoModelFor
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
 
-def test_a_heal_trains_on_corpus_and_samples(corpus: Path, tmp_path: Path) -> None:
+def test_a_heal_trains_on_corpus_and_samples(corpus: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A shrink on a tiny Llama with 24 sampled blocks: every heal step trains on the corpus
-    blocks plus the samples (more steps than without), the teacher cache covers both, and
-    the report says what was sampled."""
+    blocks plus the samples (more steps than without), the report says what was sampled, and
+    a second run reads the samples from the toolkit's cache."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     model = write_tiny_lm(tmp_path / "teacher", "llama")
     recipe = lm_recipe(model, corpus)
     recipe["stages"] = [recipe["stages"][2], recipe["stages"][3]]  # shrink, evaluate
@@ -122,9 +124,12 @@ def test_a_heal_trains_on_corpus_and_samples(corpus: Path, tmp_path: Path) -> No
         assert with_samples["steps"] == without["steps"] + math.ceil(24 / 8)
         assert with_samples["teacher_samples"]["blocks"] == 24
     assert steps[0]["teacher_samples"]["cached"] is False
-    assert len(list((tmp_path / "run/teacher_cache").glob("samples-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache/teacher_samples").glob("samples-*.safetensors"))) == 1
     # Evaluation is untouched: the held-out splits hold corpus text only.
     assert report["teacher"]["metric"] == plain["teacher"]["metric"]
+    again = run_recipe(recipe_from_dict(recipe), output=tmp_path / "again")
+    assert again["data"]["teacher_samples"]["cached"] is True
+    assert again["final"]["metric"] == report["final"]["metric"]  # the same blocks
 
 
 def test_teacher_samples_are_refused_where_they_cannot_apply(

@@ -92,7 +92,7 @@ class DataConfig:
     split_seed: int = field(default=0, metadata=seed_range())
     # Language models: add N blocks of max_length tokens sampled from the run's teacher to the
     # training split (general text in the teacher's own distribution, so a heal keeps more
-    # than its corpus holds; distill/kd/teacher_samples.py). Sampled once, cached in the run.
+    # than its corpus holds; distill/kd/teacher_samples.py). Sampled once, then read from the cache.
     teacher_samples: int | None = field(default=None, metadata=value_range(1))
 
 

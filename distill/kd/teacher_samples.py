@@ -11,8 +11,10 @@ samples, at the same steps, gave 0.96x and 2.10x (one seed, a one-shot cut; see 
 `data.teacher_samples: N` adds N such blocks to the training split: each one sampled from the
 teacher's start token at temperature 1 (no top-k/top-p truncation: the teacher's distribution
 as it is), `data.max_length` tokens long (the end-of-text token is held back until then, so
-every block is full). They are generated once and kept in the run's teacher cache folder,
-keyed by everything that determines them; a damaged file is regenerated, never used.
+every block is full). They are generated once and kept in the toolkit's cache
+(`$DISTILL_CACHE/teacher_samples`, beside the tokenized data), keyed by everything that
+determines them, so later runs with the same teacher and settings read them; a damaged file is
+sampled again, never used.
 """
 
 from __future__ import annotations

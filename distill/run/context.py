@@ -27,6 +27,7 @@ from distill.train.precision import resolve
 from distill.config.recipe import Recipe
 from distill.data.batching import make_loader
 from distill.errors import DistillError
+from distill.files import cache_root
 from distill.tasks.base import Task, TaskData
 
 T = TypeVar("T")
@@ -104,8 +105,9 @@ class RunContext:
 
     def _with_teacher_samples(self, dataset: Dataset) -> Dataset:
         """The training split plus `data.teacher_samples` blocks sampled from the run's
-        current teacher (`distill.kd.teacher_samples`): rank 0 samples what the run's cache
-        lacks, the other ranks then read it."""
+        current teacher (`distill.kd.teacher_samples`), kept in the toolkit's cache (like
+        tokenized data: later runs with the same teacher and settings read them): rank 0
+        samples what the cache lacks, the other ranks then read it."""
         cfg = self.recipe.data
         assert cfg.teacher_samples is not None
         if self.teacher_model is None:
@@ -125,7 +127,7 @@ class RunContext:
 
         def get() -> tuple[torch.Tensor, dict]:
             return teacher_samples.load_or_sample(
-                self.run_dir / "teacher_cache", key, self.teacher_model, start,
+                cache_root() / "teacher_samples", key, self.teacher_model, start,
                 cfg.teacher_samples, cfg.max_length, cfg.split_seed, bf16, pad,
                 self.tokenizer.eos_token_id)
 
