@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_smollm2_recipe_slice(tmp_path: Path) -> None:
     recipe = load_recipe(RECIPE, [
-        "data.max_length=32", "data.max_train_examples=8", "data.max_eval_examples=4",
+        "data.max_length=32", "data.max_train_examples=8", "data.teacher_samples=8",
+        "data.max_eval_examples=4",
         "stages.0.calibration_examples=4",
         "stages.1.data.max_length=48", "stages.1.data.max_train_examples=16",
         "stages.1.data.max_eval_examples=8",

@@ -148,6 +148,8 @@ def test_shrink_after_distill_reads_the_cache_and_never_loads_the_teacher(
     model = write_tiny_lm(tmp_path / "teacher", "llama")
     recipe = lm_recipe(model, corpus)
     recipe["stages"] = recipe["stages"][1:3]  # distill, shrink: the same teacher, k and T
+    # The first cut heals half as long as the stage's heal (a per-step `heal_epochs`).
+    recipe["stages"][1]["schedule"] = [{"layers": 2, "heal_epochs": 0.5}, {"layers": 1}]
     loads: list[str] = []
     real = stage.load_frozen_teacher
     monkeypatch.setattr(stage, "load_frozen_teacher",
@@ -159,6 +161,10 @@ def test_shrink_after_distill_reads_the_cache_and_never_loads_the_teacher(
     steps = json.loads((tmp_path / "run/stages/01-shrink/metrics.json").read_text())["steps"]
     for step in steps:
         assert step["teacher_cache"]["kind"] == "top-k" and step["teacher_loaded"] is False
+    assert [s["name"] for s in steps] == ["0-layers2", "1-layers1"]
+    assert [s["heal_epochs"] for s in steps] == [0.5, 1]
+    assert steps[0]["steps"] == math.ceil(steps[1]["steps"] / 2)
+    assert steps[0]["target"] == {"layers": 2}
     shards = list((tmp_path / "run/teacher_cache").glob("shard-*.safetensors"))
     assert shards and (tmp_path / "run/teacher_cache/manifest.json").is_file()
 

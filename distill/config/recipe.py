@@ -236,16 +236,25 @@ class ShrinkStep:
     hidden: int | None = field(default=None, metadata=value_range(1))
     heads: int | None = field(default=None, metadata=value_range(1))
     intermediate: int | None = field(default=None, metadata=value_range(1))
+    # Heal epochs after this cut; default: the stage's `heal.epochs`. A progressive schedule
+    # can heal an intermediate cut briefly and spend its steps on the final depth (SmolLM2:
+    # at equal steps the final 20-layer model is better that way, bench/smollm_heal.py).
+    heal_epochs: float | None = field(default=None, metadata=value_range(0, lo_open=True))
 
     def check(self, path: str) -> list[str]:
-        if all(v is None for v in (self.layers, self.hidden, self.heads, self.intermediate)):
+        if not self.targets():
             return [f"{path}: a step needs at least one of layers, hidden, heads, intermediate"]
         return []
 
+    def targets(self) -> dict[str, int]:
+        """What this step cuts to, e.g. {layers: 24} (the heal's length is not a target)."""
+        return {k: v for k, v in (("layers", self.layers), ("hidden", self.hidden),
+                                  ("heads", self.heads), ("intermediate", self.intermediate))
+                if v is not None}
+
     def describe(self) -> str:
         """A short name for the step, e.g. `layers4` or `hidden256-heads8`."""
-        parts = [f"{k}{v}" for k, v in vars(self).items() if v is not None]
-        return "-".join(parts)
+        return "-".join(f"{k}{v}" for k, v in self.targets().items())
 
 
 @dataclass

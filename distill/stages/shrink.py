@@ -8,6 +8,7 @@ run: the evaluate stage measures each one, so the user sees where quality falls 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -133,8 +134,10 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
         params, non_emb = count_params(model)
         before = ctx.validation_metric(model, cfg.heal.eval_batch_size)
         seed = ctx.stage_seed(cfg.heal.seed)  # before a PEFT method's weights are made
-        healing = with_method(ctx, model, cfg.heal)
-        _, summary = kd_train(ctx, healing, teacher, ctx.teacher_source, cfg.heal,
+        heal = (cfg.heal if step.heal_epochs is None
+                else dataclasses.replace(cfg.heal, epochs=step.heal_epochs))
+        healing = with_method(ctx, model, heal)
+        _, summary = kd_train(ctx, healing, teacher, ctx.teacher_source, heal,
                               cfg.heal.loss, cache_teacher=cfg.heal.cache_teacher,
                               cache_dir=ctx.run_dir / "teacher_cache",
                               log_path=stage_dir / "steps" / name / "log.jsonl",
@@ -143,8 +146,8 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
         model = merged(ctx.accelerator.unwrap_model(healing))
         out = save_student(ctx, model, stage_dir / "steps" / name / "model")
         outputs.append((name, out))
-        steps.append({"step": k, "name": name, "target": {k2: v for k2, v in vars(step).items()
-                                                          if v is not None},
+        steps.append({"step": k, "name": name, "target": step.targets(),
+                      "heal_epochs": heal.epochs,
                       **info, "layers": num_layers(model),
                       "hidden_size": model.config.hidden_size,
                       "params": params, "params_non_embedding": non_emb,
