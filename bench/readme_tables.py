@@ -370,17 +370,31 @@ def lm_teacher_cache(data: dict[str, Any]) -> list[str]:
 
 
 def smollm_heal(data: dict[str, Any]) -> list[str]:
-    """bench/smollm_heal.py: a 20-layer SmolLM2 healed with KD + CE vs CE alone."""
-    lines = [row(f"SmolLM2-135M, {data['heal_steps']} heal steps of {data['batch']} × "
-                 f"{data['block_tokens']} Shakespeare tokens", "held-out Shakespeare ppl",
-                 "× teacher", "BBC News ppl (never seen)", "× teacher"),
-             row("---", "---:", "---:", "---:", "---:")]
-    for r in data["rows"]:
-        lines.append(row(r["arm"], f"{r['shakespeare_ppl']:.1f}",
-                         f"{r['shakespeare_vs_teacher']:.2f}×" if "shakespeare_vs_teacher" in r
-                         else "1×", f"{r['bbc_news_ppl']:.1f}",
-                         f"{r['bbc_news_vs_teacher']:.2f}×" if "bbc_news_vs_teacher" in r
-                         else "1×"))
+    """bench/smollm_heal.py: one 20-layer SmolLM2 cut healed by each choice, same steps."""
+    teacher = data["teacher_ppl"]
+    lines = [row(f"SmolLM2 → 20 layers, {data['heal_steps']} heal steps of {data['batch']} × "
+                 f"{data['block_tokens']} tokens", "held-out mixture ppl", "× teacher",
+                 "BBC News ppl (never seen)", "× teacher", "s / step", "trainable",
+                 "peak RSS", "bf16"),
+             row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"),
+             row("teacher (30 layers)", f"{teacher['mixture_ppl']:.1f}", "1.00×",
+                 f"{teacher['bbc_news_ppl']:.1f}", "1.00×", "", "", "", "")]
+    for r in data["arms"]:
+        lines.append(row(f"`{r['arm']}`: {r['label']}", f"{r['mixture_ppl']:.1f}",
+                         f"{r['mixture_vs_teacher']:.2f}×", f"{r['bbc_news_ppl']:.1f}",
+                         f"{r['bbc_news_vs_teacher']:.2f}×", f"{r['seconds_per_step']:.2f}",
+                         millions(r["trainable_params"]),
+                         f"{r['peak_rss_mib'] / 1024:.1f} GiB", "yes" if r["bf16"] else "no"))
+    kept: dict[str, list[str]] = {}
+    for r in data["arms"]:
+        kept.setdefault(", ".join(map(str, r["kept_layers"])), []).append(f"`{r['arm']}`")
+    lines += ["", "The teacher's layers each student kept: " + "; ".join(
+        f"{' '.join(arms)}: {layers}" for layers, arms in kept.items()) + "."]
+    lines += ["", f"Healing data: {data['heal_steps'] * data['batch'] - data['teacher_samples']}"
+              f" blocks of {' + '.join(data['healing_data'])} and {data['teacher_samples']} "
+              f"blocks sampled from the teacher (`no_samples`: "
+              f"{data['heal_steps'] * data['batch']} corpus blocks); "
+              f"{data['eval_blocks']} held-out blocks per corpus; {data['seeds']} seed."]
     return lines
 
 
