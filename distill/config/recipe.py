@@ -237,8 +237,8 @@ class ShrinkStep:
     heads: int | None = field(default=None, metadata=value_range(1))
     intermediate: int | None = field(default=None, metadata=value_range(1))
     # Heal epochs after this cut; default: the stage's `heal.epochs`. A progressive schedule
-    # can heal an intermediate cut briefly and spend its steps on the final depth (SmolLM2:
-    # at equal steps the final 20-layer model is better that way, bench/smollm_heal.py).
+    # can heal an intermediate cut briefly and spend its steps on the final depth (SmolLM2,
+    # bench/smollm_heal.py: at equal steps a one-shot heal beat a 50/50 progressive one).
     heal_epochs: float | None = field(default=None, metadata=value_range(0, lo_open=True))
 
     def check(self, path: str) -> list[str]:

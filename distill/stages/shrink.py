@@ -132,13 +132,14 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
             origin = [origin[i] for i in info["kept_layers"]]
         info["start_layers"] = list(origin)
         params, non_emb = count_params(model)
-        before = ctx.validation_metric(model, cfg.heal.eval_batch_size)
-        seed = ctx.stage_seed(cfg.heal.seed)  # before a PEFT method's weights are made
+        # This step's heal: the stage's, for the step's own number of epochs if it sets one.
         heal = (cfg.heal if step.heal_epochs is None
                 else dataclasses.replace(cfg.heal, epochs=step.heal_epochs))
+        before = ctx.validation_metric(model, heal.eval_batch_size)
+        seed = ctx.stage_seed(heal.seed)  # before a PEFT method's weights are made
         healing = with_method(ctx, model, heal)
         _, summary = kd_train(ctx, healing, teacher, ctx.teacher_source, heal,
-                              cfg.heal.loss, cache_teacher=cfg.heal.cache_teacher,
+                              heal.loss, cache_teacher=heal.cache_teacher,
                               cache_dir=ctx.run_dir / "teacher_cache",
                               log_path=stage_dir / "steps" / name / "log.jsonl",
                               desc=f"heal {name}", seed=seed)
