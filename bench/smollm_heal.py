@@ -15,7 +15,9 @@ order). Arms:
 - `lora_kd`: as `kd_topk` with LoRA r = 16 on every linear layer (merged into the student at
   the end), at a LoRA learning rate (10x);
 - `progressive`: as `kd_topk`, cutting 30 -> 24 -> 20 with half the heal steps after each cut;
-- `no_samples`: as `kd_topk`, on mixture blocks only (what the teacher samples buy).
+- `no_samples`: as `kd_topk`, on mixture blocks only (what the teacher samples buy);
+- `samples_3q`, `samples_all`: as `kd_topk` with three quarters / all of the blocks sampled
+  from the teacher (what a larger share of general text buys, and what it costs the mixture).
 
 Every model is scored on held-out text of the mixture (documents no heal saw) and on BBC News
 articles (a corpus no heal saw). Each arm runs in a fresh process, so its peak memory is its own.
@@ -51,7 +53,9 @@ ARMS = {  # name -> (label, schedule, heal overrides)
                  "learning_rate": 10 * LR}),
     "progressive": ("progressive 30 -> 24 -> 20, top-64 KD + CE", [24, 20], {}),
     "no_samples": ("top-64 KD + CE, corpus blocks only (no teacher samples)", [20],
-                   {"data": {"teacher_samples": None}}),
+                   {"share": 0.0}),
+    "samples_3q": ("top-64 KD + CE, 3/4 of the blocks teacher samples", [20], {"share": 0.75}),
+    "samples_all": ("top-64 KD + CE, teacher samples only", [20], {"share": 1.0}),
 }
 
 
@@ -61,13 +65,14 @@ def recipe(arm: str, steps: int, eval_blocks: int) -> dict:
     heal = {"epochs": 1 / len(schedule), "batch_size": BATCH, "eval_batch_size": 8,
             "learning_rate": LR, "bf16": "auto", "log_every": 10, "keep_best": False,
             "checkpoint_every": None} | {k: v for k, v in overrides.items()
-                                          if k not in ("loss", "data")}
+                                          if k not in ("loss", "share")}
     heal["loss"] = loss
-    data = {"dataset": MIXTURE, "max_length": 128, "max_train_examples": steps * BATCH // 2,
-            "teacher_samples": steps * BATCH - steps * BATCH // 2,
-            "max_eval_examples": eval_blocks}
-    if "data" in overrides:  # corpus blocks only: as many blocks, all from the mixture
-        data |= {"max_train_examples": steps * BATCH} | overrides["data"]
+    # The same number of blocks for every arm; `share` of them sampled from the teacher.
+    # (At least one corpus block: the mixture is still the data whose held-out text is scored.)
+    corpus = max(steps * BATCH - round(steps * BATCH * overrides.get("share", 0.5)), 1)
+    sampled = steps * BATCH - corpus
+    data = {"dataset": MIXTURE, "max_length": 128, "max_train_examples": corpus,
+            "teacher_samples": sampled or None, "max_eval_examples": eval_blocks}
     return {
         "name": f"heal-{arm}", "seed": 0,
         "teacher": {"model": "builtin:smollm2-135m"},
@@ -88,7 +93,8 @@ def one_arm(arm: str, work: Path, steps: int, eval_blocks: int) -> dict:
     from distill.run.pipeline import run_recipe
 
     out = work / arm
-    report = run_recipe(recipe_from_dict(recipe(arm, steps, eval_blocks)), output=out)
+    spec = recipe(arm, steps, eval_blocks)
+    report = run_recipe(recipe_from_dict(spec), output=out)
     records = [json.loads(p.read_text()) for p in
                sorted((out / "stages" / "00-shrink" / "steps").glob("*/step.json"))]
     model = report["stages"][0]["steps"][-1]["model"]
@@ -96,6 +102,8 @@ def one_arm(arm: str, work: Path, steps: int, eval_blocks: int) -> dict:
     heal_steps = sum(r["steps"] for r in records)
     return {"arm": arm, "label": ARMS[arm][0], "layers": [r["layers"] for r in records],
             "kept_layers": records[-1]["start_layers"],  # the teacher's layers kept
+            "corpus_blocks": spec["data"]["max_train_examples"],
+            "teacher_samples": spec["data"]["teacher_samples"] or 0,
             "heal_steps": heal_steps, "train_seconds": round(train_seconds, 1),
             "seconds_per_step": round(train_seconds / heal_steps, 3),
             "stage_seconds": report["stages"][0]["seconds"],
@@ -113,6 +121,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--out", default=str(RESULTS / "smollm_heal.json"),
+                        help="where the JSON goes (an exploratory run need not replace it)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # a child process's arm
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,11 +144,12 @@ def main() -> int:
         row["mixture_vs_teacher"] = row["mixture_ppl"] / teacher["mixture_ppl"]
         row["bbc_news_vs_teacher"] = row["bbc_news_ppl"] / teacher["bbc_news_ppl"]
     result = {"teacher": "builtin:smollm2-135m", "layers": 20, "healing_data": MIXTURE,
+              # Blocks sampled from the teacher by the arms of the recipe's half-and-half share.
               "teacher_samples": args.steps * BATCH - args.steps * BATCH // 2,
               "never_seen": "builtin:bbc_news", "heal_steps": args.steps, "batch": BATCH,
               "block_tokens": 128, "learning_rate": LR, "eval_blocks": args.eval_blocks,
               "seeds": 1, "teacher_ppl": teacher, "arms": rows}
-    path = write_result(RESULTS / "smollm_heal.json", result)
+    path = write_result(Path(args.out), result)
     print(f"wrote {path}")
     return 0
 
