@@ -148,7 +148,15 @@ def resolve_recipe_path(recipe: str) -> Path:
 
 # What a one-off command's message says instead of the recipe key it checked.
 DATA_FLAGS = {"data.dataset": "--data", "data.max_length": "--max-length",
-              "data.text_column": "--text-column", "data.label_column": "--label-column"}
+              "data.text_column": "--text-column", "data.label_column": "--label-column",
+              "data.config": "--data-config", "data.split": "--data-split"}
+# A hub dataset's configuration and the one split read as the whole source (`data.config`,
+# `data.split` in a recipe), for the commands that read a dataset.
+DataConfigOpt = Annotated[str | None, typer.Option(
+    "--data-config", help="The dataset's configuration (a hub id's subset, e.g. 'en').")]
+DataSplitOpt = Annotated[str | None, typer.Option(
+    "--data-split", help="Read only this split of the dataset (e.g. 'train') and carve "
+    "train/validation/test from it 80/10/10.")]
 ATTACH_FLAGS = DATA_FLAGS | {
     "teacher.model": "STUDENT", "stages.0.method": "--method", "stages.0.config": "--option",
     "stages.0.epochs": "--epochs", "stages.0.learning_rate": "--lr",
@@ -292,6 +300,7 @@ def attach(student: Annotated[str | None, typer.Argument(
                "--lr", help="Learning rate.")] = 1e-3,
            batch_size: int = 32, max_length: int = 128, seed: int = 0,
            text_column: str = "text", label_column: str = "label",
+           data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
            bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
            output: Annotated[Path | None, typer.Option(
                "--output", "-o", help="Run directory (default: runs/attach-<method>).")] = None,
@@ -323,7 +332,7 @@ def attach(student: Annotated[str | None, typer.Argument(
         raise DistillError("attach: give the student to adapt, e.g. distill attach "
                            "runs/NAME/stages/01-distill/model --method lora")
     cfg = DataConfig(dataset=data, text_column=text_column, label_column=label_column,
-                     max_length=max_length)
+                     max_length=max_length, config=data_config, split=data_split)
     rec = attach_fn(student, method, cfg, parse_options(option or []), output=output,
                     force=force, console=console, epochs=epochs, learning_rate=learning_rate,
                     batch_size=batch_size, seed=seed, bf16=bf16)
@@ -348,6 +357,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(
                       "config).")] = None,
              split: Annotated[str, typer.Option(help="test or validation.")] = "test",
              text_column: str = "text", label_column: str = "label",
+             data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
              max_length: int = 128,
              max_examples: Annotated[int | None, typer.Option(
                  help="Evaluate on the first N examples only.")] = None,
@@ -361,7 +371,8 @@ def eval_cmd(model: Annotated[str, typer.Argument(
     if split not in ("test", "validation"):
         raise DistillError(f"--split: {split!r} is not allowed; allowed: test, validation")
     cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
-                     max_length=max_length, max_eval_examples=max_examples)
+                     max_length=max_length, max_eval_examples=max_examples,
+                     config=data_config, split=data_split)
     rec = evaluate_saved_model(model, cfg, split=split, latency=latency, task=task)
     table = Table("metric", "value", title=escape(f"{model} on {rec['dataset']} ({split})"))
     table.add_row(rec["metric"]["name"], f"{rec['metric']['value']:.4f}")

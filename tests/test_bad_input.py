@@ -553,6 +553,9 @@ CASES: list[Case] = [
         ("missing text column", "--text-column: column 'review' not found",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review", "-o",
                          str(out)]),
+        ("split of a file", "--data-split: 'train' picks a split of a hub dataset",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--data-split", "train", "-o",
+                         str(out)]),
     ]),
     # --- distill eval
     *command_cases("eval", [
@@ -569,6 +572,8 @@ CASES: list[Case] = [
                                                              e["latin1"]]),
         ("missing text column", "--text-column: column 'review' not found",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--text-column", "review"]),
+        ("config of a file", "--data-config: 'en' picks a config of a hub dataset",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--data-config", "en"]),
     ]),
     # --- distill inspect
     *command_cases("inspect", [

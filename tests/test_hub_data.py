@@ -124,3 +124,19 @@ def test_load_splits_maps_split_names(tmp_path: Path) -> None:
     datasets.DatasetDict({"test": _reviews(10)}).save_to_disk(tmp_path / "t")
     with pytest.raises(DistillError, match="has no train split"):
         load_splits(str(tmp_path / "t"))
+
+
+def test_config_and_split_are_refused_where_they_would_be_ignored(tmp_path: Path) -> None:
+    """A built-in, a file or a mixture is read whole: `data.split` / `data.config` there is a
+    clear error naming the key, for classifiers and language models alike."""
+    (tmp_path / "t.csv").write_text("text,label\n" + "a,0\nb,1\n" * 10, encoding="utf-8")
+    for dataset in ("builtin:rotten_tomatoes", str(tmp_path / "t.csv")):
+        with pytest.raises(DistillError, match=r"data.split: 'train' picks a split of a hub "
+                                               r"dataset.*drop data.split"):
+            load_task_data(DataConfig(dataset=dataset, split="train"))
+    lm = get_task("causal-lm")
+    with pytest.raises(DistillError, match=r"data.config: 'en' picks a config.*mixtures"):
+        lm.load_data(DataConfig(dataset=["builtin:shakespeare", "builtin:bbc_news"],
+                                config="en"))
+    with pytest.raises(DistillError, match="data.split: 'test' picks a split"):
+        lm.load_data(DataConfig(dataset="builtin:shakespeare", split="test"))

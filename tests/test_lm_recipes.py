@@ -277,6 +277,33 @@ def test_eval_command_on_a_causal_lm(corpus: Path, tmp_path: Path) -> None:
     assert "text source not found" in bad.output
 
 
+def test_eval_command_reads_one_split_of_a_dataset(corpus: Path, tmp_path: Path) -> None:
+    """`--data-split` (a recipe's `data.split`): only that split is read, and train,
+    validation and test are carved from it; a split the dataset lacks is named as typed."""
+    import datasets
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    documents = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": documents}),
+                          "test": datasets.Dataset.from_dict({"text": ["too short"]})}
+                         ).save_to_disk(tmp_path / "saved")
+    model = write_tiny_lm(tmp_path / "lm", "llama")
+    args = ["eval", str(model), "--data", str(tmp_path / "saved"), "--max-length", "32",
+            "--no-latency"]
+    # Its own test split (one line) holds no block of 32 tokens to score; carved from train,
+    # the test documents do.
+    whole = CliRunner().invoke(app, args)
+    assert whole.exit_code == 2 and "fewer than one block of 32 (--max-length)" in whole.output
+    result = CliRunner().invoke(app, [*args, "--data-split", "train"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    bad = CliRunner().invoke(app, [*args, "--data-split", "dev"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "--data-split: 'dev' is not a split" in bad.output
+
+
 def test_evaluate_scores_every_model_on_each_eval_data_too(corpus: Path, tmp_path: Path) -> None:
     """`eval_data`: a second corpus (here another Markov chain, which healing never saw),
     scored for every model with its own retention."""

@@ -51,6 +51,18 @@ def is_datasets_source(name: str) -> bool:
     return is_hub_id(name) or is_saved_dataset(Path(name).expanduser())
 
 
+def check_source_options(dataset: str | list[str], config: str | None,
+                         split: str | None) -> None:
+    """`data.config` and `data.split` choose a configuration and a split of a `datasets`
+    source; any other source is read whole, so there they are refused, not ignored."""
+    for key, value in (("config", config), ("split", split)):
+        if value is not None and (isinstance(dataset, list) or not is_datasets_source(dataset)):
+            raise DistillError(
+                f"data.{key}: {value!r} picks a {key} of a hub dataset or of a folder written "
+                f"by `save_to_disk`; {dataset} is not one (built-ins, files, folders of files "
+                f"and mixtures are read whole): drop data.{key}")
+
+
 def load_splits(name: str, config: str | None = None, split: str | None = None,
                 key: str = "data.dataset") -> dict[str, Any]:
     """The splits of a hub dataset or a `save_to_disk` folder, under our split names.

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from distill.errors import DistillError
 from distill.data.frames import (as_int, check_labels, check_texts, count_rows, first_rows,
                                  read_frame, require_column)
-from distill.data.hub import class_names, column_values, is_datasets_source, load_splits
+from distill.data.hub import (check_source_options, class_names, column_values,
+                              is_datasets_source, load_splits)
 from distill.data.token_cache import tokenized
 from distill.config.recipe import DataConfig
 from distill.config.schema import check_seed
@@ -108,6 +109,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         if cap is not None and cap < 1:  # the recipe loader checks this; direct callers may not
             raise DistillError(f"data.{key}: {cap} is out of range; allowed: >= 1 or null")
     check_seed(cfg.split_seed, "data.split_seed")
+    check_source_options(cfg.dataset, cfg.config, cfg.split)
     if cfg.streaming:
         raise DistillError("data.streaming: applies to language-model text (task causal-lm); "
                            "a classifier's data is read whole")

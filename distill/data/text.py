@@ -253,7 +253,8 @@ def tokenize_blocks(documents: list[str], tokenizer: PreTrainedTokenizerBase,
     n = len(values) // block_size
     if n == 0:
         raise DistillError(f"the text has {len(values)} tokens, fewer than one block of "
-                           f"{block_size}; use a smaller block_size")
+                           f"{block_size} (data.max_length); lower data.max_length or give "
+                           "more text")
     return torch.from_numpy(values[:n * block_size].astype(np.int64)).view(n, block_size)
 
 

@@ -38,7 +38,7 @@ from distill.data.batching import pad_collator
 from distill.data.dialogues import (DialogueDataset, Dialogues, dialogues_from_splits,
                                     is_dialogue_source, is_dialogue_table, load_dialogues,
                                     render, tokenize_dialogues)
-from distill.data.hub import is_datasets_source, load_splits
+from distill.data.hub import check_source_options, is_datasets_source, load_splits
 from distill.data.streaming import StreamedText
 from distill.data.text import (SHAKESPEARE, BlockDataset, LMText, load_lm_text, mixture_blocks,
                                sample_blocks, text_from_splits, tokenize_blocks)
@@ -76,6 +76,7 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------ data
     def load_data(self, cfg: DataConfig) -> LMText | Dialogues:
+        check_source_options(cfg.dataset, cfg.config, cfg.split)
         sources = cfg.dataset if isinstance(cfg.dataset, list) else [cfg.dataset]
         dialogue = [s for s in sources if is_dialogue_source(s)]
         if cfg.streaming:
