@@ -24,6 +24,9 @@ articles (a corpus no heal saw). Each arm runs in a fresh process, so its peak m
 
     python bench/smollm_heal.py [--steps 60] [--eval-blocks 64] [--arms kd_topk,ce,...]
     # -> bench/results/smollm_heal.json
+    # LoRA vs every weight over a longer heal (the README's second healing table):
+    python bench/smollm_heal.py --steps 120 --arms lora_kd,kd_topk \
+        --out bench/results/smollm_heal_long.json
 """
 
 from __future__ import annotations
