@@ -70,6 +70,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
                          lm_teacher_cache),
     "smollm_heal": ("bench/results/smollm_heal.json", "bench/smollm_heal.py", smollm_heal),
+    "smollm_heal_long": ("bench/results/smollm_heal_long.json", "bench/smollm_heal.py",
+                         smollm_heal),
     "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
                        smollm2_recipe),
 }

@@ -90,7 +90,8 @@ def smollm_heal(data: dict[str, Any]) -> list[str]:
     lines += ["", f"Healing data, blocks of {' + '.join(data['healing_data'])} + blocks sampled "
               "from the teacher: " + "; ".join(f"{' '.join(arms)}: {c} + {s}"
                                                for (c, s), arms in shares.items())
-              + f"; {data['eval_blocks']} held-out blocks per corpus; {data['seeds']} seed."]
+              + f"; {data['eval_blocks']} held-out blocks per corpus; {data['seeds']} seed; "
+              f"on {cpu(data['provenance'])}."]
     return lines
 
 
