@@ -16,13 +16,14 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedModel, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          T5Config, T5ForConditionalGeneration)
 
 from distill.errors import DistillError
 from distill.compress.importance import (calibration_loss, depth_importance, most_important,
                                 select_layers)
+from distill.compress.arch import present_stacks
 from distill.compress.depth import evenly_spaced, keep_layers
 
 
@@ -43,6 +44,12 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
         initializer_range=0.2, tie_word_embeddings=True)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=DEPTH, n_head=4,
+                                      n_positions=64, initializer_range=0.2)).eval()
 
 
 def make_identity_bert(model: BertForSequenceClassification, index: int) -> None:
@@ -123,6 +130,63 @@ def test_loss_score_equals_loss_of_the_cut_model(name: str) -> None:
         assert scores[i] == pytest.approx(expected, abs=1e-5)
 
 
+def _skip_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    """The plain way to skip a block: run it, then hand its input on (the oracle)."""
+    h_in = args[0] if args else kwargs["hidden_states"]
+    return h_in if isinstance(output, torch.Tensor) else (h_in, *output[1:])
+
+
+def _last_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.base_model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"])[0].float()
+
+
+@pytest.mark.parametrize("build,causal", [(tiny_llama, True), (tiny_gpt2, True),
+                                          (tiny_bert, False)], ids=["llama", "gpt2", "bert"])
+def test_replaying_the_blocks_before_the_skip_changes_nothing(
+        build: Callable[[], PreTrainedModel], causal: bool) -> None:
+    """The scores replay the full pass's outputs for the blocks before the skipped one; they
+    must equal running every block with the skipped one hooked to the identity (GPT-2's
+    blocks return tuples, Llama's tensors): the loss bit for bit."""
+    model = build()
+    batches = [self_labelled_batch(model, causal, 6, seed=s) for s in (3, 4)]
+    base = calibration_loss(model, batches)
+    full = [_last_hidden(model, b) for b in batches]
+    masks = [b["attention_mask"].float() for b in batches]
+    loss_expected, hidden_expected = [], []
+    for block in present_stacks(model)[0][1]:
+        handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
+        try:
+            loss_expected.append(calibration_loss(model, batches) - base)
+            change = [((1 - torch.cosine_similarity(f, _last_hidden(model, b), dim=-1)) * m)
+                      for f, b, m in zip(full, batches, masks)]
+        finally:
+            handle.remove()
+        hidden_expected.append(float(sum(c.sum() for c in change) / sum(m.sum() for m in masks)))
+    assert depth_importance(model, batches, method="loss") == loss_expected
+    assert depth_importance(model, batches, method="hidden") == \
+        pytest.approx(hidden_expected, abs=1e-6)
+
+
+def test_an_instance_forward_is_put_back() -> None:
+    """accelerate's device hooks set `forward` on the block instance: scoring restores it."""
+    model = tiny_llama()
+    wrapped = model.model.layers[2]
+    original = wrapped.forward
+    calls = []
+
+    def forward(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    wrapped.forward = forward
+    depth_importance(model, [self_labelled_batch(model, True, 4)], method="loss")
+    assert wrapped.__dict__["forward"] is forward and calls
+    assert all("forward" not in block.__dict__
+               for i, block in enumerate(model.model.layers) if i != 2)
+
+
 def test_influence_matches_hidden_states_where_they_are_block_io() -> None:
     """BERT's output_hidden_states are exactly each block's input/output: same scores."""
     model = tiny_bert()
@@ -145,6 +209,7 @@ def test_scoring_leaves_the_model_as_it_was() -> None:
         depth_importance(model, iter([batch]), method=method)  # an iterator is fine
     assert model.training
     assert all(not block._forward_hooks for block in model.model.layers)
+    assert all("forward" not in block.__dict__ for block in model.model.layers)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

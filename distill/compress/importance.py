@@ -18,9 +18,10 @@ Three scores, higher = more important (plus `auto`, which picks one, see `resolv
   would see in `keep_layers(model, all but i)` (rotary tables, masks and per-block attention
   types live outside the skipped block), so the loss is that of the cut model -- and it is fast,
   because no model copy is made (`keep_layers` deep-copies the whole model, 30 times for a
-  30-layer model). The skipped block still computes its output, which is then thrown away;
-  that costs 1/L of each forward, less than a copy would. Needs a task head to have a loss:
-  a sequence classifier or a causal LM.
+  30-layer model), and because the blocks before the skipped one are not run again: they see
+  exactly the inputs of the full model's pass, so they replay the outputs recorded in it
+  (`_each_skipped`; L(L+1)/2 block passes per batch for all L skips instead of L(L+1)). Needs
+  a task head to have a loss: a sequence classifier or a causal LM.
 - `hidden`: how much skipping the block (the same exact hook) changes the model's *output*,
   its final hidden states `last_hidden_state`: `1 − cos(h_full, h_skipped)` per token, the
   mean over real tokens. Needs no head and no labels, so it is the score of base models such
@@ -30,7 +31,8 @@ Three scores, higher = more important (plus `auto`, which picks one, see `resolv
   mostly does not; (b) it is scale-free, so it needs no normalising across models whose hidden
   states differ in size by orders of magnitude (a few massive outlier channels would dominate
   an MSE); (c) it is bounded (0..2) and reads like `influence`. Compared per token, not per
-  pooled sentence vector, so it holds for any pooling (mean, CLS, last token).
+  pooled sentence vector, so it holds for any pooling (mean, CLS, last token). Replays the
+  blocks before the skipped one as `loss` does.
 
 Loss: cross-entropy against the batch's `labels` for sequence classifiers (MSE for a
 one-output regression head); next-token cross-entropy for causal LMs (labels = `labels` or the
@@ -39,8 +41,9 @@ input ids, padding ignored), token-weighted over all batches, in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,8 @@ SCORES: tuple[str, ...] = ("loss", "hidden", "influence")
 SCORE_CHOICES: tuple[str, ...] = ("auto", *SCORES)
 
 Batch = dict[str, torch.Tensor]
+T = TypeVar("T")
+_UNSET = object()  # no instance-level attribute
 
 
 def resolve_score(model: PreTrainedModel, score: str = "auto") -> str:
@@ -129,15 +134,7 @@ def depth_importance(model: PreTrainedModel, batches: Iterable[Batch],
                 return _influence(model, blocks, batches)
             if method == "hidden":
                 return _hidden_change(model, blocks, batches)
-            base = calibration_loss(model, batches)
-            scores = []
-            for block in blocks:
-                handle = block.register_forward_hook(_skip_block, with_kwargs=True)
-                try:
-                    scores.append(calibration_loss(model, batches) - base)
-                finally:
-                    handle.remove()
-            return scores
+            return _loss_increase(model, blocks, batches)
     finally:
         model.train(was_training)
 
@@ -229,11 +226,15 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
     return bool(model.can_generate()) and not model.config.is_encoder_decoder
 
 
-def _inputs(model: PreTrainedModel, batch: Batch) -> Batch:
+def _inputs(model: PreTrainedModel, batch: Batch) -> dict[str, Any]:
     """The batch's model inputs on the model's device, labels withheld (the loss is ours, in
-    float32, and a base model's forward takes no `labels`)."""
+    float32, and a base model's forward takes no `labels`); a decoder is told to keep no KV
+    cache (nothing is generated, and `_each_skipped` needs blocks without side effects)."""
     device = _device(model)
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if _is_causal_lm(model):
+        inputs["use_cache"] = False
+    return inputs
 
 
 def _forward(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
@@ -281,13 +282,89 @@ def _hidden_out(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _skip_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                output: Any) -> Any:
-    """Forward hook making a block the identity on the residual stream (same output shape)."""
-    h_in = _hidden_in(args, kwargs)
-    if isinstance(output, torch.Tensor):
-        return h_in
-    return (h_in, *output[1:])
+def _as_output(like: Any, hidden: torch.Tensor) -> Any:
+    """`hidden` in the structure of the block output `like`: the tensor itself, or `like`'s
+    tuple with its first item replaced."""
+    if isinstance(like, torch.Tensor):
+        return hidden
+    return (hidden, *like[1:])
+
+
+def _each_skipped(blocks: nn.ModuleList, run: Callable[[], T],
+                  consume: Callable[[int, T], None]) -> T:
+    """`run()` on the full model, then once per block i with block i skipped (the identity
+    on the residual stream), handing each result to `consume(i, result)`; returns the full
+    model's result.
+
+    With block i skipped, blocks 0..i-1 see exactly the inputs they saw in the full pass, so
+    they are not run again: their `forward` is swapped, for that call only, for one that
+    returns the output recorded in the full pass (the same tensors a recomputation would give,
+    bit for bit). Skipping block i costs the blocks after it plus the embeddings and head:
+    L(L+1)/2 block passes for all L skips instead of L(L+1). `run` must not make blocks
+    write state (pass `use_cache=False` to decoders: a KV cache would miss the replayed
+    layers).
+    """
+    outputs: list[Any] = [None] * len(blocks)
+
+    def recorder(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs[index] = output
+        return hook
+
+    handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(blocks)]
+    try:
+        full = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(len(blocks)):
+        patched = list(blocks)[:i + 1]
+        # An instance-level `forward` (accelerate's device hooks set one) is put back as it was.
+        saved = [block.__dict__.get("forward", _UNSET) for block in patched]
+        for j, block in enumerate(patched[:i]):
+            block.forward = functools.partial(_replay, outputs[j])
+        patched[i].forward = functools.partial(_identity, outputs[i])
+        try:
+            consume(i, run())
+        finally:
+            for block, forward in zip(patched, saved):
+                if forward is _UNSET:
+                    del block.forward
+                else:
+                    block.forward = forward
+    return full
+
+
+def _replay(output: Any, *args: Any, **kwargs: Any) -> Any:
+    """A block's `forward` that returns its recorded `output` whatever it is called with."""
+    return output
+
+
+def _identity(like: Any, *args: Any, **kwargs: Any) -> Any:
+    """A block's `forward` that passes its input hidden state through, shaped as `like`."""
+    return _as_output(like, _hidden_in(args, kwargs))
+
+
+def _loss_increase(model: PreTrainedModel, blocks: nn.ModuleList,
+                   batches: list[Batch]) -> list[float]:
+    """Per block: the calibration loss with it skipped minus the full model's loss.
+
+    Batch-outer, block-inner (see `_each_skipped`), so one batch's recorded block outputs are
+    held at a time; sums are token- (or example-) weighted over all batches, in float64."""
+    skipped = [0.0] * len(blocks)
+    total, count = 0.0, 0
+
+    def add(i: int, result: tuple[torch.Tensor, int]) -> None:
+        skipped[i] += float(result[0].double())
+
+    for batch in batches:
+        loss_sum, n = _each_skipped(blocks, lambda: _batch_loss(model, batch), add)
+        total += float(loss_sum.double())
+        count += n
+    if count == 0:
+        raise DistillError("the calibration batches hold nothing to predict (all labels "
+                           "masked)")
+    return [s / count - total / count for s in skipped]
 
 
 def _influence(model: PreTrainedModel, blocks: nn.ModuleList,
@@ -325,8 +402,8 @@ def _hidden_change(model: PreTrainedModel, blocks: nn.ModuleList,
                    batches: list[Batch]) -> list[float]:
     """1 − mean cos(h_full, h_skipped) of the final hidden states, per skipped block.
 
-    The loop runs batch-outer, block-inner so that only one batch's full-model output (B, T, d)
-    is held at a time, however many calibration batches there are.
+    The loop runs batch-outer, block-inner (`_each_skipped`) so that only one batch's
+    full-model output (B, T, d) is held at a time, however many calibration batches there are.
     """
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     tokens = 0
@@ -334,16 +411,20 @@ def _hidden_change(model: PreTrainedModel, blocks: nn.ModuleList,
         ids = batch["input_ids"]
         mask = batch.get("attention_mask", torch.ones_like(ids)).float()  # (B, T)
         tokens += int(mask.sum())
-        full = _final_hidden(model, batch).float()  # (B, T, d)
-        mask = mask.to(full.device)
-        for i, block in enumerate(blocks):
-            handle = block.register_forward_hook(_skip_block, with_kwargs=True)
-            try:
-                skipped = _final_hidden(model, batch).float()  # (B, T, d)
-            finally:
-                handle.remove()
+        full: torch.Tensor | None = None  # (B, T) float32, set by the full pass
+
+        def add(i: int, skipped: torch.Tensor) -> None:
             cos = F.cosine_similarity(full, skipped, dim=-1)  # (B, T)
-            sums[i] += ((1.0 - cos) * mask).sum().double().cpu()
+            sums[i] += ((1.0 - cos) * mask.to(cos.device)).sum().double().cpu()
+
+        def run() -> torch.Tensor:
+            nonlocal full
+            out = _final_hidden(model, batch).float()  # (B, T, d)
+            if full is None:
+                full = out
+            return out
+
+        _each_skipped(blocks, run, add)
     if tokens == 0:
         raise DistillError("the calibration batches hold no real tokens (attention mask all 0)")
     return (sums / tokens).tolist()

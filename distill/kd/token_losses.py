@@ -19,7 +19,8 @@ distribution, so that k = V is exactly full KD.
 Memory: the float32 log-softmax of both models is computed for `chunk_size` positions at a time,
 and each chunk's gradient is taken as soon as its value is (`_ChunkedSum`), so float32
 [B, n, V] tensors of teacher and student never exist for the whole batch (a 49k-row vocabulary
-at 4×512 tokens is 400 MB per float32 copy; 150k+ rows for Llama-3/Qwen users).
+at 4×512 tokens is 400 MB per float32 copy; 150k+ rows for Llama-3/Qwen users). The forward KL,
+the default, takes its gradient in closed form (`_forward_kl_sum`), the others by autograd.
 Positions whose next token carries no loss (padding, the prompt of instruction data) are
 masked; the loss is the mean over the remaining positions, exactly 0 (still on the graph) when
 none remains.
@@ -136,17 +137,24 @@ class _ChunkedSum(torch.autograd.Function):
     one chunk exist at a time, nothing is recomputed, and the gradient is written straight into
     one buffer of the logits' shape and dtype (no full-size zeros per chunk to add up).
 
-    forward(logits [R, V], fn, chunks: [(start, end, args)]) -> float32 scalar.
+    forward(logits [R, V], fn, chunks: [(start, end, args)], closed_form) -> float32 scalar.
+    With `closed_form`, `fn(part, *args, need_grad)` returns (value, gradient or None) itself
+    instead of a value that autograd differentiates.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, fn, chunks: list) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, fn, chunks: list,  # type: ignore[override]
+                closed_form: bool = False) -> Tensor:
         need = logits.requires_grad
         grad = torch.zeros_like(logits) if need else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start, end, args in chunks:
             part = logits[start:end].detach()
-            if need:
+            if closed_form:
+                value, part_grad = fn(part, *args, need)
+                if need:
+                    grad[start:end] = part_grad
+            elif need:
                 part.requires_grad_(True)
                 with torch.enable_grad():
                     value = fn(part, *args)
@@ -161,7 +169,7 @@ class _ChunkedSum(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         # In place: the buffer serves this one backward pass (no double backward).
-        return grad.mul_(grad_out.to(grad.dtype)), None, None
+        return grad.mul_(grad_out.to(grad.dtype)), None, None, None
 
 
 def _chunk_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, temperature: float,
@@ -176,6 +184,62 @@ def _chunk_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, temperatur
         log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
     per_row = divergence(log_t, log_s, kind, beta, skew)
     return torch.where(mask, per_row, torch.zeros_like(per_row)).sum()
+
+
+def _is_forward_kl(kind: str, beta: float, skew: float) -> bool:
+    """Whether `divergence(kind, beta, skew)` is the plain forward KL(p_T ‖ p_S)."""
+    return (kind == "forward_kl" or (kind == "jsd" and beta == 0)
+            or (kind == "skew_forward_kl" and skew == 0))
+
+
+def _forward_kl_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, temperature: float,
+                    need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """`_chunk_sum` for the forward KL, with its gradient in closed form (no autograd graph).
+
+    With z = student / T, q = softmax(z) and the teacher's p:
+
+        ∂KL(p ‖ q)/∂z_j = q_j − p_j                      (whole teacher; top-k: j in the top-k)
+                        = q_j · (1 − p_tail / q_tail)    (top-k: j in the tail bucket, whose
+                                                          gradient spreads over its tokens as q)
+
+    and ∂/∂student = ∂/∂z / T. One log-softmax, one logsumexp for the tail, one exp: autograd
+    through the log-softmax, the tail's scatter and logsumexp and their backward passes takes
+    several times as long (`bench/token_loss_speed.py` times both, alone and in a LoRA heal
+    step of the 20-layer SmolLM2).
+
+    Args:
+        student: [N, V] logits; teacher: [N, V] logits or `TopK` of N rows; mask: [N] bool.
+    Returns:
+        (float32 summed KL over the masked rows, [N, V] float32 gradient or None).
+    """
+    z = student.float()
+    if temperature != 1.0:
+        z = z / temperature
+    log_q = F.log_softmax(z, dim=-1)
+    del z
+    if isinstance(teacher, TopK):
+        idx = teacher.indices
+        log_p_top, log_p_tail = teacher.log_probs.float(), teacher.tail.float()
+        log_q_top = log_q.gather(-1, idx)
+        log_q_tail = log_q.scatter(-1, idx, -math.inf).logsumexp(-1)  # [N]
+        per_row = _kl(torch.cat([log_p_top, log_p_tail[:, None]], dim=-1),
+                      torch.cat([log_q_top, log_q_tail[:, None]], dim=-1))
+    else:
+        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+        per_row = _kl(log_p, log_q)
+    value = torch.where(mask, per_row, torch.zeros_like(per_row)).sum()
+    if not need_grad:
+        return value, None
+    grad = log_q.exp_()  # q, in place of log q
+    if isinstance(teacher, TopK):
+        ratio = torch.where(torch.isneginf(log_p_tail), torch.zeros_like(log_p_tail),
+                            torch.exp(log_p_tail - log_q_tail))  # p_tail / q_tail; k = V: 0
+        grad.mul_((1.0 - ratio)[:, None])
+        grad.scatter_(-1, idx, log_q_top.exp() - log_p_top.exp())
+    else:
+        grad.sub_(log_p.exp_())
+    grad.mul_((mask.to(grad.dtype) / temperature)[:, None])
+    return value, grad
 
 
 def token_kd_loss(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor | None = None,
@@ -211,14 +275,17 @@ def token_kd_loss(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor |
     count = int(keep.sum())
     if count == 0:
         return student_logits.sum() * 0.0
+    closed_form = _is_forward_kl(kind, beta, skew)
     chunks = []
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
         if keep[start:end].any():  # a chunk of padding only costs nothing
             part = teach.rows(start, end) if isinstance(teach, TopK) else teach[start:end]
-            chunks.append((start, end, (part, keep[start:end], temperature, kind, beta,
-                                        skew)))
-    total = _ChunkedSum.apply(student, _chunk_sum, chunks)
+            args = (part, keep[start:end], temperature) + (
+                () if closed_form else (kind, beta, skew))
+            chunks.append((start, end, args))
+    fn = _forward_kl_sum if closed_form else _chunk_sum
+    total = _ChunkedSum.apply(student, fn, chunks, closed_form)
     return temperature**2 * total / count
 
 
@@ -249,7 +316,7 @@ def token_nll(logits: Tensor, labels: Tensor, chunk_size: int = 1024) -> tuple[T
     chunks = [(start, start + chunk_size, (flat[start:start + chunk_size],))
               for start in range(0, rows, chunk_size)
               if (flat[start:start + chunk_size] != IGNORE_INDEX).any()]
-    total = _ChunkedSum.apply(flat_logits, _chunk_nll, chunks)
+    total = _ChunkedSum.apply(flat_logits, _chunk_nll, chunks, False)
     return total, int((flat != IGNORE_INDEX).sum())
 
 
