@@ -40,6 +40,7 @@ from tables.language_models import (  # noqa: E402
     smollm_depth_selection,
     smollm_heal,
     token_loss_memory,
+    token_loss_speed,
 )
 from tables.machine import bf16_speed, launch_modes, qlora_memory, test_suite  # noqa: E402
 
@@ -67,6 +68,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                                "bench/progressive_vs_oneshot.py", progressive_vs_oneshot),
     "token_loss_memory": ("bench/results/token_loss_memory.json",
                           "bench/token_loss_memory.py", token_loss_memory),
+    "token_loss_speed": ("bench/results/token_loss_speed.json", "bench/token_loss_speed.py",
+                         token_loss_speed),
     "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
                          lm_teacher_cache),
     "smollm_heal": ("bench/results/smollm_heal.json", "bench/smollm_heal.py", smollm_heal),
