@@ -153,3 +153,41 @@ def test_teacher_samples_on_conversations_are_refused(corpus: Path, tmp_path: Pa
     with pytest.raises(DistillError, match=r"stages\.0\.data\.teacher_samples: .*"
                                            "conversations"):
         run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+
+
+def test_the_inverse_cdf_draw_follows_softmax_and_never_draws_an_excluded_token() -> None:
+    """40,000 draws from 6 scores (one -inf, as the held-back end-of-text token): frequencies
+    within 0.01 of softmax; the output is 0 at the drawn token and -inf elsewhere."""
+    scores = torch.tensor([[2.0, 0.5, float("-inf"), -1.0, 1.0, 0.0]]).repeat(40_000, 1)
+    uniforms = torch.rand(40_000, 3, generator=torch.Generator().manual_seed(0))
+    draw = teacher_samples.InverseCdfDraw(uniforms)
+    out = draw(torch.zeros(40_000, 2, dtype=torch.long), scores)  # step 1: column 1
+    assert torch.equal(out, teacher_samples.InverseCdfDraw(uniforms[:, 1:])(
+        torch.zeros(40_000, 1, dtype=torch.long), scores))
+    assert ((out == 0).sum(dim=1) == 1).all() and (out[out != 0] == float("-inf")).all()
+    drawn = out.argmax(dim=1)
+    observed = torch.bincount(drawn, minlength=6).double() / 40_000
+    expected = torch.softmax(scores[0].double(), dim=0)
+    assert observed[2] == 0 and (observed - expected).abs().max() < 0.01
+
+
+def test_a_blocks_tokens_do_not_depend_on_the_batch_it_was_sampled_in(
+        peaked: AutoModelForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    start = word_tokenizer().eos_token_id
+    whole = teacher_samples.sample(peaked, start, count=12, length=10, seed=3, eos=start)
+    monkeypatch.setattr(teacher_samples, "MAX_BATCH", 5)
+    assert teacher_samples.batch_size(peaked.config, 10) == 5
+    assert torch.equal(teacher_samples.sample(peaked, start, count=12, length=10, seed=3,
+                                              eos=start), whole)
+
+
+def test_the_sampling_batch_keeps_the_kv_caches_within_budget() -> None:
+    from transformers import GPT2Config, LlamaConfig
+
+    smol = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                       num_key_value_heads=3)
+    big = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32)
+    assert teacher_samples.batch_size(smol, 128) == teacher_samples.MAX_BATCH
+    assert teacher_samples.batch_size(big, 128) == 7  # 135 MB of float32 K and V each
+    assert teacher_samples.batch_size(GPT2Config(), 128) == 112  # n_layer, n_head read too
+    assert teacher_samples.batch_size(big, 1 << 20) == 1

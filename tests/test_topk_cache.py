@@ -113,7 +113,8 @@ def test_the_fingerprint_follows_weights_vocabulary_corpus_k_and_temperature(cor
                fingerprint([weights], vocab, corpus[:, :-1], K, T),
                fingerprint([weights], vocab, corpus.flip(0), K, T),
                fingerprint([weights], vocab, corpus, K + 1, T),
-               fingerprint([weights], vocab, corpus, K, 1.0)]
+               fingerprint([weights], vocab, corpus, K, 1.0),
+               fingerprint([weights], vocab, corpus, K, T, bf16=True)]
     weights.write_bytes(b"weights-2")  # re-trained in place
     changed.append(fingerprint([weights], vocab, corpus, K, T))
     assert len({base, *changed}) == 1 + len(changed)
@@ -130,3 +131,22 @@ def test_padding_is_seen_as_the_teacher_sees_it(tmp_path) -> None:
     with torch.no_grad():
         live = top_k(teacher(input_ids=ids, attention_mask=mask).logits, K, T)
     assert torch.equal(cache.rows(torch.arange(3)).log_probs, live.log_probs)
+
+
+def test_under_bf16_the_teacher_runs_as_a_live_bf16_teacher_would(corpus, tmp_path) -> None:
+    """`bf16=True`: the top-k of the teacher's logits under bf16 autocast (what the stage's
+    live teacher gives), a cache of its own beside the float32 one."""
+    teacher = tiny_llama(0)
+    for p in teacher.parameters():
+        p.requires_grad_(False)  # frozen, as a stage's teacher: `cast_once` must restore it
+    cache = load_or_compute(tmp_path, "key", Loader(teacher), corpus, K, T, shard_rows=4,
+                            bf16=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live = top_k(teacher(input_ids=corpus).logits, K, T)
+    rows = torch.arange(10)
+    assert torch.equal(cache.rows(rows).indices, live.indices)
+    assert torch.equal(cache.rows(rows).log_probs, live.log_probs)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    loader = Loader(teacher)
+    load_or_compute(tmp_path, "key", loader, corpus, K, T, shard_rows=4)  # float32: recomputed
+    assert loader.calls == 1

@@ -5,6 +5,8 @@ tokens at temperature T are stored: log-probabilities (float32), token ids (int3
 of the remaining mass (float32), `8k + 4` bytes per token (516 B at k = 64, against 4·V = 196 KB
 for SmolLM2's full float32 row). Distillation then reads the top-k (`distill.kd.token_losses.TopK`)
 and needs no teacher at all: the teacher is loaded only when a shard has to be computed.
+The teacher runs in the stage's precision, as a live teacher would: under bf16 autocast where the
+stage trains so (its soft labels then carry bf16 logits, as the student's do).
 
     <cache>/manifest.json        key, k, temperature, block shape, per shard: rows, bytes, sha256
     <cache>/shard-00000.safetensors  log_probs [r, n, k], indices [r, n, k], tail [r, n]
@@ -12,8 +14,8 @@ and needs no teacher at all: the teacher is loaded only when a shard has to be c
 Shards hold `shard_rows` consecutive blocks. Each is written atomically and recorded in the
 manifest only once it is on disk; a shard that is missing, cut short or changed (its size or
 SHA-256 differ from the manifest) is recomputed, never used, and only it. A cache whose key
-differs (another teacher's weights, tokenizer, corpus, max length, k or T: `fingerprint`) is
-recomputed whole.
+differs (another teacher's weights, tokenizer, corpus, max length, k, T or precision:
+`fingerprint`) is recomputed whole.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from torch import Tensor, nn
 
 from distill.files import atomic_write
 from distill.kd.token_losses import TopK, top_k
+from distill.train.precision import autocast, cast_once
 
-FORMAT = 1
+FORMAT = 2  # 2: the precision is part of the key
 MANIFEST = "manifest.json"
 
 
@@ -40,7 +43,7 @@ def _sha256(data: bytes) -> str:
 
 
 def fingerprint(weight_files: list[Path], vocabulary: dict[str, int], input_ids: Tensor,
-                k: int, temperature: float) -> str:
+                k: int, temperature: float, bf16: bool = False) -> str:
     """Everything the stored top-k depends on, hashed.
 
     Args:
@@ -49,9 +52,10 @@ def fingerprint(weight_files: list[Path], vocabulary: dict[str, int], input_ids:
         vocabulary: the tokenizer's token -> id map.
         input_ids: [N, n] the corpus as the teacher sees it (data, preprocessing, max length).
         k, temperature: the cache's settings.
+        bf16: whether the teacher runs under bf16 autocast (other logits than float32's).
     """
     digest = hashlib.sha256(json.dumps({"format": FORMAT, "k": k, "temperature": temperature,
-                                        "shape": list(input_ids.shape)}).encode())
+                                        "bf16": bf16, "shape": list(input_ids.shape)}).encode())
     for path in sorted(weight_files):
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -109,19 +113,20 @@ def _verified(folder: Path, entry: dict) -> bool:
         return False
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode, which turns autocast's cache of casts off (`cast_once`)
 def _compute(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, k: int,
-             temperature: float, batch_size: int) -> dict[str, Tensor]:
+             temperature: float, batch_size: int, bf16: bool = False) -> dict[str, Tensor]:
     """The teacher's top-k of blocks [r, n] -> the shard's tensors."""
     teacher.eval()
     device = next(teacher.parameters()).device
     outs: list[TopK] = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start:start + batch_size].to(device)
-        mask = None if attention_mask is None else \
-            attention_mask[start:start + batch_size].to(device)
-        logits = teacher(input_ids=ids, attention_mask=mask).logits
-        outs.append(top_k(logits, k, temperature))
+    with cast_once(teacher), autocast(bf16, device.type):
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start:start + batch_size].to(device)
+            mask = None if attention_mask is None else \
+                attention_mask[start:start + batch_size].to(device)
+            logits = teacher(input_ids=ids, attention_mask=mask).logits
+            outs.append(top_k(logits, k, temperature))
     return {"log_probs": torch.cat([o.log_probs for o in outs]).float().cpu().contiguous(),
             "indices": torch.cat([o.indices for o in outs]).to(torch.int32).cpu().contiguous(),
             "tail": torch.cat([o.tail for o in outs]).float().cpu().contiguous()}
@@ -130,14 +135,15 @@ def _compute(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | Non
 def load_or_compute(folder: Path, key: str, teacher: Callable[[], nn.Module],
                     input_ids: Tensor, k: int, temperature: float,
                     attention_mask: Tensor | None = None, shard_rows: int = 256,
-                    batch_size: int = 8) -> TopKCache:
+                    batch_size: int = 8, bf16: bool = False) -> TopKCache:
     """The top-k cache of `input_ids` [N, n] in `folder`: shards that are there, complete and
     belong to `key` are kept; the others are computed, written and recorded one by one (a kill
     loses at most the shard being written).
 
     Args:
         teacher: a zero-argument loader; called only if some shard must be computed.
-        key: `fingerprint(...)` of this teacher, tokenizer, corpus, k and T.
+        key: `fingerprint(...)` of this teacher, tokenizer, corpus, k, T and precision.
+        bf16: run the teacher under bf16 autocast.
     """
     folder = Path(folder)
     blocks, length = input_ids.shape
@@ -145,7 +151,7 @@ def load_or_compute(folder: Path, key: str, teacher: Callable[[], nn.Module],
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = {}
-    fresh = {"format": FORMAT, "key": key, "k": k, "temperature": temperature,
+    fresh = {"format": FORMAT, "key": key, "k": k, "temperature": temperature, "bf16": bf16,
              "blocks": blocks, "block_length": length, "shard_rows": shard_rows}
     if {name: manifest.get(name) for name in fresh} != fresh:
         manifest = fresh | {"shards": []}
@@ -161,7 +167,8 @@ def load_or_compute(folder: Path, key: str, teacher: Callable[[], nn.Module],
             model = teacher()
         start, end = index * shard_rows, min((index + 1) * shard_rows, blocks)
         mask = None if attention_mask is None else attention_mask[start:end]
-        data = save(_compute(model, input_ids[start:end], mask, k, temperature, batch_size))
+        data = save(_compute(model, input_ids[start:end], mask, k, temperature, batch_size,
+                             bf16))
         name = f"shard-{index:05d}.safetensors"
         atomic_write(folder / name, data)
         shards[index] = {"file": name, "rows": end - start, "bytes": len(data),

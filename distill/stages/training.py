@@ -24,6 +24,7 @@ from distill.models.loading import config_num_layers, load_config, save_model, \
 from distill.run.context import RunContext
 from distill.train.loop import LoopResult, train_loop
 from distill.train.objective import FrozenTeacher, Objective
+from distill.train.precision import resolve
 
 
 def load_frozen_teacher(ctx: RunContext, eager_attention: bool = False,
@@ -113,12 +114,14 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
         raise DistillError(f"{desc}: loss.alpha {loss.w.alpha:g} < 1 needs a teacher")
     if cache_teacher and teacher is not None and loss.needs_teacher_logits and not (
             loss.needs_hidden or loss.needs_attentions):
+        # In the precision the loop will train in (rank 0's decision, as the loop takes it).
+        bf16 = ctx.from_main(resolve(args.bf16, ctx.accelerator.device.type))
         cache = ctx.task.teacher_cache(
             cache_dir, teacher.get, ctx.tokenized("train"),
             ctx.loader("train", args.eval_batch_size), teacher_source=teacher_source,
             tokenizer=ctx.tokenizer,
             data_cfg=ctx.recipe.data, temperature=loss_cfg.temperature, top_k=loss_cfg.top_k,
-            accelerator=ctx.accelerator)
+            accelerator=ctx.accelerator, bf16=bf16)
         if cache is not None:
             cached, cache_info = cache.lookup, cache.info
     model.train()

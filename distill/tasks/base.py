@@ -150,12 +150,13 @@ class Task(ABC):
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
                       loader: DataLoader, *, teacher_source: str,
                       tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
-                      temperature: float, top_k: int | None, accelerator: Accelerator
-                      ) -> TeacherCache | None:
+                      temperature: float, top_k: int | None, accelerator: Accelerator,
+                      bf16: bool = False) -> TeacherCache | None:
         """The teacher's soft labels for every item of `dataset` (the loader's batches, in
         order), read from `folder` when they are there and belong to this teacher and data,
         else computed (`teacher()` loads it) and stored; None when this task caches nothing
-        for these settings. Every process calls it."""
+        for these settings. `bf16`: the stage trains under bf16 autocast, so a live teacher
+        would run under it too (a task may compute its cache so). Every process calls it."""
 
     def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """[B, n] bool: the positions whose hidden states are compared (real tokens)."""

@@ -217,22 +217,24 @@ class CausalLM(Task):
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
                       loader: DataLoader, *, teacher_source: str,
                       tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
-                      temperature: float, top_k: int | None, accelerator: Accelerator
-                      ) -> TeacherCache | None:
+                      temperature: float, top_k: int | None, accelerator: Accelerator,
+                      bf16: bool = False) -> TeacherCache | None:
         """The teacher's top-k next tokens at every position (`distill.kd.topk_cache`):
         `8k + 4` bytes per token. Without `loss.top_k` nothing is cached (a full float32
-        vocabulary row per token would be 4·V bytes: 196 KB for SmolLM2)."""
+        vocabulary row per token would be 4·V bytes: 196 KB for SmolLM2). The teacher runs
+        under bf16 autocast when `bf16`, as it would live."""
         if top_k is None or not isinstance(dataset, BlockDataset):
             return None  # conversations have no fixed block shape: the teacher runs live
         vocabulary = tokenizer.get_vocab()
         files = check_weights(teacher_source, allow_pickle=True)  # hashed, never unpickled
-        key = topk_cache.fingerprint(files, vocabulary, dataset.blocks, top_k, temperature)
+        key = topk_cache.fingerprint(files, vocabulary, dataset.blocks, top_k, temperature,
+                                     bf16)
         if not files:  # a hub id: nothing local to hash, so its name stands for the weights
             key = hashlib.sha256(f"{teacher_source}\n{key}".encode()).hexdigest()
 
         def build() -> topk_cache.TopKCache:
             return topk_cache.load_or_compute(folder, key, teacher, dataset.blocks, top_k,
-                                              temperature)
+                                              temperature, bf16=bf16)
 
         # Rank 0 computes what is missing; the others then find every shard verified.
         cache = build() if accelerator.is_main_process else None

@@ -116,9 +116,11 @@ class SequenceClassification(Task):
     def teacher_cache(self, folder: Path, teacher: Callable[[], nn.Module], dataset: Dataset,
                       loader: DataLoader, *, teacher_source: str,
                       tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
-                      temperature: float, top_k: int | None, accelerator: Accelerator
-                      ) -> TeacherCache:
-        """Every training example's full logits, [N, C] float32 (a few hundred KB)."""
+                      temperature: float, top_k: int | None, accelerator: Accelerator,
+                      bf16: bool = False) -> TeacherCache:
+        """Every training example's full logits, [N, C] float32 (a few hundred KB), computed in
+        float32 whatever `bf16` says: one forward of an encoder over the training split is
+        seconds, and the classification recipes' numbers were measured with these logits."""
         key = teacher_cache.fingerprint(teacher_source, len(dataset), data_cfg.max_length,
                                         dataset[0]["input_ids"])
         logits = teacher_cache.load_or_compute(

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 # bf16 must take at most this fraction of the fp32 time to be chosen: a clear win, so that
 # timing noise cannot flip the decision between runs on one machine.
@@ -54,6 +56,28 @@ def autocast(bf16: bool, device_type: str) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on `device_type` when `bf16`, else a context that does nothing."""
     return (torch.autocast(device_type, dtype=torch.bfloat16) if bf16
             else contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def cast_once(model: nn.Module) -> Iterator[None]:
+    """Lets autocast cast each weight of a frozen `model` once per autocast context, not at
+    every call.
+
+    Autocast keeps the bf16 copies it makes only of leaf tensors that require grad; a frozen
+    teacher's weights are otherwise cast again at every forward: when sampling, all 135M of
+    SmolLM2's for each new token of a batch. Marked as requiring grad for the while (use it
+    under `no_grad`, which records no graph either way; inference mode turns the cache off),
+    each is cast once per autocast context: the same bf16 values, so the outputs are bit for
+    bit those of the per-call casts, at the cost of a bf16 copy of the weights held meanwhile.
+    """
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @functools.cache
