@@ -3,7 +3,7 @@ model code only with `trust_remote_code`, for the run and the one-off commands a
 folder loads is what its shard index names, so the index's shards are checked before
 transformers opens the folder, on every route (and `torch.load` is never reached).
 
-Uses the broken model folders of `test_bad_input.py` (its `env` fixture).
+Uses the broken model folders of tests/bad_input.py (`make_env`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from conftest import tiny_recipe
 from distill.cli import app
-from test_bad_input import Env, make_env, runner, stage
+from bad_input import Env, make_env, runner, stage
 
 
 @pytest.fixture(scope="module")
