@@ -39,8 +39,10 @@ from tables.language_models import (  # noqa: E402
     smollm2_recipe,
     smollm_depth_selection,
     smollm_heal,
+    teacher_sampling,
     token_loss_memory,
     token_loss_speed,
+    topk_cache_precision,
 )
 from tables.machine import bf16_speed, launch_modes, qlora_memory, test_suite  # noqa: E402
 
@@ -70,6 +72,10 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                           "bench/token_loss_memory.py", token_loss_memory),
     "token_loss_speed": ("bench/results/token_loss_speed.json", "bench/token_loss_speed.py",
                          token_loss_speed),
+    "teacher_sampling": ("bench/results/teacher_sampling.json", "bench/teacher_sampling.py",
+                         teacher_sampling),
+    "topk_cache_precision": ("bench/results/topk_cache_precision.json",
+                             "bench/topk_cache_precision.py", topk_cache_precision),
     "lm_teacher_cache": ("bench/results/lm_teacher_cache.json", "bench/lm_teacher_cache.py",
                          lm_teacher_cache),
     "smollm_heal": ("bench/results/smollm_heal.json", "bench/smollm_heal.py", smollm_heal),

@@ -65,6 +65,37 @@ def token_loss_speed(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def teacher_sampling(data: dict[str, Any]) -> list[str]:
+    """bench/teacher_sampling.py: `generate`'s own sampler vs the toolkit's, same teacher."""
+    base, ours = data["generate_multinomial"], data["toolkit"]
+    lines = [row(f"sampling {data['blocks']} blocks of {data['length']} tokens from SmolLM2-135M, "
+                 f"bf16 autocast, {data['threads']} threads", "sequences at once", "tokens / s",
+                 "speed-up"),
+             row("---", "---:", "---:", "---:"),
+             row("`generate(do_sample=True)`: `torch.multinomial`, weights cast at every step",
+                 str(data["baseline_batch"]), f"{base['tokens_per_s']:.0f}", "1.00×"),
+             row("toolkit: inverse-CDF draw, weights cast once per batch",
+                 str(data["batch"]), f"{ours['tokens_per_s']:.0f}", f"{data['speedup']:.2f}×")]
+    return lines + ["", f"Median of {data['repeats']} alternated runs per arm, on "
+                    f"{cpu(data['provenance'])}."]
+
+
+def topk_cache_precision(data: dict[str, Any]) -> list[str]:
+    """bench/topk_cache_precision.py: the top-k cache filled in float32 vs bf16 autocast."""
+    lines = [row(f"top-{data['k']} of SmolLM2-135M on {data['blocks']} × {data['length']} "
+                 f"training tokens, {data['threads']} threads", "tokens / s", "speed-up"),
+             row("---", "---:", "---:"),
+             row("float32", f"{data['fp32']['tokens_per_s']:.0f}", "1.00×"),
+             row("bf16 autocast", f"{data['bf16']['tokens_per_s']:.0f}",
+                 f"{data['speedup']:.2f}×")]
+    return lines + ["", f"bf16 against float32: the same most probable token at "
+                    f"{100 * data['top1_agreement']:.1f} % of positions, "
+                    f"{100 * data['topk_overlap']:.1f} % of the top-{data['k']} tokens shared, "
+                    f"their log-probabilities {data['log_prob_mean_abs_diff']:.3f} nats apart "
+                    f"on average (the tail's log-mass {data['tail_mean_abs_diff']:.3f}); on "
+                    f"{cpu(data['provenance'])}."]
+
+
 def lm_teacher_cache(data: dict[str, Any]) -> list[str]:
     """bench/lm_teacher_cache.py: a SmolLM2 heal epoch with and without the top-k cache."""
     label = {"live": "no cache: the teacher runs every batch",
