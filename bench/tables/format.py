@@ -38,7 +38,9 @@ def large(x: float) -> str:
 
 
 def minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+    """"3 min 60 s" never: whole seconds first (239.7 s is 4 min 00 s)."""
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
 
 
 def cpu(machine: dict[str, Any]) -> str:
