@@ -37,8 +37,8 @@ from distill.files import atomic_write
 from distill.train.precision import autocast, cast_once
 
 FORMAT = 2  # 2: tokens drawn by inverse CDF (`InverseCdfDraw`); 1: by torch.multinomial
-# Sequences sampled at once: SmolLM2 on 2 cores drew 271 tokens/s at 50, 317 at 100, 345 at
-# 150 (one run); fewer when their KV caches at full length would pass KV_BUDGET bytes.
+# Sequences sampled at once (more share each read of the weights); fewer when their KV caches
+# at full length would pass KV_BUDGET bytes.
 MAX_BATCH = 150
 KV_BUDGET = 1 << 30
 
@@ -124,7 +124,7 @@ def sample(teacher: nn.Module, start: int, count: int, length: int, seed: int,
 
     The uniform variates of all draws come from one generator seeded `seed`, [count, length]
     at once: the global random state is left as it was, the samples do not depend on what ran
-    before, and a block's tokens do not depend on the batch it was sampled in."""
+    before, and a block draws with the same variates whatever batch it is sampled in."""
     device = next(teacher.parameters()).device
     own = getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)
     stops = sorted({t for t in ([eos] + (own if isinstance(own, list) else [own]))
