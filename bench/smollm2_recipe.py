@@ -1,13 +1,15 @@
-"""The shipped SmolLM2 recipe as a new user runs it: a fresh clone, `make setup`, `distill run`.
+"""A shipped language-model recipe as a new user runs it: a fresh clone, `make setup`, `distill run`.
 
 Clones the committed HEAD into a temporary folder, sets it up with a fresh venv and an empty
 toolkit cache (so the GGUF conversion and the tokenization are part of the run, as on a new
 machine), runs `distill run recipes/smollm2-shakespeare.yaml`, and records the wall time of the
 run, each stage's seconds, every model's perplexity on held-out mixture text and on BBC News
 (never seen by any stage) with its ratio to the teacher's, and the table the command printed,
-in bench/results/smollm2_recipe.json.
+in bench/results/smollm2_recipe.json (or --out).
 
     python bench/smollm2_recipe.py [--recipe recipes/smollm2-shakespeare.yaml]
+    python bench/smollm2_recipe.py --recipe recipes/gemma3-shakespeare.yaml \
+        --out gemma3_recipe.json
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/smollm2-shakespeare.yaml")
     ap.add_argument("--keep", type=Path, help="copy the run directory here")
+    ap.add_argument("--out", default="smollm2_recipe.json", help="file under bench/results")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="distill-recipe-") as tmp:
         clone = Path(tmp) / "clone"
@@ -76,7 +79,7 @@ def main() -> int:
               "stages": [{"index": s["index"], "kind": s.get("kind"), "seconds": s.get("seconds")}
                          for s in report["stages"]],
               "data": report["data"], "models": models, "printed_tail": printed[-3000:], "provenance": machine}
-    path = RESULTS / "smollm2_recipe.json"
+    path = RESULTS / args.out
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "printed_tail"}, indent=1))
     return 0

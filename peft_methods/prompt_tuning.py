@@ -101,7 +101,8 @@ def resolve_dims(config: PromptLearningConfig, model: nn.Module, task_type: str,
     """A copy of `config` with the dimensions PEFT fills in (`_prepare_prompt_learning_config`
     and `_setup_prompt_encoder`), read from the model's config in PEFT's order of keys.
 
-    With `kv_prefix` (prefix tuning) a model with `num_key_value_heads` gets
+    Virtual input tokens get the input embeddings' width. With `kv_prefix` (prefix tuning) a
+    model with `num_key_value_heads` gets
     `token_dim = head_dim × num_key_value_heads` and `num_attention_heads = num_key_value_heads`,
     since its cached K/V have that width (grouped-query attention).
     """
@@ -125,6 +126,12 @@ def resolve_dims(config: PromptLearningConfig, model: nn.Module, task_type: str,
         updates["num_layers"] = layers if layers is not None else first(
             ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
     token_dim = config.token_dim or first(("hidden_size", "n_embd", "d_model"), "token_dim")
+    words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not (config.token_dim or kv_prefix) and isinstance(words, nn.Embedding):
+        # Virtual tokens are prepended to the input embeddings: their width, which differs
+        # from the hidden size where embeddings are projected up (ELECTRA). PEFT reads the
+        # hidden size here and fails on such models; the file records the width either way.
+        token_dim = words.embedding_dim
     heads = config.num_attention_heads or first(
         ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
         "num_attention_heads")

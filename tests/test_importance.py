@@ -23,7 +23,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from distill.errors import DistillError
 from distill.compress.importance import (calibration_loss, depth_importance, most_important,
                                 select_layers)
-from distill.compress.arch import present_stacks
+from distill.arch import present_stacks
 from distill.compress.depth import evenly_spaced, keep_layers
 
 

@@ -20,7 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration,
                           XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
-from distill.compress.arch import Dims, dims, embeddings_tied, find
+from distill.arch import Dims, dims, embeddings_tied, find
 from distill.errors import DistillError
 from distill.compress.width import WidthImportance, shrink_width, width_importance
 

@@ -13,14 +13,13 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from distill.compress.arch import num_layers
+from distill.arch import num_layers, position_limit
 from distill.data.batching import make_loader
 from distill.errors import DistillError
 from distill.compress.importance import resolve_score
 from distill.models.loading import (count_params, load_checked, load_config, load_tokenizer,
                                     save_model)
 from distill.run.ownership import check_claim, local_paths, sibling_lock
-from distill.run.preflight import position_limit
 from distill.config.recipe import DataConfig, ShrinkStep
 from distill.stages.shrink import cut, first_batches
 from distill.tasks import TASKS
@@ -73,7 +72,7 @@ def check_options(model: PreTrainedModel, step: ShrinkStep, examples: int,
                            f"1..{depth}")
     if examples < 1:
         raise DistillError(f"--examples {examples}: allowed: 1 or more calibration examples")
-    limit = position_limit(model.config)
+    limit = position_limit(model)
     if max_length is None:
         return min(128, limit or 128)
     if not 8 <= max_length <= (limit or 4096):

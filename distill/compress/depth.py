@@ -8,7 +8,7 @@ from collections import Counter
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.compress.arch import Stack, find, present_stacks
+from distill.arch import Stack, find, present_stacks
 from distill.errors import DistillError
 
 # T5Attention's flag: the block holding the relative-position table computes the bias that
@@ -18,6 +18,8 @@ _RELATIVE_BIAS_FLAG = "has_relative_attention_bias"
 # Scalar config keys that are layer-index thresholds: the number of leading layers with some
 # property. Qwen2's `max_window_layers`: layers with index >= it use sliding attention.
 _THRESHOLD_KEYS: tuple[str, ...] = ("max_window_layers",)
+# Layer counts a stack's own copy of the config may hold (T5Stack's `num_layers`).
+_OWN_COUNT_KEYS: tuple[str, ...] = ("num_layers", "num_hidden_layers")
 
 
 def evenly_spaced(num_keep: int, num_total: int) -> list[int]:
@@ -51,7 +53,7 @@ def keep_layers(model: PreTrainedModel, layers: list[int],
     for T5, the relative-position table (moved to the new first block of its stack).
 
     Args:
-        model: a model of a family in `distill.compress.arch.supported_families()`; not modified.
+        model: any model whose block stacks `distill.arch` finds; not modified.
         layers: teacher block indices to keep; for an encoder–decoder model, the encoder's.
         decoder_layers: the decoder's indices (encoder–decoder models only). Default: the
             same as `layers` when both stacks have the same depth; required otherwise.
@@ -75,7 +77,7 @@ def _selections(model: nn.Module, stacks: list[tuple[Stack, nn.ModuleList]], lay
     """One checked index list per present stack."""
     if len(stacks) == 1:
         if decoder_layers is not None:
-            raise DistillError(f"decoder_layers: only encoder–decoder models (t5) have a "
+            raise DistillError(f"decoder_layers: only encoder–decoder models have a "
                                f"decoder stack; {type(model).__name__} has one stack, "
                                f"cut it with layers")
         picks, keys = [list(layers)], ["layers"]
@@ -107,6 +109,12 @@ def _check_expressible(model: nn.Module, picks: list[list[int]]) -> None:
     fixed at construction; a block moved to another position would be rebuilt with another
     factor on reload, so only prefix cuts (each block keeps its index) are exact.
     """
+    for (stack, _), pick in zip(present_stacks(model), picks):
+        if stack.pinned_first and pick[0] != 0:
+            raise DistillError(f"layers: {pick} puts block {pick[0]} first, but block 0 of this "
+                               f"{model.config.model_type} model is built unlike the others "
+                               f"(a reloaded model would rebuild position 0 that way); "
+                               f"allowed: selections that start with 0")
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         for pick in picks:
             if pick != list(range(len(pick))):
@@ -131,12 +139,14 @@ def _cut_stack(student: nn.Module, stack: Stack, pick: list[int]) -> None:
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = position
-    if stack.attention.relative_bias:
+    if stack.attention is not None and stack.attention.relative_bias:
         _move_relative_bias(stack.attention.relative_bias, old[0], kept)
     own_config = getattr(parent, "config", None)
-    if stack.stack_config_key and own_config is not None and own_config is not student.config:
-        # T5Stack keeps its own copy of the config; its cache is sized from it.
-        setattr(own_config, stack.stack_config_key, len(pick))
+    if own_config is not None and own_config is not student.config:
+        # T5Stack keeps its own copy of the config; its cache is sized from its layer count.
+        for key in _OWN_COUNT_KEYS:
+            if getattr(own_config, key, None) == len(old):
+                setattr(own_config, key, len(pick))
 
 
 def _move_relative_bias(path: str, first_teacher_block: nn.Module,

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.compress.arch import num_layers, present_stacks
+from distill.arch import num_layers, present_stacks
 from distill.errors import DistillError
 from distill.tasks.perplexity import next_token_labels
 from distill.kd.token_losses import IGNORE_INDEX, token_nll
@@ -103,9 +103,9 @@ def depth_importance(model: PreTrainedModel, batches: Iterable[Batch],
     """Importance of each block of the model's layer stack (higher = keep it).
 
     Args:
-        model: a single-stack model of a family in `distill.compress.arch` (encoder or decoder,
-            with a classifier head, an LM head or none); run in eval mode, gradients off, and left in
-            its previous mode.
+        model: a single-stack model whose stack `distill.arch` finds (encoder or decoder,
+            with a classifier head, an LM head or none); run in eval mode, gradients off, and
+            left in its previous mode.
         batches: calibration batches: `input_ids` (B, T), `attention_mask` (B, T) optional,
             `labels` ((B,) for classifiers; optional (B, T) for causal LMs; only `loss` reads
             them), plus any other model inputs (`token_type_ids`, ...). Read once for

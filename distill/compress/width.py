@@ -5,21 +5,25 @@ importance, and slices every tensor that touches them, so the result is an ordin
 Face model of the same class whose config matches its weights. With no importance it keeps
 the first units in their order, and a cut keeping everything reproduces the model exactly.
 
-What each family's config can express (checked before anything is cut):
-- Llama / Qwen2 / Mistral and T5 carry the head size in the config (`head_dim`, `d_kv`), so
-  hidden, heads and intermediate are independent. The head size is never cut, and is written
-  to the config explicitly (Llama-family configs default it to hidden_size // heads).
-- BERT / RoBERTa / XLM-R / ELECTRA and GPT-2 derive the head size as hidden // heads and
-  their output projection maps heads × head_dim back onto the hidden size, so a cut must
-  keep hidden == heads × head_dim: hidden and heads go together.
+Where things are comes from `distill.arch` (discovered from the model). Inside the blocks each
+projection is cut by its role (query / key / value heads, fused QKV stacked or interleaved per
+head, MLP neurons, fused gate-up); everything outside the blocks (embeddings, norms, pooler,
+projections, task and LM heads) is cut by shape: every axis that spans the hidden size reads
+or writes hidden channels. What a config can express is checked before anything is cut:
+- Models whose config carries the head size (`head_dim`, `d_kv`) have independent hidden,
+  heads and intermediate widths. The head size is never cut, and is written to the config
+  explicitly (some configs default it to hidden_size // heads).
+- Models that derive the head size as hidden // heads (BERT, GPT-2, ...) map heads × head_dim
+  back onto the hidden size, so a cut keeps hidden == heads × head_dim: the two go together.
 - Grouped-query attention keeps whole key/value groups: heads must be a multiple of
   heads / kv_heads, and kv_heads shrinks with it.
-- T5 adds one relative-position bias per head, computed once per stack by its first block and
+- A relative-position bias per head computed once per stack by its first block (T5) and
   added in every block: a stack keeps the same self-attention heads in all its blocks.
-- ELECTRA builds its embedding projection only when embedding_size != hidden_size: a model
-  with a projection cannot be cut to hidden == embedding_size.
+- An embedding projection (ELECTRA) exists only while embedding_size != hidden_size: such a
+  model cannot be cut to hidden == embedding_size.
 - Single-stack models with cross-attention (GPT-2 / BERT as decoders of a separate encoder)
   keep their hidden size: the encoder's states would have to lose the same channels.
+- Mixture-of-experts blocks are not cut in width (experts are kept whole).
 
 A width left at None is not touched, not even reordered, so the hidden states of a heads- or
 neurons-only cut stay comparable with the teacher's channel by channel.
@@ -28,39 +32,36 @@ neurons-only cut stay comparable with the teacher's channel by channel.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from distill.compress.arch import (
+from distill.arch import (
     ArchInfo,
     Attention,
     Dims,
     Stack,
-    arch_info,
     dims,
     find,
-    head_modules,
-    mlp_names,
+    outside_modules,
     present_stacks,
+    require_width,
 )
 from distill.errors import DistillError
 from distill.compress.width_importance import (
     LayerImportance,
     WidthImportance,
     attentions,
-    hidden_norms,
     width_importance,
 )
 
-__all__ = ["LayerImportance", "WidthImportance", "shrink_width", "width_importance"]
+# Config keys of widths that may equal the hidden size (and then follow it).
+_WIDTH_KEY = re.compile(r"(hidden_size|embedding_size|embed_dim|embed_proj_dim)$")
 
-# Module attributes that cache a width at construction (read again in forward).
-_HIDDEN_ATTRS = ("hidden_size", "embed_dim", "d_model", "model_dim")
-_HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
-_HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+__all__ = ["LayerImportance", "WidthImportance", "shrink_width", "width_importance"]
 
 
 def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: int | None = None,
@@ -69,7 +70,7 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
     """A copy of `model` with fewer hidden channels, attention heads and/or MLP neurons.
 
     Args:
-        model: a model of a family in `distill.compress.arch.supported_families()`; not modified.
+        model: a model whose blocks `distill.arch` understands; not modified.
         hidden: hidden size to keep. None: unchanged.
         heads: attention heads per layer to keep (with grouped-query attention a multiple of
             heads / kv_heads; whole key/value groups are kept). None: unchanged.
@@ -87,7 +88,8 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
         DistillError: a target that is not a positive int no larger than the current size, a
             combination the family's config cannot express, or `importance` that does not fit.
     """
-    info, old = arch_info(model), dims(model)
+    info = require_width(model)
+    old = dims(model, info)
     new = width_targets(model, info, old, hidden, heads, intermediate)
     if importance is not None:
         _check_importance(model, importance, old)
@@ -97,27 +99,30 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
                new.hidden_size)
     student = copy.deepcopy(model)
     cut = _Cutter()
-    for stack, blocks in present_stacks(student):
+    for stack, blocks in present_stacks(student, info):
         scores = importance.stacks[stack.name] if ranked else None
         picks = _head_picks(stack, blocks, scores if heads is not None else None, old, new)
         for i, block in enumerate(blocks):
             for cross, names in attentions(stack, block):
-                _cut_attention(cut, block, names, picks[i, cross], old, new, hid)
+                _cut_attention(cut, block, names, picks[i, cross], old, hid)
             neurons = _top(scores[i].neurons if scores and intermediate is not None else None,
                            new.intermediate_size)
-            mlp = mlp_names(stack, block)
-            for path in (mlp.up, mlp.gate):
-                if path:
-                    cut.linear(find(block, path), rows=neurons, cols=hid)
-            cut.linear(find(block, mlp.down), rows=hid, cols=neurons)
-    for norm in hidden_norms(student):
-        cut.norm(norm, hid)
-    _cut_embeddings(cut, student, info, hid)
-    _cut_heads(cut, student, info, old, hid)
+            _cut_mlp(cut, block, stack, neurons, old, hid)
+            for path in stack.norms:
+                norm = find(block, path)
+                if _spans(norm, old.hidden_size):
+                    cut.norm(norm, hid)
+    _cut_outside(cut, student, info, old, hid)
     cut.retie(student)
-    _update_widths(student, info, old, new)
-    _check_against_fresh(student)
+    _update_config(student, info, old, new)
+    _match_fresh(student, old, new)
     return student
+
+
+def _spans(module: nn.Module | None, size: int) -> bool:
+    """A norm with a per-channel weight of `size` (ModernBERT's first block has Identity)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and tuple(weight.shape) == (size,)
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -154,17 +159,17 @@ def width_targets(model: nn.Module, info: ArchInfo, old: Dims, hidden: int | Non
             f"num_attention_heads, so a width cut keeps hidden = heads × {old.head_dim} (the "
             f"head size is not cut) and hidden {new_hidden} ≠ {new_heads} heads × "
             f"{old.head_dim}; allowed (hidden, heads) pairs: {pairs}; pass both")
-    emb_size = getattr(model.config, "embedding_size", None)
-    if (info.embeddings.projection and new_hidden == emb_size != old.hidden_size
-            and find(model.base_model, info.embeddings.projection) is not None):
-        # The config builds the projection only when the two sizes differ.
+    emb_size = find(model, info.token_embedding).weight.shape[1]
+    if new_hidden == emb_size != old.hidden_size:
+        # The embeddings are narrower than the hidden size and projected up to it; configs
+        # build that projection only while the two sizes differ.
         raise DistillError(
             f"hidden: {new_hidden} equals the embedding size of this {info.family} model; its "
             f"config then has no embedding projection, but this model's projection cannot be "
             f"dropped; allowed: a hidden size other than {emb_size}")
-    if new_hidden != old.hidden_size and len(present_stacks(model)) == 1 and any(
+    if new_hidden != old.hidden_size and len(info.stacks) == 1 and any(
             find(block, stack.cross_attention.module) is not None
-            for stack, blocks in present_stacks(model) if stack.cross_attention
+            for stack, blocks in present_stacks(model, info) if stack.cross_attention
             for block in blocks):
         raise DistillError(
             f"hidden: {new_hidden} is not allowed for this {info.family} model: its "
@@ -214,7 +219,7 @@ def _head_picks(stack: Stack, blocks: nn.ModuleList, scores: list[LayerImportanc
     all blocks; elsewhere, and for T5's cross-attention (no bias), each block picks its own."""
     ratio = old.num_heads // old.num_kv_heads
     shared = None
-    if stack.attention.relative_bias:
+    if stack.attention is not None and stack.attention.relative_bias:
         shared = _pick_heads(sum(s.heads for s in scores) if scores else None, old, new, ratio)
     picks = {}
     for i, block in enumerate(blocks):
@@ -306,12 +311,17 @@ class _Cutter:
 
 
 def _cut_attention(cut: _Cutter, block: nn.Module, names: Attention,
-                   picked: tuple[Tensor, Tensor], old: Dims, new: Dims, hid: Tensor) -> None:
-    """Q/K/V rows (or the Q, K, V parts of a fused projection), O columns, hidden inputs and
-    outputs, T5's per-head bias column, and the module's cached head counts."""
+                   picked: tuple[Tensor, Tensor], old: Dims, hid: Tensor) -> None:
+    """Q/K/V rows (or the parts of a fused projection), O columns, hidden inputs and outputs,
+    head-laid-out extras (DeBERTa's position projections), all-head q/k norms and T5's per-head
+    bias column. Cached head counts are set from a fresh model afterwards (`_match_fresh`)."""
     q_heads, kv_heads = picked
     q, kv = _span(q_heads, old.head_dim), _span(kv_heads, old.head_dim)
-    if names.fused:
+    if names.fused and names.fused_per_head:
+        # [q_h; k_h; v_h] per head (no grouped KV in these models): keep whole head blocks.
+        width = len(names.fused_parts) * old.head_dim
+        cut.linear(find(block, names.fused), rows=_span(q_heads, width), cols=hid)
+    elif names.fused:
         # [Q; K; V] (or [K; V]) stacked along the output axis: cut each part on its own.
         widths = {"q": old.num_heads * old.head_dim, "k": old.num_kv_heads * old.head_dim,
                   "v": old.num_kv_heads * old.head_dim}
@@ -320,98 +330,96 @@ def _cut_attention(cut: _Cutter, block: nn.Module, names: Attention,
             parts.append(offset + (q if part == "q" else kv))
             offset += widths[part]
         cut.linear(find(block, names.fused), rows=torch.cat(parts), cols=hid)
-    for path, rows in ((names.q, q), (names.k, kv), (names.v, kv)):
-        if path:
-            cut.linear(find(block, path), rows=rows, cols=hid)
+    for paths, rows in (((names.q, *names.q_like), q), ((names.k, names.v, *names.k_like), kv)):
+        for path in paths:
+            if path:
+                cut.linear(find(block, path), rows=rows, cols=hid)
     cut.linear(find(block, names.o), rows=hid, cols=q)
+    for path, span in ((names.q_norm, q), (names.k_norm, kv)):
+        norm = find(block, path) if path else None
+        if norm is not None and _spans(norm, old.num_heads * old.head_dim if path == names.q_norm
+                                       else old.num_kv_heads * old.head_dim) \
+                and not _spans(norm, old.head_dim):
+            cut.norm(norm, span)  # over all heads (OLMo 2); a per-head norm is kept
     if names.relative_bias and (table := find(block, names.relative_bias)) is not None:
         cut.embedding(table, q_heads)  # [buckets, heads]
-    module = find(block, names.module)
-    for attr, value in [*((a, new.num_heads) for a in _HEAD_COUNT_ATTRS),
-                        *((a, new.num_heads * new.head_dim) for a in _HEAD_WIDTH_ATTRS),
-                        ("num_key_value_heads", new.num_kv_heads)]:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, value)
 
 
-def _cut_embeddings(cut: _Cutter, model: nn.Module, info: ArchInfo, hid: Tensor) -> None:
-    """Token / position / type embeddings, or ELECTRA's projection when the
-    embeddings are narrower than the hidden size (then they are not hidden channels)."""
-    emb, base = info.embeddings, model.base_model
-    projection = find(base, emb.projection) if emb.projection else None
-    if projection is not None:
-        cut.linear(projection, rows=hid)
-        return
-    for path in (emb.token, emb.position, emb.token_type):
+def _cut_mlp(cut: _Cutter, block: nn.Module, stack: Stack, neurons: Tensor, old: Dims,
+             hid: Tensor) -> None:
+    """Up / gate rows (both halves of a fused gate-up), down columns, hidden channels."""
+    mlp = stack.mlp
+    assert mlp is not None and mlp.down is not None
+    for path in (mlp.up, mlp.gate):
         if path:
-            cut.embedding(find(base, path), hid)
-    # The embedding norm is one of `hidden_norms`, cut with the others.
+            cut.linear(find(block, path), rows=neurons, cols=hid)
+    if mlp.fused_gate_up:
+        rows = torch.cat([neurons, old.intermediate_size + neurons])
+        cut.linear(find(block, mlp.fused_gate_up), rows=rows, cols=hid)
+    cut.linear(find(block, mlp.down), rows=hid, cols=neurons)
 
 
-def _cut_heads(cut: _Cutter, model: PreTrainedModel, info: ArchInfo, old: Dims,
-               hid: Tensor) -> None:
-    """Pooler, task heads and LM head: every Linear / LayerNorm axis of hidden size.
+def _cut_outside(cut: _Cutter, model: PreTrainedModel, info: ArchInfo, old: Dims,
+                 hid: Tensor) -> None:
+    """Embeddings, projections, norms, pooler, task and LM heads: every axis of hidden size.
 
-    Heads differ in layout (a Linear, dense → out_proj, dense → LayerNorm → decoder, ...) but
-    every axis of theirs that spans the hidden size reads or writes hidden channels, so
-    they are cut by shape. Only a label count equal to the hidden size would be ambiguous."""
-    roots = list(head_modules(model).values())
-    if info.pooler and (pooler := find(model.base_model, info.pooler)) is not None:
-        roots.append(pooler)
-    # Each module once: the table lists both BERT's `cls` and the `cls.predictions.decoder`
-    # inside it, and a second cut of a kept-size axis would permute it twice.
-    modules = list({id(m): m for root in roots for m in root.modules()}.values())
+    These differ in layout from model to model (a Linear, dense → out_proj, dense → LayerNorm
+    → decoder, an embedding projection, relative-position embeddings, ...) but every axis of
+    theirs that spans the hidden size reads or writes hidden channels, so they are cut by
+    shape. Only an output count equal to the hidden size (labels, vocabulary) is ambiguous."""
     size = old.hidden_size
+    if torch.equal(hid, torch.arange(size)):
+        return  # hidden channels kept in order: nothing outside the blocks changes
     outputs = {getattr(model.config, "num_labels", None), getattr(model.config, "vocab_size",
                                                                   None)}
-    for m in modules:
+    for path, m in outside_modules(model, info).items():
         if isinstance(m, (nn.Linear, Conv1D)):
             n_in, n_out = (m.nx, m.nf) if isinstance(m, Conv1D) else (m.in_features,
                                                                       m.out_features)
-            if n_out == size and size in outputs and not torch.equal(hid, torch.arange(size)):
+            if n_out == size and size in outputs:
                 raise DistillError(
-                    f"hidden: cannot cut this model: a head has {size} outputs, the hidden "
+                    f"hidden: cannot cut this model: {path} has {size} outputs, the hidden "
                     f"size, which is also its number of labels or tokens; cut heads and "
                     f"intermediate only")
             cut.linear(m, rows=hid if n_out == size else None,
                        cols=hid if n_in == size else None)
-        elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (size,):
+        elif isinstance(m, nn.Embedding):
+            if m.weight.shape[1] == size:
+                cut.embedding(m, hid)
+        elif _spans(m, size) and any(True for _ in m.parameters(recurse=False)):
             cut.norm(m, hid)
 
 
 # --- config and cached widths ------------------------------------------------------------------
 
-def _update_widths(model: PreTrainedModel, info: ArchInfo, old: Dims, new: Dims) -> None:
-    """Every config object (T5 stacks keep their own copies) and every module attribute that
-    cached a width at construction."""
+def _update_config(model: PreTrainedModel, info: ArchInfo, old: Dims, new: Dims) -> None:
+    """Every config object (T5 stacks keep their own copies) gets the new widths."""
     keys = info.config
     configs = {id(model.config): model.config}
     for module in model.modules():
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
             configs[id(config)] = config
-    projection = info.embeddings.projection
-    narrow_embeddings = projection is not None and find(model.base_model, projection) is not None
     for config in configs.values():
         setattr(config, keys.hidden_size, new.hidden_size)
-        setattr(config, keys.num_heads, new.num_heads)
-        # GPT-2's n_inner=None means 4*n_embd: write it, or a hidden cut would change it.
-        setattr(config, keys.intermediate_size, new.intermediate_size)
+        for stack in info.stacks:
+            if hasattr(config, stack.heads_key):
+                setattr(config, stack.heads_key, new.num_heads)
+            # GPT-2's n_inner=None means 4*n_embd: write it, or a hidden cut would change it.
+            if stack.intermediate_key and hasattr(config, stack.intermediate_key):
+                setattr(config, stack.intermediate_key, new.intermediate_size)
         if keys.num_kv_heads:
             setattr(config, keys.num_kv_heads, new.num_kv_heads)
-        if keys.head_dim:  # explicit: Llama's default hidden // heads would change it
+        if keys.head_dim:  # explicit: a default of hidden // heads would change it
             setattr(config, keys.head_dim, new.head_dim)
-        if getattr(config, "embedding_size", None) == old.hidden_size and not narrow_embeddings:
-            config.embedding_size = new.hidden_size  # ELECTRA without projection
-    for module in model.modules():
-        for attr in _HIDDEN_ATTRS:
-            if getattr(module, attr, None) == old.hidden_size and not isinstance(
-                    getattr(module, attr), bool):
-                setattr(module, attr, new.hidden_size)
-        if getattr(module, "intermediate_size", None) == old.intermediate_size:
-            module.intermediate_size = new.intermediate_size
+        for key, value in config.to_dict().items():
+            # Other widths equal to the hidden size (embeddings without a projection, ELECTRA's
+            # `embedding_size`, OPT's `word_embed_proj_dim`, DeBERTa's `pooler_hidden_size`)
+            # were cut as hidden channels outside the blocks; a differing one was not.
+            if _WIDTH_KEY.search(key) and key != keys.hidden_size and value == old.hidden_size:
+                setattr(config, key, new.hidden_size)
     if (getattr(model.config, "scale_decoder_outputs", False) and new.hidden_size !=
-            old.hidden_size and find(model, info.lm_head or "") is not None):
+            old.hidden_size and info.lm_head and find(model, info.lm_head) is not None):
         # T5 with tied embeddings multiplies the decoder output by d_model**-0.5 before the LM
         # head. Fold the change of that factor into the final norm (which multiplies the same
         # tensor) so the kept channels feed the LM head at the teacher's scale.
@@ -422,9 +430,14 @@ def _update_widths(model: PreTrainedModel, info: ArchInfo, old: Dims, new: Dims)
     model.config.validate()
 
 
-def _check_against_fresh(model: PreTrainedModel) -> None:
-    """The shapes a fresh model of the same class builds from the new config must be ours, or
-    the saved model would not reload; checked on the meta device (no memory, no init)."""
+def _match_fresh(model: PreTrainedModel, old: Dims, new: Dims) -> None:
+    """Make the cut model what loading it back would build.
+
+    A fresh model of the same class from the new config (on the meta device: no memory, no
+    init) must have our tensor shapes, or the saved model would not reload. Widths that
+    modules cache at construction (head counts, `all_head_size`, `embed_dim`, ...) are copied
+    from it, so the cut model computes as its reload will; so is a cached √hidden embedding
+    scale (Gemma), a buffer the meta model cannot hold."""
     with torch.device("meta"):
         fresh = type(model)(copy.deepcopy(model.config))
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
@@ -434,3 +447,20 @@ def _check_against_fresh(model: PreTrainedModel) -> None:
     if wrong:
         raise DistillError(f"width cut of {type(model).__name__} left tensors the config does "
                            f"not describe (ours vs expected): {'; '.join(wrong[:5])}")
+    mine = dict(model.named_modules())
+    for name, module in fresh.named_modules():
+        ours = mine.get(name)
+        if ours is None:
+            continue
+        for attr, value in vars(module).items():
+            current = getattr(ours, attr, None)
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and isinstance(current, (int, float)) and not isinstance(current, bool)
+                    and current != value):
+                setattr(ours, attr, value)
+        for attr, buffer in list(ours._buffers.items()):
+            if (buffer is not None and buffer.dim() == 0 and new.hidden_size != old.hidden_size
+                    and buffer.is_floating_point()
+                    and abs(float(buffer) / old.hidden_size ** 0.5 - 1) < 1e-2):
+                ours._buffers[attr] = torch.tensor(new.hidden_size ** 0.5, dtype=buffer.dtype,
+                                                   device=buffer.device)

