@@ -267,3 +267,43 @@ def test_gpt2_layer_scaled_attention_allows_only_prefix_cuts() -> None:
     rebuilt = GPT2LMHeadModel(fresh).eval()
     rebuilt.load_state_dict(student.state_dict())
     torch.testing.assert_close(logits(rebuilt, "gpt2"), logits(student, "gpt2"), rtol=0, atol=0)
+
+
+def test_a_block_built_for_its_position_is_not_moved() -> None:
+    """Blocks a config builds differently by position: ModernBERT's block 0 (no attention
+    norm) must stay first; Qwen2-MoE's dense blocks listed in `mlp_only_layers` move with the
+    list renumbered, but its periodic `decoder_sparse_step` cannot follow a cut that puts a
+    dense block where the period says experts. Refused with the reason, never saved wrong."""
+    from transformers import (ModernBertConfig, ModernBertModel, Qwen2MoeConfig,
+                              Qwen2MoeForCausalLM)
+
+    torch.manual_seed(0)
+    bert = ModernBertModel(ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+        intermediate_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2,
+        sep_token_id=1))
+    with pytest.raises(DistillError, match=r"puts block 1 first.*allowed: selections that "
+                                           r"start with 0"):
+        keep_layers(bert, [1, 3])
+    assert len(keep_layers(bert, [0, 3]).layers) == 2
+
+    def moe(**kwargs) -> Qwen2MoeForCausalLM:
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            **kwargs)).eval()
+
+    listed = moe(mlp_only_layers=[2])  # block 2 dense, the others experts
+    student = keep_layers(listed, [0, 2, 3])
+    assert student.config.mlp_only_layers == [1]
+    with torch.no_grad():  # the student saves and reloads as it is
+        rebuilt = Qwen2MoeForCausalLM(copy.deepcopy(student.config)).eval()
+        rebuilt.load_state_dict(student.state_dict())
+        ids = torch.randint(2, VOCAB, (1, 6))
+        torch.testing.assert_close(rebuilt(ids).logits, student(ids).logits, rtol=0, atol=0)
+    periodic = moe(decoder_sparse_step=2)  # blocks 1, 3 experts; 0, 2 dense
+    with pytest.raises(DistillError, match=r"layers: \[0, 2\] cannot be kept in this order.*"
+                                           r"would reload with other tensors"):
+        keep_layers(periodic, [0, 2])
+    assert len(keep_layers(periodic, [0, 1]).model.layers) == 2

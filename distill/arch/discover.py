@@ -10,7 +10,7 @@ module trees, parameter shapes and the config, never values):
 - config keys: which attribute holds the hidden size, heads, key/value heads, head size and MLP
   width, each checked against the projection shapes;
 - config lists indexed by layer (`layer_types`, ...): any list of a stack's length whose key
-  names layers;
+  names layers; and lists of layer indices (`mlp_only_layers`);
 - block 0 built unlike the others (must stay first), final norms, the token embedding and LM
   head.
 
@@ -155,13 +155,16 @@ def _stack(model: nn.Module, values: dict[str, Any], family: str, name: str, pat
     finals = [n for n, m in model.base_model.named_modules()
               if is_norm(m) and n.rpartition(".")[0] == parent
               and n.rpartition(".")[2] in _FINAL_NORMS]
-    keys = tuple(k for k, v in values.items() if isinstance(v, list) and len(v) == len(blocks)
-                 and "layer" in k and (prefix is None or name in k)
+    mine = {k: v for k, v in values.items() if isinstance(v, list) and "layer" in k
+            and (prefix is None or name in k)}
+    keys = tuple(k for k, v in mine.items() if len(v) == len(blocks)
                  and all(isinstance(x, (str, int, float, bool)) or x is None for x in v))
+    index_keys = tuple(k for k, v in mine.items() if k not in keys and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(blocks) for x in v))
     return Stack(name=name, path=path, num_layers_key=count_key, heads_key=heads_key or "",
                  intermediate_key=ffn_key, attention=attention,
                  mlp=parts.mlp, norms=parts.norms, final_norm=finals[0] if finals else None,
-                 cross_attention=cross, per_layer_keys=keys,
+                 cross_attention=cross, per_layer_keys=keys, layer_index_keys=index_keys,
                  pinned_first=_first_differs(blocks, attention),
                  problems=tuple(problems))
 

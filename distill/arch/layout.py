@@ -77,6 +77,9 @@ class Stack:
     final_norm: str | None = None  # from `model.base_model`
     cross_attention: Attention | None = None
     per_layer_keys: tuple[str, ...] = ()  # top-level config lists indexed by this stack's layer
+    # Top-level config lists *of* layer indices (Qwen2-MoE's `mlp_only_layers`): a depth cut
+    # renumbers the kept ones and drops the rest.
+    layer_index_keys: tuple[str, ...] = ()
     # Block 0 is built differently from the others (ModernBERT: no attention norm), so a cut
     # must keep it first.
     pinned_first: bool = False

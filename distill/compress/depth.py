@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distill.arch import Stack, find, present_stacks
+from distill.compress.rebuild import fresh_like, shape_mismatches
 from distill.errors import DistillError
 
 # T5Attention's flag: the block holding the relative-position table computes the bias that
@@ -69,6 +70,13 @@ def keep_layers(model: PreTrainedModel, layers: list[int],
     for (stack, _), pick in zip(present_stacks(student), picks):
         _cut_stack(student, stack, pick)
     _update_config(student, [(stack, len(blocks)) for stack, blocks in stacks], picks)
+    wrong = shape_mismatches(student, fresh_like(student))
+    if wrong:
+        # A block moved to a position its config builds differently (a dense MLP where the
+        # config puts experts, ...): the saved model would not load back as it is.
+        raise DistillError(f"layers: {picks if len(picks) > 1 else picks[0]} cannot be kept "
+                           f"in this order: the cut {type(model).__name__} would reload with "
+                           f"other tensors (ours vs rebuilt): {'; '.join(wrong[:5])}")
     return student
 
 
@@ -176,7 +184,8 @@ def _move_relative_bias(path: str, first_teacher_block: nn.Module,
 
 def _update_config(student: PreTrainedModel, stacks: list[tuple[Stack, int]],
                    picks: list[list[int]]) -> None:
-    """Layer counts, per-layer lists and layer thresholds of the top config follow the cut."""
+    """Layer counts, per-layer lists, lists of layer indices and layer thresholds of the top
+    config follow the cut."""
     config = student.config
     for (stack, old_depth), pick in zip(stacks, picks):
         for key in stack.per_layer_keys:
@@ -185,6 +194,9 @@ def _update_config(student: PreTrainedModel, stacks: list[tuple[Stack, int]],
                 continue
             assert len(values) == old_depth, f"config.{key} has {len(values)} entries"
             setattr(config, key, [values[i] for i in pick])
+        for key in stack.layer_index_keys:  # indices of layers: renumbered, dropped ones gone
+            listed = set(getattr(config, key, None) or ())
+            setattr(config, key, [pos for pos, i in enumerate(pick) if i in listed])
         for key in _THRESHOLD_KEYS:
             threshold = getattr(config, key, None)
             if isinstance(threshold, int) and stack.per_layer_keys:

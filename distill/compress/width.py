@@ -50,6 +50,7 @@ from distill.arch import (
     present_stacks,
     require_width,
 )
+from distill.compress.rebuild import fresh_like, shape_mismatches
 from distill.errors import DistillError
 from distill.compress.width_importance import (
     LayerImportance,
@@ -438,12 +439,8 @@ def _match_fresh(model: PreTrainedModel, old: Dims, new: Dims) -> None:
     modules cache at construction (head counts, `all_head_size`, `embed_dim`, ...) are copied
     from it, so the cut model computes as its reload will; so is a cached √hidden embedding
     scale (Gemma), a buffer the meta model cannot hold."""
-    with torch.device("meta"):
-        fresh = type(model)(copy.deepcopy(model.config))
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = [f"{k}: {got.get(k)} vs {want.get(k)}" for k in sorted(want.keys() | got.keys())
-             if got.get(k) != want.get(k)]
+    fresh = fresh_like(model)
+    wrong = shape_mismatches(model, fresh)
     if wrong:
         raise DistillError(f"width cut of {type(model).__name__} left tensors the config does "
                            f"not describe (ours vs expected): {'; '.join(wrong[:5])}")
