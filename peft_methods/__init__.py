@@ -2,6 +2,7 @@
 
     import peft_methods as pm
     model = pm.apply(hf_model, "lora", r=8, lora_alpha=16, target_modules=["query", "value"])
+    model = pm.apply(hf_model, "lora", layout=pm.Layout(query=..., value=...))  # defaults
     pm.trainable_report(model)        # {"trainable_params": ..., "trainable_percent": ...}
     pm.save_adapter(model, "adapter/")  # adapter_config.json + adapter_model.safetensors
     model = pm.load_adapter(fresh_hf_model, "adapter/")   # also loads adapters PEFT saved
@@ -17,6 +18,7 @@ import importlib
 from peft_methods.base import (
     REGISTRY,
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
@@ -48,7 +50,7 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["AdaptedModel", "Method", "MethodConfig", "PeftMethodError", "adapter_state_dict",
-           "apply", "available", "get_method", "load_adapter", "merge", "merge_and_unload",
-           "read_adapter_config",
-           "save_adapter", "trainable_report", "unmerge"]
+__all__ = ["AdaptedModel", "Layout", "Method", "MethodConfig", "PeftMethodError",
+           "adapter_state_dict", "apply", "available", "get_method", "load_adapter", "merge",
+           "merge_and_unload", "read_adapter_config", "save_adapter", "trainable_report",
+           "unmerge"]

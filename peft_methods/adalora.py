@@ -50,19 +50,6 @@ from peft_methods.lora import (
     resolve_targets,
 )
 
-# PEFT's AdaLoRA defaults per `config.model_type` (peft.utils.constants).
-ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
-    "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-}
-
 
 def _int(config: Any, key: str, minimum: int) -> None:
     value = getattr(config, key)
@@ -322,8 +309,9 @@ class AdaLoRA(Method):
 
     def inject(self, adapted: AdaptedModel) -> None:
         c: AdaLoraConfig = adapted.peft_config
-        targets = resolve_targets(adapted, c.target_modules, method=self.name,
-                                  defaults=ADALORA_DEFAULT_TARGETS)
+        # Default targets: LoRA's (the query and value projections; PEFT's per-family AdaLoRA
+        # table adds more projections for some families, e.g. every one of T5's).
+        targets = resolve_targets(adapted, c.target_modules, method=self.name)
         for name in targets:
             replace_module(adapted.model, name, SVDLinear(
                 adapted.model.get_submodule(name), r=c.init_r, lora_alpha=c.lora_alpha,
@@ -376,8 +364,7 @@ class AdaLoRA(Method):
     def peft_config_dict(self, adapted: AdaptedModel) -> dict[str, Any]:
         out = super().peft_config_dict(adapted)
         layers = self.layers(adapted)
-        out["target_modules"] = file_target_modules(adapted, list(layers),
-                                                    ADALORA_DEFAULT_TARGETS)
+        out["target_modules"] = file_target_modules(adapted, list(layers))
         out["fan_in_fan_out"] = any(m.fan_in_fan_out for m in layers.values())
         out["bias"] = "none"
         return out

@@ -29,10 +29,12 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
     WrapsBaseLayer,
+    compact_targets,
     is_linear,
     linear_dims,
     module_matches,
@@ -45,28 +47,10 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 DEFAULT_REDUCTION = 16
 
-# Where each family's sub-layer outputs are, as regular expressions over full module paths
-# (fullmatch). `peft_methods` may not import `distill` (which knows the architectures), so
-# the small table lives here. The patterns are anchored on the parent module because suffixes
-# collide: BERT's `attention.output.dense` also ends with `output.dense` (the FFN output).
-# role -> pattern; a missing role means the family has no such sub-layer.
-FAMILY_MODULES: dict[str, dict[str, str]] = {
-    # BERT, RoBERTa, ELECTRA, MiniLM (BertLayer names)
-    "bert": {"attention": r".*\.attention\.output\.dense",
-             "cross_attention": r".*\.crossattention\.output\.dense",
-             "ffn": r".*\.layer\.\d+\.output\.dense"},
-    # GPT-2 (Conv1D projections)
-    "gpt2": {"attention": r".*\.attn\.c_proj",
-             "cross_attention": r".*\.crossattention\.c_proj",
-             "ffn": r".*\.mlp\.c_proj"},
-    # Llama, Mistral, Qwen2, Gemma, SmolLM (LlamaDecoderLayer names)
-    "llama": {"attention": r".*\.self_attn\.o_proj",
-              "ffn": r".*\.mlp\.down_proj"},
-    # T5 / mT5 / Flan-T5 (the decoder's EncDecAttention is the cross-attention)
-    "t5": {"attention": r".*\.SelfAttention\.o",
-           "cross_attention": r".*\.EncDecAttention\.o",
-           "ffn": r".*\.DenseReluDense\.wo"},
-}
+# The `Layout` field each adapter role defaults to: the sub-layer output projections.
+ROLE_DEFAULTS: dict[str, str] = {"attention": "attention_output",
+                                 "cross_attention": "cross_attention_output",
+                                 "ffn": "ffn_output"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +74,8 @@ class AdapterConfig(MethodConfig):
     # Biases on W_down and W_up (zero-initialised). METHODS.md's formula has none.
     bias: bool = False
     # Feed-forward output projections to adapt: a regex (fullmatch over the module path) or
-    # a list of names (path equals or ends with `.name`). None = the family's (see table).
+    # a list of names (path equals or ends with `.name`). None = the model's layout (its
+    # feed-forward output projections); the modules used are written into the saved config.
     ffn_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
@@ -131,8 +116,8 @@ class HoulsbyConfig(AdapterConfig):
 
     # Self-attention output projections; same rules and default as `ffn_modules`.
     attention_modules: list[str] | str | None = None
-    # Cross-attention output projections (encoder–decoder decoders). None = the family's;
-    # an empty list = no cross-attention adapters.
+    # Cross-attention output projections (encoder–decoder decoders). None = the model's
+    # layout; an empty list = no cross-attention adapters.
     cross_attention_modules: list[str] | str | None = None
 
     def _pattern_fields(self) -> tuple[str, ...]:
@@ -194,38 +179,30 @@ class AdapterLayer(WrapsBaseLayer, nn.Module):
 # placement
 
 
-def detect_family(model: nn.Module) -> str | None:
-    """The FAMILY_MODULES key whose feed-forward pattern matches this model, else None."""
-    names = [n for n, _ in model.named_modules()]
-    for family, roles in FAMILY_MODULES.items():
-        if any(module_matches(n, roles["ffn"]) for n in names):
-            return family
-    return None
-
-
 def adapter_sites(model: nn.Module, config: AdapterConfig, roles: tuple[str, ...],
-                  exclude: set[str], method: str) -> dict[str, str]:
+                  exclude: set[str], method: str, layout: Layout | None) -> dict[str, str]:
     """{module path: role} for every projection that gets an adapter.
 
-    Each role takes the user's patterns when given, else the family table's. A role the
-    user asked for, or `attention`/`ffn` from the table, must match at least one linear layer;
-    cross-attention is optional (decoder-only and encoder-only models have none).
+    Each role takes the user's patterns when given, else the model layout's output projections
+    of that sub-layer (`ROLE_DEFAULTS`). A role the user asked for, or `attention`/`ffn` by
+    default, must match at least one linear layer; cross-attention is optional (decoder-only
+    and encoder-only models have none).
     """
-    family = detect_family(model)
     modules = dict(model.named_modules())
     names = [n for n in modules if n and n not in exclude
              and not any(n.startswith(e + ".") for e in exclude)]
     sites: dict[str, str] = {}
     for role in roles:
         user = getattr(config, f"{role}_modules", None)
-        pattern = user if user is not None else FAMILY_MODULES.get(family or "", {}).get(role)
-        if pattern is None:
+        pattern = user if user is not None else (
+            list(getattr(layout, ROLE_DEFAULTS[role])) if layout is not None else None)
+        if pattern is None or (user is None and not pattern and role == "cross_attention"):
             if role == "cross_attention":
-                continue  # the family (or the user's model) has no cross-attention
+                continue  # the model has no cross-attention (or none is known)
             raise PeftMethodError(
-                f"{method}: unknown architecture {type(model).__name__} (known families: "
-                f"{', '.join(FAMILY_MODULES)}); pass `{role}_modules` to say where the "
-                f"adapters go")
+                f"{method}: no default place for the {role} adapters in "
+                f"{type(model).__name__}: pass `{role}_modules` (module names or a regular "
+                f"expression), or apply the method with the model's `layout`")
         if isinstance(pattern, (list, tuple)):
             pattern = list(pattern)
             if not pattern:
@@ -239,7 +216,7 @@ def adapter_sites(model: nn.Module, config: AdapterConfig, roles: tuple[str, ...
             raise PeftMethodError(
                 f"{method}: `{role}_modules` {pattern!r} match no module of "
                 f"{type(model).__name__}" + (f"; close names: {', '.join(close)}" if close
-                                              else f"; its linear layers are {', '.join(leaves)}"))
+                                             else f"; its linear layers are {', '.join(leaves)}"))
         for name in found:
             if not is_linear(modules[name]):
                 raise PeftMethodError(f"{method}: {name} is a {type(modules[name]).__name__}; "
@@ -254,6 +231,16 @@ def adapter_sites(model: nn.Module, config: AdapterConfig, roles: tuple[str, ...
     return sites
 
 
+def record_sites(model: nn.Module, config: AdapterConfig, roles: tuple[str, ...],
+                 sites: dict[str, str]) -> None:
+    """Write the defaults used into the config, so the saved file names its modules (by name
+    where the names match exactly these modules, else by path) and loads without a layout."""
+    for role in roles:
+        if getattr(config, f"{role}_modules", None) is None:
+            paths = [n for n, r in sites.items() if r == role]
+            setattr(config, f"{role}_modules", compact_targets(model, paths) if paths else [])
+
+
 # --------------------------------------------------------------------------------------------
 # the methods
 
@@ -265,16 +252,18 @@ class _BottleneckAdapter(Method):
     markers = ("adapter_down", "adapter_up")
     roles: tuple[str, ...] = ("ffn",)
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         # Every misfit is raised here, before `apply` freezes or wraps anything.
-        for name in adapter_sites(model, config, self.roles, set(), self.name):
+        for name in adapter_sites(model, config, self.roles, set(), self.name, layout):
             config.width(linear_dims(model.get_submodule(name))[1])
 
     def inject(self, adapted: AdaptedModel) -> None:
         config: AdapterConfig = adapted.peft_config
         model = adapted.model
         sites = adapter_sites(model, config, self.roles, set(adapted.modules_to_save),
-                              self.name)
+                              self.name, adapted.layout)
+        record_sites(model, config, self.roles, sites)
         for name in sites:
             base = model.get_submodule(name)
             r = config.width(linear_dims(base)[1])

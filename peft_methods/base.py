@@ -28,6 +28,63 @@ from torch import nn
 HEAD_NAMES = ("classifier", "score")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a model's sub-layers are, as full module paths (as in `named_modules()`).
+
+    The methods choose their default targets from it when `target_modules` (or an adapter's
+    `*_modules`) is not given: LoRA and AdaLoRA the query and value projections, IA3 the key,
+    value and feed-forward output projections, the bottleneck adapters the sub-layer outputs,
+    UniPELT's prefix the self-attention modules. This package reads no model family itself:
+    whoever knows the architecture passes it to `apply` (distill: `distill.arch.peft_layout`).
+    Query/key/value include cross-attention projections; a fused QKV projection stands for
+    each of the three.
+    """
+
+    query: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()
+    value: tuple[str, ...] = ()
+    attention_output: tuple[str, ...] = ()  # self-attention output projections
+    cross_attention_output: tuple[str, ...] = ()
+    ffn_output: tuple[str, ...] = ()  # feed-forward output (down) projections
+    prefix_attention: tuple[str, ...] = ()  # self-attention modules that read a KV prefix
+
+    def paths(self, *roles: str) -> list[str]:
+        """The paths of `roles`, each once, in model order of first mention."""
+        return list(dict.fromkeys(p for role in roles for p in getattr(self, role)))
+
+
+def layout_defaults(layout: Layout | None, roles: tuple[str, ...], *, method: str,
+                    option: str) -> list[str]:
+    """Full paths of `roles` in `layout`, or a PeftMethodError asking for `option`."""
+    paths = layout.paths(*roles) if layout is not None else []
+    if not paths:
+        raise PeftMethodError(
+            f"{method}: no default `{option}` for this model: give `{option}` (module names, a "
+            f"regular expression, or 'all-linear'), or apply the method with the model's "
+            f"`layout` (which says where its {', '.join(r.replace('_', ' ') for r in roles)} "
+            f"projections are)")
+    return paths
+
+
+def compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """`paths` as an adapter file records them, in PEFT's name-list form (a module matches an
+    entry it equals or ends with, after a dot): for each path its shortest suffix that
+    matches no module outside `paths` (`q_proj`, or `0.output.dense` where `output.dense`
+    would also match BERT's attention output)."""
+    wanted = set(paths)
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: set[str] = set()
+    for path in paths:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(n in wanted for n in names if n == suffix or n.endswith("." + suffix)):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
+
+
 class PeftMethodError(ValueError):
     """A user-facing mistake: bad config value, a pattern matching nothing, a method that does
     not fit the model, an adapter folder that is not one. The message says what is allowed."""
@@ -226,9 +283,10 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, method: Method, config: MethodConfig, task_type: str,
-                 modules_to_save: list[str]) -> None:
+                 modules_to_save: list[str], layout: Layout | None = None) -> None:
         super().__init__()
         self.model = model
+        self.layout = layout  # where the model's sub-layers are, for default targets
         self.extra = nn.ModuleDict()
         self.method = method
         self.peft_config = config
@@ -293,7 +351,8 @@ class Method:
         every base parameter was frozen; new parameters train by default."""
         raise NotImplementedError
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         """Raise PeftMethodError when the method cannot fit this model."""
 
     # -- optional hooks ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
@@ -101,7 +102,8 @@ class BitFit(Method):
     config_cls = BitFitConfig
     mergeable = True  # trivially: the trained biases already live in the base model
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         if not modules_with_bias(model):
             selected_biases(model, config, [], self.name)  # raises: no bias terms at all
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
@@ -211,7 +212,8 @@ class DiffTuning(Method):
     mergeable = True
     markers = MARKERS
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         find_targets(model, config.target_modules, method=self.name)
 
     def inject(self, adapted: AdaptedModel) -> None:

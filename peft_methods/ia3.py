@@ -33,49 +33,27 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
     WrapsBaseLayer,
+    compact_targets,
     find_targets,
+    layout_defaults,
     linear_dims,
     module_matches,
     register,
     replace_module,
 )
 
-# PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING
-# (peft 0.21.2), as model_type -> (target_modules, feedforward_modules). Copied, not imported:
-# peft is a test dependency only.
-DEFAULT_MODULES: dict[str, tuple[list[str], list[str]]] = {
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "mt5": (["k", "v", "wi_1"], []),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "gptj": (["q_proj", "v_proj", "fc_out"], ["fc_out"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "gpt_neo": (["q_proj", "v_proj", "c_proj"], ["c_proj"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "gpt_bigcode": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "llama4": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
-    "deberta": (["in_proj", "output.dense"], ["output.dense"]),
-    "RefinedWebModel": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "RefinedWeb": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-}
+# What IA3 rescales when its modules are not given, read from the model's `Layout`: the keys,
+# the values and the feed-forward output projection, whose *input* (the intermediate
+# activation) is the one rescaled. PEFT's per-family table says the same for Llama, Mistral,
+# T5, GPT-2 and GPT-NeoX; for BERT-style models its `output.dense` also matches the attention
+# output projection, and for some families it picks the query instead of the key.
+DEFAULT_ROLES = ("key", "value", "ffn_output")
+FEEDFORWARD_ROLES = ("ffn_output",)
 
 
 @dataclass
@@ -84,11 +62,11 @@ class IA3Config(MethodConfig):
 
     # Layers that get a vector: a regex (fullmatch over the module path), a list of names
     # (path equals or ends with `.name`), or "all-linear". None = PEFT's default for the
-    # model type (DEFAULT_MODULES).
+    # model's layout (DEFAULT_ROLES).
     target_modules: list[str] | str | None = None
     # Layers, among the targets, whose *input* is rescaled (the FFN output layer, whose input
     # is the intermediate activation). Regex (fullmatch) or names (plain suffix match, as
-    # PEFT). None = PEFT's default for the model type.
+    # PEFT). None = the model's layout (FEEDFORWARD_ROLES).
     feedforward_modules: list[str] | str | None = None
     # Layers never targeted: regex (fullmatch) or names (path equals or ends with `.name`).
     exclude_modules: list[str] | str | None = None
@@ -204,23 +182,17 @@ class IA3Layer(WrapsBaseLayer, nn.Module):
         self.merged = False
 
 
-def resolve_modules(model: nn.Module, config: IA3Config
+def resolve_modules(model: nn.Module, config: IA3Config, layout: Layout | None
                     ) -> tuple[list[str] | str, list[str] | str]:
-    """(target_modules, feedforward_modules): the config's, or PEFT's defaults for the model
-    type. Raises for an unknown model type without explicit modules."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    defaults = DEFAULT_MODULES.get(model_type or "")
+    """(target_modules, feedforward_modules): the config's, or the defaults of the model's
+    layout (DEFAULT_ROLES, FEEDFORWARD_ROLES) as full paths; without a layout both must be
+    given."""
     target, feedforward = config.target_modules, config.feedforward_modules
-    if (target is None or feedforward is None) and defaults is None:
-        missing = "target_modules" if target is None else "feedforward_modules"
-        raise PeftMethodError(
-            f"ia3: no default modules for model type {model_type!r} "
-            f"({type(model).__name__}); pass `{missing}` (known model types: "
-            f"{', '.join(sorted(DEFAULT_MODULES))})")
     if target is None:
-        target = list(defaults[0])
+        target = layout_defaults(layout, DEFAULT_ROLES, method="ia3", option="target_modules")
     if feedforward is None:
-        feedforward = list(defaults[1])
+        feedforward = layout_defaults(layout, FEEDFORWARD_ROLES, method="ia3",
+                                      option="feedforward_modules")
     return target, feedforward
 
 
@@ -247,16 +219,21 @@ class IA3(Method):
     mergeable = True
     markers = ("ia3_l",)
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
-        resolve_modules(model, config)
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
+        resolve_modules(model, config, layout)
 
     def inject(self, adapted: AdaptedModel) -> None:
         config: IA3Config = adapted.peft_config
         model = adapted.model
-        target, feedforward = resolve_modules(model, config)
+        given = config.target_modules, config.feedforward_modules
+        target, feedforward = resolve_modules(model, config, adapted.layout)
         # Record what was used (as PEFT's _prepare_adapter_config does), so the saved
-        # adapter_config.json names the modules explicitly.
-        config.target_modules, config.feedforward_modules = target, feedforward
+        # adapter_config.json names the modules explicitly: defaults by their names where
+        # those match exactly these modules (as PEFT writes its defaults), else by path.
+        config.target_modules, config.feedforward_modules = (
+            value if user is not None else compact_targets(model, value)
+            for value, user in zip((target, feedforward), given))
         conv1d = False
         for name in ia3_targets(model, config, target, adapted.modules_to_save):
             base = model.get_submodule(name)

@@ -31,27 +31,14 @@ from peft_methods.base import (
     MethodConfig,
     PeftMethodError,
     WrapsBaseLayer,
+    compact_targets,
     find_targets,
     is_linear,
+    layout_defaults,
     linear_dims,
     register,
     replace_module,
 )
-
-# PEFT's default targets per `config.model_type` (peft.utils.constants, LoRA mapping): the
-# attention query and value projections, or the fused QKV projection.
-LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
-    "bert": ["query", "value"], "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "stablelm": ["q_proj", "v_proj"],
-}
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -81,34 +68,34 @@ def check_target_modules(value: Any) -> list[str] | str | None:
                           f"'all-linear', or None (the model family's default)")
 
 
-def resolve_targets(adapted: AdaptedModel, target: list[str] | str | None, *, method: str,
-                    defaults: dict[str, list[str]] = LORA_DEFAULT_TARGETS) -> list[str]:
-    """Paths of the linear layers to adapt. None = the family default (as PEFT); modules that
-    train fully (`modules_to_save`) are never adapted, as in PEFT, which would otherwise nest
-    an adapter inside a module it also saves whole."""
+# What LoRA adapts when `target_modules` is not given: the attention's query and value
+# projections (PEFT's default for most families), read from the model's `Layout`.
+DEFAULT_ROLES = ("query", "value")
+
+
+def resolve_targets(adapted: AdaptedModel, target: list[str] | str | None, *,
+                    method: str) -> list[str]:
+    """Paths of the linear layers to adapt. None = the query and value projections of the
+    model's layout; modules that train fully (`modules_to_save`) are never adapted, as in
+    PEFT, which would otherwise nest an adapter inside a module it also saves whole."""
     model = adapted.model
     if target is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in defaults:
-            raise PeftMethodError(f"{method}: no default target_modules for model type "
-                                  f"{model_type!r}; set target_modules (module names, a "
-                                  f"regular expression, or 'all-linear')")
-        target = defaults[model_type]
+        target = layout_defaults(adapted.layout, DEFAULT_ROLES, method=method,
+                                 option="target_modules")
     saved = adapted.modules_to_save
     inside = [n for n, _ in model.named_modules()
               if any(n == s or n.startswith(s + ".") for s in saved)]
     return find_targets(model, target, method=method, exclude=inside)
 
 
-def file_target_modules(adapted: AdaptedModel, wrapped: list[str],
-                        defaults: dict[str, list[str]] = LORA_DEFAULT_TARGETS
-                        ) -> list[str] | str:
-    """`target_modules` for adapter_config.json: what the user gave, the family default
-    spelled out (as PEFT writes it), or for "all-linear" the adapted paths themselves (PEFT
-    resolves "all-linear" to paths too; paths cannot drift if the two rules ever differ)."""
+def file_target_modules(adapted: AdaptedModel, wrapped: list[str]) -> list[str] | str:
+    """`target_modules` for adapter_config.json: what the user gave, the default spelled out
+    (module names where they match exactly the adapted layers, as PEFT writes its defaults,
+    else paths), or for "all-linear" the adapted paths themselves (PEFT resolves "all-linear"
+    to paths too; paths cannot drift if the two rules ever differ)."""
     target = adapted.peft_config.target_modules
     if target is None:
-        return list(defaults[adapted.model.config.model_type])
+        return compact_targets(adapted.model, wrapped)
     if target == "all-linear":
         return sorted(wrapped)
     return target

@@ -21,6 +21,7 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
@@ -39,26 +40,28 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 
-
-
-def apply(model: nn.Module, method: str, **options: Any) -> AdaptedModel:
+def apply(model: nn.Module, method: str, *, layout: Layout | None = None,
+          **options: Any) -> AdaptedModel:
     """Freeze `model`, add `method` with `options` (its config fields) and return the wrapped
-    model. `model` is changed in place (layers wrapped), as PEFT does."""
+    model. `model` is changed in place (layers wrapped), as PEFT does. `layout` says where the
+    model's sub-layers are, for the method's default targets (see `Layout`); without it every
+    target must be given."""
     if isinstance(model, AdaptedModel):
         raise PeftMethodError("the model already has a PEFT method applied; apply() takes the "
                               "base Hugging Face model")
     m = get_method(method)
     config = make_config(m.config_cls, options, method)
-    return _apply(model, m, config)
+    return _apply(model, m, config, layout)
 
 
-def _apply(model: nn.Module, m: Method, config: MethodConfig) -> AdaptedModel:
+def _apply(model: nn.Module, m: Method, config: MethodConfig,
+           layout: Layout | None = None) -> AdaptedModel:
     task_type = config.task_type or infer_task_type(model)
-    m.check_model(model, config)
+    m.check_model(model, config, layout)
     to_save = resolve_modules_to_save(model, config, task_type)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapted = AdaptedModel(model, m, config, task_type, to_save)
+    adapted = AdaptedModel(model, m, config, task_type, to_save, layout)
     m.inject(adapted)
     for name in to_save:
         for p in model.get_submodule(name).parameters():
@@ -209,14 +212,16 @@ def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
 
 
 def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *,
-                 allow_pickle: bool = False) -> AdaptedModel:
+                 allow_pickle: bool = False, layout: Layout | None = None) -> AdaptedModel:
     """Apply the adapter saved in `directory` (by us or by PEFT) to `base_model` (changed in
-    place) and return the wrapped model, frozen except for what the method trains."""
+    place) and return the wrapped model, frozen except for what the method trains. Saved
+    files name their modules; `layout` is needed only for a file that leaves one to the
+    default (an adapter saved before its method recorded the modules it used)."""
     data = read_adapter_config(directory)
     m = method_for_peft_type(data["peft_type"], data)
     config = m.config_from_peft(data)
     state = read_adapter_weights(directory, allow_pickle=allow_pickle)
-    adapted = _apply(base_model, m, config)
+    adapted = _apply(base_model, m, config, layout)
     m.load_adapter_state_dict(adapted, state)
     prefix = m.key_prefix()
     for name in adapted.modules_to_save:
@@ -235,4 +240,3 @@ def _peft_modules_to_save_aliases(state: dict[str, torch.Tensor], prefix: str
         if k.startswith(prefix) and ".modules_to_save." in k:
             out[k[len(prefix):].replace(".modules_to_save.", ".", 1)] = v
     return out
-

@@ -50,6 +50,7 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from peft_methods.base import (
     HEAD_NAMES,
     AdaptedModel,
+    Layout,
     MethodConfig,
     load_named,
     PeftMethodError,
@@ -167,8 +168,9 @@ class PrefixTuning(PromptLearningMethod):
     def build_encoder(self, adapted: AdaptedModel, config: PromptLearningConfig) -> nn.Module:
         return PrefixEncoder(config)
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
-        super().check_model(model, config)
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
+        super().check_model(model, config, layout)
         what = f"{self.name} on {type(model).__name__}"
         task = config.task_type or infer_task_type(model)
         backbone = backbone_of(model)

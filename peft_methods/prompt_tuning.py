@@ -33,6 +33,7 @@ from torch import nn
 
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     load_named,
@@ -187,7 +188,8 @@ class PromptLearningMethod(Method):
         return total_virtual_tokens(config)
 
     # -- shared ------------------------------------------------------------------------------
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         task = config.task_type or infer_task_type(model)
         if task not in PROMPT_TASKS:
             raise PeftMethodError(f"{self.name} supports task types {', '.join(PROMPT_TASKS)}; "
@@ -291,8 +293,9 @@ class EmbeddingPromptMethod(PromptLearningMethod):
     """Prepends the prompt table to the input embeddings, as PEFT does for PROMPT_TUNING and
     P_TUNING."""
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
-        super().check_model(model, config)
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
+        super().check_model(model, config, layout)
         if model.get_input_embeddings() is None:
             raise PeftMethodError(f"{self.name} needs the model's input embeddings; "
                                   f"{type(model).__name__} has none")

@@ -50,13 +50,16 @@ from peft_methods.adapter import (
     AdapterConfig,
     AdapterLayer,
     adapter_sites,
-    detect_family,
+    record_sites,
 )
 from peft_methods.base import (
     AdaptedModel,
+    Layout,
     Method,
     MethodConfig,
     PeftMethodError,
+    compact_targets,
+    layout_defaults,
     linear_dims,
     module_matches,
     register,
@@ -64,7 +67,6 @@ from peft_methods.base import (
 )
 from peft_methods.kv_cache import given_cache
 from peft_methods.lora import (
-    LORA_DEFAULT_TARGETS,
     LoraConfig,
     LoraLinear,
     resolve_targets,
@@ -76,16 +78,6 @@ COMPONENTS = ("lora", "prefix", "adapter")
 GATE_POOLS = ("mean", "first")
 # Tasks whose stack reading the prefix is causal: the prefix gate must not look ahead.
 CAUSAL_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
-
-# The self-attention modules that read the prefix cache, per adapter.detect_family() family
-# (regular expressions over full module paths, fullmatch). T5: the decoder's self-attention
-# only — the encoder gets no prefix and EncDecAttention reads the encoder output.
-PREFIX_ATTENTION: dict[str, str] = {
-    "bert": r".*\.encoder\.layer\.\d+\.attention\.self",
-    "gpt2": r".*\.h\.\d+\.attn",
-    "llama": r".*\.layers\.\d+\.self_attn",
-    "t5": r"(.*\.)?decoder\.block\.\d+\.layer\.0\.SelfAttention",
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +102,8 @@ class UniPeltConfig(PrefixTuningConfig):
     lora_alpha: float = 16
     # Dropout probability on the LoRA path's input.
     lora_dropout: float = 0.0
-    # Linear layers that get gated LoRA: names, a regex, "all-linear", or None = the family's
-    # query/value (bert: query,value; gpt2: c_attn; llama: q_proj,v_proj; t5: q,v).
+    # Linear layers that get gated LoRA: names, a regex, "all-linear", or None = the query and
+    # value projections of the model's layout (as `lora`).
     target_modules: list[str] | str | None = None
     # Adapter bottleneck width r. Give this or `reduction_factor`, not both.
     bottleneck: int | None = None
@@ -119,8 +111,13 @@ class UniPeltConfig(PrefixTuningConfig):
     reduction_factor: int | None = None
     # The adapter's non-linearity f.
     activation: str = "relu"
-    # Feed-forward output projections that get an adapter (regex or names); None = family's.
+    # Feed-forward output projections that get an adapter (regex or names); None = the model's
+    # layout. The modules used are written into the saved config.
     ffn_modules: list[str] | str | None = None
+    # Self-attention modules that read the prefix, one per cache layer (regex or names); None
+    # = the model's layout (the decoder's self-attention in an encoder–decoder model). The
+    # modules used are written into the saved config.
+    prefix_modules: list[str] | str | None = None
     # How the prefix gate pools its per-token values into one per example: "mean" (over the
     # unpadded tokens) or "first" (first unpadded token). None = "first" for CAUSAL_LM and
     # SEQ_2_SEQ_LM (causal, see the module docstring), "mean" otherwise.
@@ -306,14 +303,13 @@ class GatedPrefix(PrefixTuning):
         return self.run(adapted, kwargs.get(key), super().generate, *args, **kwargs)
 
 
-def prefix_attention_sites(model: nn.Module, layers: int | None) -> list[str]:
-    """Paths of the self-attention modules that read the prefix, one per cache layer."""
-    family = detect_family(model)
-    if family not in PREFIX_ATTENTION:
-        raise PeftMethodError(f"unipelt: the prefix gate knows the attention layers of the "
-                              f"families {', '.join(PREFIX_ATTENTION)}, not of "
-                              f"{type(model).__name__}; drop 'prefix' from `components`")
-    found = {n: m for n, m in model.named_modules() if module_matches(n, PREFIX_ATTENTION[family])}
+def prefix_attention_sites(model: nn.Module, layers: int | None, given: list[str] | str | None,
+                           layout: Layout | None) -> list[str]:
+    """Paths of the self-attention modules that read the prefix, one per cache layer: `given`
+    (the config's `prefix_modules`), else the model layout's."""
+    pattern = given if given is not None else layout_defaults(
+        layout, ("prefix_attention",), method="unipelt", option="prefix_modules")
+    found = {n: m for n, m in model.named_modules() if n and module_matches(n, pattern)}
     indices = sorted(getattr(m, "layer_idx", -1) for m in found.values())
     if layers is not None and indices != list(range(layers)):
         raise PeftMethodError(f"unipelt: expected {layers} self-attention layers (layer_idx 0.."
@@ -342,14 +338,15 @@ class UniPELT(Method):
     def __init__(self) -> None:
         self.prefix = GatedPrefix()
 
-    def check_model(self, model: nn.Module, config: MethodConfig) -> None:
+    def check_model(self, model: nn.Module, config: MethodConfig,
+                    layout: Layout | None = None) -> None:
         # Misfits are raised here, before `apply` freezes or wraps anything.
         if "prefix" in config.components:
             self.prefix.check_model(model, config)
-            prefix_attention_sites(model, None)
+            prefix_attention_sites(model, None, config.prefix_modules, layout)
         if "adapter" in config.components:
             adapter_cfg = config.adapter_config()
-            for name in adapter_sites(model, adapter_cfg, ("ffn",), set(), self.name):
+            for name in adapter_sites(model, adapter_cfg, ("ffn",), set(), self.name, layout):
                 adapter_cfg.width(linear_dims(model.get_submodule(name))[1])
 
     def inject(self, adapted: AdaptedModel) -> None:
@@ -358,13 +355,19 @@ class UniPELT(Method):
         # adapters' or gates' own linears, and a bad pattern fails before anything is wrapped.
         lora_targets = resolve_targets(adapted, adapted.peft_config.target_modules,
                                        method=self.name) if "lora" in comps else []
-        sites = adapter_sites(model, adapted.peft_config.adapter_config(), ("ffn",),
-                              set(adapted.modules_to_save), self.name) \
+        config: UniPeltConfig = adapted.peft_config
+        sites = adapter_sites(model, config.adapter_config(), ("ffn",),
+                              set(adapted.modules_to_save), self.name, adapted.layout) \
             if "adapter" in comps else {}
+        if "adapter" in comps:
+            record_sites(model, config, ("ffn",), sites)  # the saved file names them
         if "prefix" in comps:
             self.prefix.inject(adapted)  # the prefix table; fills in the model dimensions
-            attention = prefix_attention_sites(model, adapted.peft_config.num_layers)
-        config: UniPeltConfig = adapted.peft_config
+            config = adapted.peft_config  # (a new config object, with those dimensions)
+            attention = prefix_attention_sites(model, config.num_layers, config.prefix_modules,
+                                               adapted.layout)
+            if config.prefix_modules is None:
+                config.prefix_modules = compact_targets(model, attention)
         for name in sites:
             base = model.get_submodule(name)
             width = config.adapter_config().width(linear_dims(base)[1])
@@ -405,16 +408,19 @@ class UniPELT(Method):
 
     @staticmethod
     def file_targets(adapted: AdaptedModel) -> list[str] | str:
-        """`target_modules` as the file records it: the user's names or pattern, the family
-        default spelled out, or for "all-linear" the paths of the adapted layers in the
-        untouched model (a LoRA inside an adapter sits at `<path>.base_layer`)."""
+        """`target_modules` as the file records it: the user's names or pattern, or the paths of
+        the adapted layers in the untouched model (a LoRA inside an adapter sits at
+        `<path>.base_layer`): for "all-linear", and for the default, by their names where
+        those match exactly these layers (as PEFT writes its defaults)."""
         target = adapted.peft_config.target_modules
-        if target is None:
-            return list(LORA_DEFAULT_TARGETS[adapted.model.config.model_type])
-        if target != "all-linear":
+        if target is not None and target != "all-linear":
             return target
         paths = [n for n, m in adapted.model.named_modules() if isinstance(m, GatedLoraLinear)]
-        return sorted(n.removesuffix(".base_layer") for n in paths)
+        paths = sorted(n.removesuffix(".base_layer") for n in paths)
+        if target is None:  # names are looked up on the model with its wrappers undone
+            return compact_targets(adapted.model, paths) if not any(
+                isinstance(m, GatedAdapterLayer) for m in adapted.model.modules()) else paths
+        return paths
 
     def config_from_peft(self, data: dict[str, Any]) -> MethodConfig:
         # A saved prefix is the collapsed table (as prefix tuning loads it).

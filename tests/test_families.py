@@ -26,7 +26,7 @@ from distill.compress.depth import keep_layers
 from distill.compress.importance import depth_importance
 from distill.compress.width import WidthImportance, shrink_width, width_importance
 from distill.errors import DistillError
-from tests.families import DEPTH, FAMILIES, HIDDEN, build, generate, inputs, logits
+from families import DEPTH, FAMILIES, HIDDEN, build, generate, inputs, logits
 
 NAMES = list(FAMILIES)
 GENERATES = [n for n in NAMES if FAMILIES[n].kind != "encoder"]
@@ -181,15 +181,16 @@ def test_importance_ranks_a_planted_identity_block_last(name: str) -> None:
 
 
 def test_an_unknown_block_layout_is_named() -> None:
-    """A model whose blocks hold no recognisable projections: depth cuts still work, width
-    cuts name what was not understood."""
+    """A block with a projection discovery cannot place: the stack (all a depth cut needs)
+    is still found, width cuts name what was not understood."""
     model = build("llama")
     for block in model.model.layers:
         block.mlp.extra = nn.Linear(HIDDEN, HIDDEN)
+    info = arch_info(model)
+    assert info.stacks[0].path == "layers" and info.stacks[0].mlp is None
     with pytest.raises(DistillError, match=r"not understood: layers: feed-forward: could not "
                                            r"tell .*mlp\.extra"):
         require_width(model)
-    assert len(keep_layers(model, [0, 2]).model.layers) == 2
 
 
 def test_a_model_without_a_block_stack_is_named() -> None:

@@ -13,7 +13,7 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 import peft_methods as pm
 from peft_methods.adalora import SVDLinear
 from peft_methods.ops import read_adapter_weights
-from tiny_models import FAMILIES, build, inputs, labels_for, logits
+from tiny_models import FAMILIES, apply, build, inputs, labels_for, logits
 
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 TO_SAVE = {"bert": ["classifier", "pooler"]}
@@ -32,7 +32,7 @@ def randomize(model: torch.nn.Module, seed: int = 3, scale: float = 0.3) -> None
 def ours(family: str, **options) -> pm.AdaptedModel:
     options = {"modules_to_save": TO_SAVE.get(family), "total_step": 10, "init_r": 4,
                "target_r": 2} | options
-    return pm.apply(build(family), "adalora", **options)
+    return apply(build(family), "adalora", **options)
 
 
 def theirs(family: str, **options) -> PeftModel:

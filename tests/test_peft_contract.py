@@ -16,7 +16,7 @@ import torch
 
 import peft_methods as pm
 from peft_methods.base import PeftMethodError
-from tiny_models import FAMILIES, build, inputs, labels_for
+from tiny_models import FAMILIES, apply, build, inputs, labels_for
 
 METHODS = pm.available()
 # (method, family) pairs that must be refused with a clear error, and why.
@@ -48,9 +48,9 @@ def apply_or_misfit(method: str, family: str, seed: int = 0) -> pm.AdaptedModel 
     base = build(family, seed)
     if (method, family) in MISFITS:
         with pytest.raises(PeftMethodError, match=MISFITS[(method, family)]):
-            pm.apply(base, method, **options(method))
+            apply(base, method, **options(method))
         return None
-    return pm.apply(base, method, **options(method))
+    return apply(base, method, **options(method))
 
 
 def train_steps(adapted: pm.AdaptedModel, family: str, steps: int = 3) -> None:

@@ -3,7 +3,8 @@
 Ours → PEFT: apply, set non-trivial vectors (and head weights), save_adapter, load with
 `peft.PeftModel.from_pretrained` onto a fresh identical base: same logits. PEFT → ours:
 `peft.get_peft_model`, non-trivial values, save_pretrained, our load_adapter: same logits.
-Plus: the default targets are PEFT's, merge/unmerge, training touches only ia3_l and the
+Plus: the default targets (keys, values, feed-forward outputs, from the model's layout) against
+PEFT's own per-family defaults, merge/unmerge, training touches only ia3_l and the
 modules_to_save, and the config errors.
 """
 
@@ -18,12 +19,10 @@ import torch
 
 import peft_methods as pm
 from peft_methods.base import PeftMethodError, infer_task_type
-from peft_methods.ia3 import DEFAULT_MODULES, IA3Layer
-from tiny_models import DEPTH, FAMILIES, HIDDEN, build, inputs, labels_for, logits
+from peft_methods.ia3 import IA3Layer
+from tiny_models import DEPTH, FAMILIES, HIDDEN, apply, build, inputs, labels_for, logits
 
 peft = pytest.importorskip("peft")
-from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-                                  TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:
@@ -57,24 +56,26 @@ def peft_model_for(family: str, seed: int = 0):
         return peft.get_peft_model(build(family, seed), config).eval()
 
 
-def test_default_table_is_peft_s() -> None:
-    assert {k: v[0] for k, v in DEFAULT_MODULES.items()} == \
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
-    assert {k: v[1] for k, v in DEFAULT_MODULES.items()} == \
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_default_targets_equal_peft(family: str) -> None:
-    """Same layers wrapped, and the same ones treated as feed-forward (input-scaled)."""
-    ours = our_layers(pm.apply(build(family), "ia3"))
-    assert ours == peft_layers(peft_model_for(family))
-    assert sum(ours.values()) >= DEPTH  # at least one feed-forward layer per layer
+def test_default_targets_against_peft(family: str) -> None:
+    """Keys, values and feed-forward outputs (input-scaled), from the model's layout: the
+    layers PEFT's own table wraps for GPT-2, Llama and T5. For BERT PEFT's `output.dense`
+    also matches the attention output projection (a suffix collision; it then scales that
+    projection's input as if it were a feed-forward layer): ours leaves it out."""
+    ours = our_layers(apply(build(family), "ia3"))
+    theirs = peft_layers(peft_model_for(family))
+    assert sum(ours.values()) == DEPTH * (2 if family == "t5" else 1)  # one per block
+    if family == "bert":
+        extra = {n: ff for n, ff in theirs.items() if n not in ours}
+        assert set(extra) == {f"bert.encoder.layer.{i}.attention.output.dense"
+                              for i in range(DEPTH)} and all(extra.values())
+        theirs = {n: ff for n, ff in theirs.items() if n in ours}
+    assert ours == theirs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_our_adapter_loads_in_peft(family: str, tmp_path: Path) -> None:
-    adapted = pm.apply(build(family), "ia3")
+    adapted = apply(build(family), "ia3")
     perturb(adapted)
     ours = logits(adapted, family)
     assert not torch.allclose(ours, logits(build(family), family))
@@ -99,18 +100,20 @@ def test_peft_adapter_loads_in_ours(family: str, tmp_path: Path) -> None:
 def test_seq_cls_head_travels_with_the_adapter(tmp_path: Path) -> None:
     """BERT classification: the head (and pooler) are modules_to_save, saved under PEFT's
     names, and PEFT's load gives them back (the oracle above would fail otherwise)."""
-    adapted = pm.apply(build("bert"), "ia3")
+    adapted = apply(build("bert"), "ia3")
     assert adapted.modules_to_save == ["bert.pooler", "classifier"]
     pm.save_adapter(adapted, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and config["task_type"] == "SEQ_CLS"
-    assert sorted(config["target_modules"]) == ["key", "output.dense", "value"]
-    assert config["feedforward_modules"] == ["output.dense"]
+    # The defaults by their shortest unambiguous names (`output.dense` alone would also match
+    # the attention output projections: PEFT's own default does, see above).
+    assert config["target_modules"] == ["0.output.dense", "1.output.dense", "key", "value"]
+    assert config["feedforward_modules"] == ["0.output.dense", "1.output.dense"]
 
 
 def test_vector_shapes_are_peft_s() -> None:
     """[out, 1] for ordinary targets, [1, in] for feed-forward ones; Conv1D included."""
-    adapted = pm.apply(build("gpt2"), "ia3")
+    adapted = apply(build("gpt2"), "ia3")
     attn = adapted.model.get_submodule("transformer.h.0.attn.c_attn")
     mlp = adapted.model.get_submodule("transformer.h.0.mlp.c_proj")
     assert attn.ia3_l.shape == (3 * HIDDEN, 1) and not attn.is_feedforward
@@ -121,7 +124,7 @@ def test_vector_shapes_are_peft_s() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_merge_unmerge(family: str) -> None:
     base = logits(build(family), family)
-    adapted = pm.apply(build(family), "ia3")
+    adapted = apply(build(family), "ia3")
     torch.testing.assert_close(logits(adapted, family), base, rtol=0, atol=0)
     perturb(adapted)
     weights = {n: p.detach().clone() for n, p in adapted.model.named_parameters()
@@ -138,7 +141,7 @@ def test_identity_merge_unmerge(family: str) -> None:
 
 def test_unmerge_is_exact_with_zero_entries() -> None:
     """A zero in ia3_l wipes a row of W when merging; unmerge still restores it."""
-    adapted = pm.apply(build("bert"), "ia3")
+    adapted = apply(build("bert"), "ia3")
     layer = adapted.model.get_submodule("bert.encoder.layer.0.attention.self.key")
     with torch.no_grad():
         layer.ia3_l[:3] = 0.0
@@ -153,7 +156,7 @@ def test_unmerge_is_exact_with_zero_entries() -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_changes_only_ia3_and_saved_modules(family: str, tmp_path: Path) -> None:
-    adapted = pm.apply(build(family), "ia3")
+    adapted = apply(build(family), "ia3")
     before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
     opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
     batch = inputs(family)
@@ -172,8 +175,8 @@ def test_training_changes_only_ia3_and_saved_modules(family: str, tmp_path: Path
 
 
 def test_explicit_targets_and_regex() -> None:
-    adapted = pm.apply(build("llama"), "ia3", target_modules=r".*\.(v_proj|down_proj)",
-                       feedforward_modules=r".*\.down_proj")
+    adapted = apply(build("llama"), "ia3", target_modules=r".*\.(v_proj|down_proj)",
+                    feedforward_modules=r".*\.down_proj")
     layers = our_layers(adapted)
     assert len(layers) == 2 * DEPTH
     assert all(ff == name.endswith("down_proj") for name, ff in layers.items())
@@ -181,15 +184,15 @@ def test_explicit_targets_and_regex() -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(PeftMethodError, match="subset of `target_modules`; not in it: wo"):
-        pm.apply(build("t5"), "ia3", target_modules=["k", "v"], feedforward_modules=["wo"])
+        apply(build("t5"), "ia3", target_modules=["k", "v"], feedforward_modules=["wo"])
     with pytest.raises(PeftMethodError, match="match no module.*close names: .*k_proj"):
-        pm.apply(build("llama"), "ia3", target_modules=["kproj"], feedforward_modules=[])
+        apply(build("llama"), "ia3", target_modules=["kproj"], feedforward_modules=[])
     with pytest.raises(PeftMethodError, match="`init_ia3_weights` must be true or false"):
-        pm.apply(build("llama"), "ia3", init_ia3_weights="yes")
-    model = build("llama")
-    model.config.model_type = "mystery"
-    with pytest.raises(PeftMethodError, match="no default modules for model type 'mystery'.*"
-                                              "pass `target_modules`"):
+        apply(build("llama"), "ia3", init_ia3_weights="yes")
+    model = build("llama")  # without the model's layout there are no defaults
+    with pytest.raises(PeftMethodError, match="ia3: no default `target_modules` for this "
+                                              "model: give `target_modules`.*or apply the "
+                                              "method with the model's `layout`"):
         pm.apply(model, "ia3")
     adapted = pm.apply(model, "ia3", target_modules=["v_proj"], feedforward_modules=[])
     assert len(our_layers(adapted)) == DEPTH

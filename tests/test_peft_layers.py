@@ -22,7 +22,7 @@ from peft_methods.adapter import AdapterLayer
 from peft_methods.base import PeftMethodError
 from peft_methods.ops import WEIGHTS_NAME
 from peft_methods.diff_tuning import DiffLayer
-from tiny_models import DEPTH, FAMILIES, HIDDEN, build, inputs, labels_for, logits
+from tiny_models import DEPTH, FAMILIES, HIDDEN, apply, build, inputs, labels_for, logits
 
 ADAPTERS = ("houlsby", "pfeiffer")
 BIASED = ("bert", "gpt2")  # the tiny families with bias terms
@@ -80,7 +80,7 @@ def saved_round_trip(adapted: pm.AdaptedModel, family: str, tmp_path: Path) -> p
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_adapter_identity_at_init(method: str, family: str) -> None:
     base = logits(build(family), family)
-    adapted = pm.apply(build(family), method)
+    adapted = apply(build(family), method)
     torch.testing.assert_close(logits(adapted, family), base, rtol=0, atol=0)
 
 
@@ -89,7 +89,7 @@ def adapter_sites(adapted: pm.AdaptedModel) -> list[str]:
 
 
 def test_houlsby_t5_has_cross_attention_adapters() -> None:
-    sites = adapter_sites(pm.apply(build("t5"), "houlsby"))
+    sites = adapter_sites(apply(build("t5"), "houlsby"))
     enc = [s for s in sites if s.startswith("encoder.")]
     dec = [s for s in sites if s.startswith("decoder.")]
     # seed 000: two adapters per encoder layer, three per decoder layer
@@ -103,7 +103,7 @@ def test_houlsby_t5_has_cross_attention_adapters() -> None:
 
 
 def test_houlsby_bert_tells_attention_and_ffn_outputs_apart() -> None:
-    sites = adapter_sites(pm.apply(build("bert"), "houlsby"))
+    sites = adapter_sites(apply(build("bert"), "houlsby"))
     assert sorted(sites) == sorted(
         [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(DEPTH)]
         + [f"bert.encoder.layer.{i}.output.dense" for i in range(DEPTH)])
@@ -113,7 +113,7 @@ def test_houlsby_bert_tells_attention_and_ffn_outputs_apart() -> None:
     ("bert", "output.dense"), ("gpt2", "mlp.c_proj"), ("llama", "mlp.down_proj"),
     ("t5", "DenseReluDense.wo")])
 def test_pfeiffer_one_adapter_per_layer_after_ffn(family: str, ffn: str) -> None:
-    sites = adapter_sites(pm.apply(build(family), "pfeiffer"))
+    sites = adapter_sites(apply(build(family), "pfeiffer"))
     layers = 2 * DEPTH if family == "t5" else DEPTH  # T5: encoder and decoder layers
     assert len(sites) == layers
     assert all(s.endswith(ffn) and "attention" not in s for s in sites)
@@ -121,7 +121,7 @@ def test_pfeiffer_one_adapter_per_layer_after_ffn(family: str, ffn: str) -> None
 
 def test_adapter_matches_hand_formula() -> None:
     """One adapter's output equals y + W_up f(W_down y + b_down) + b_up, y = proj(x)."""
-    adapted = pm.apply(build("gpt2"), "houlsby", bottleneck=4, activation="gelu", bias=True)
+    adapted = apply(build("gpt2"), "houlsby", bottleneck=4, activation="gelu", bias=True)
     layer = adapted.model.get_submodule("transformer.h.0.mlp.c_proj")  # Conv1D inside
     assert isinstance(layer, AdapterLayer)
     randomize(adapted, "adapter_", scale=0.3)
@@ -138,23 +138,23 @@ def test_adapter_matches_hand_formula() -> None:
 
 def test_adapter_width_options() -> None:
     def width(**kw) -> int:
-        adapted = pm.apply(build("llama"), "pfeiffer", **kw)
+        adapted = apply(build("llama"), "pfeiffer", **kw)
         return adapted.model.get_submodule("model.layers.0.mlp.down_proj").adapter_down \
             .out_features
     assert width() == HIDDEN // 16
     assert width(reduction_factor=4) == HIDDEN // 4
     assert width(bottleneck=3) == 3
     with pytest.raises(PeftMethodError, match="Can't provide both"):
-        pm.apply(build("llama"), "pfeiffer", bottleneck=3, reduction_factor=4)
+        apply(build("llama"), "pfeiffer", bottleneck=3, reduction_factor=4)
     with pytest.raises(PeftMethodError, match="wider than the hidden size"):
-        pm.apply(build("llama"), "pfeiffer", bottleneck=HIDDEN + 1)
+        apply(build("llama"), "pfeiffer", bottleneck=HIDDEN + 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_adapter_trains_only_its_params_and_round_trips(method: str, family: str,
                                                         tmp_path: Path) -> None:
-    adapted = pm.apply(build(family), method)
+    adapted = apply(build(family), method)
     changed = changed_params(adapted, family)
     assert changed and all(("adapter_down" in n or "adapter_up" in n) or under_saved(adapted, n)
                            for n in changed)
@@ -169,7 +169,7 @@ def test_adapter_trains_only_its_params_and_round_trips(method: str, family: str
 
 def test_adapter_is_not_mergeable() -> None:
     with pytest.raises(PeftMethodError, match="cannot be merged"):
-        pm.merge(pm.apply(build("bert"), "houlsby"))
+        pm.merge(apply(build("bert"), "houlsby"))
 
 
 class _OddConfig(PretrainedConfig):
@@ -194,14 +194,15 @@ class _OddModel(PreTrainedModel):
 
 
 def test_adapter_unknown_architecture_needs_patterns() -> None:
-    with pytest.raises(PeftMethodError, match="unknown architecture .*ffn_modules"):
-        pm.apply(_OddModel(), "pfeiffer")
+    with pytest.raises(PeftMethodError, match="no default place for the ffn adapters in "
+                                              "_OddModel: pass `ffn_modules`"):
+        apply(_OddModel(), "pfeiffer")
     with pytest.raises(PeftMethodError, match="attention_modules"):
-        pm.apply(_OddModel(), "houlsby", ffn_modules=["ff2"])
+        apply(_OddModel(), "houlsby", ffn_modules=["ff2"])
     torch.manual_seed(0)
     plain = _OddModel()
     torch.manual_seed(0)
-    adapted = pm.apply(_OddModel(), "houlsby", ffn_modules=["ff2"], attention_modules=["mix"])
+    adapted = apply(_OddModel(), "houlsby", ffn_modules=["ff2"], attention_modules=["mix"])
     assert len(adapter_sites(adapted)) == 4
     x = torch.randn(3, 8)
     torch.testing.assert_close(adapted(x), plain(x), rtol=0, atol=0)
@@ -209,16 +210,16 @@ def test_adapter_unknown_architecture_needs_patterns() -> None:
 
 def test_adapter_config_errors() -> None:
     with pytest.raises(PeftMethodError, match="Unsupported `activation` 'sigmoid'.*'relu'"):
-        pm.apply(build("bert"), "houlsby", activation="sigmoid")
+        apply(build("bert"), "houlsby", activation="sigmoid")
     with pytest.raises(PeftMethodError, match="positive integer"):
-        pm.apply(build("bert"), "houlsby", reduction_factor=0)
+        apply(build("bert"), "houlsby", reduction_factor=0)
     with pytest.raises(PeftMethodError, match="match no module.*close names: c_proj"):
-        pm.apply(build("gpt2"), "pfeiffer", ffn_modules=["c_prj"])
+        apply(build("gpt2"), "pfeiffer", ffn_modules=["c_prj"])
     # a name list matches by suffix, so `output.dense` selects the attention output too
     with pytest.raises(PeftMethodError, match="matches both"):
-        pm.apply(build("bert"), "houlsby", ffn_modules=["output.dense"])
+        apply(build("bert"), "houlsby", ffn_modules=["output.dense"])
     with pytest.raises(PeftMethodError, match="unknown option 'attention_modules'"):
-        pm.apply(build("bert"), "pfeiffer", attention_modules=["dense"])
+        apply(build("bert"), "pfeiffer", attention_modules=["dense"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def bias_names(model: nn.Module) -> set[str]:
 @pytest.mark.parametrize("family", BIASED)
 def test_bitfit_trains_exactly_the_biases(family: str, tmp_path: Path) -> None:
     base = logits(build(family), family)
-    adapted = pm.apply(build(family), "bitfit")
+    adapted = apply(build(family), "bitfit")
     torch.testing.assert_close(logits(adapted, family), base, rtol=0, atol=0)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     expected = {f"model.{n}" for n in bias_names(adapted.model)}
@@ -246,7 +247,7 @@ def test_bitfit_trains_exactly_the_biases(family: str, tmp_path: Path) -> None:
 
 
 def test_bitfit_subset_and_save_layout(tmp_path: Path) -> None:
-    adapted = pm.apply(build("bert"), "bitfit", bias_patterns=["query", "value"])
+    adapted = apply(build("bert"), "bitfit", bias_patterns=["query", "value"])
     own = {n for n, p in adapted.named_parameters()
            if p.requires_grad and not under_saved(adapted, n)}
     assert own == {f"model.bert.encoder.layer.{i}.attention.self.{k}.bias"
@@ -265,7 +266,7 @@ def test_bitfit_subset_and_save_layout(tmp_path: Path) -> None:
 
 
 def test_bitfit_merge_is_a_no_op() -> None:
-    adapted = pm.apply(build("gpt2"), "bitfit")
+    adapted = apply(build("gpt2"), "bitfit")
     train(adapted, "gpt2")
     before = logits(adapted, "gpt2")
     pm.merge(adapted)
@@ -277,15 +278,15 @@ def test_bitfit_merge_is_a_no_op() -> None:
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_bitfit_refuses_bias_free_models(family: str) -> None:
     with pytest.raises(PeftMethodError, match="has no bias terms"):
-        pm.apply(build(family), "bitfit")
+        apply(build(family), "bitfit")
 
 
 def test_bitfit_config_errors() -> None:
     with pytest.raises(PeftMethodError, match="match no module with a bias.*close names: "
                                               "query"):
-        pm.apply(build("bert"), "bitfit", bias_patterns=["querry"])
+        apply(build("bert"), "bitfit", bias_patterns=["querry"])
     with pytest.raises(PeftMethodError, match="`bias_patterns` must be"):
-        pm.apply(build("bert"), "bitfit", bias_patterns=[])
+        apply(build("bert"), "bitfit", bias_patterns=[])
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def diffs(adapted: pm.AdaptedModel) -> list[torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diff_identity_merge_training_round_trip(family: str, tmp_path: Path) -> None:
     base = logits(build(family), family)
-    adapted = pm.apply(build(family), "diff_tuning", penalty=1e-3)
+    adapted = apply(build(family), "diff_tuning", penalty=1e-3)
     torch.testing.assert_close(logits(adapted, family), base, rtol=0, atol=0)
     changed = changed_params(adapted, family)
     assert changed and all("diff_" in n or under_saved(adapted, n) for n in changed)
@@ -320,12 +321,12 @@ def test_diff_identity_merge_training_round_trip(family: str, tmp_path: Path) ->
 
 
 def test_diff_targets_and_bias_option() -> None:
-    adapted = pm.apply(build("bert"), "diff_tuning", target_modules=["query"], diff_bias=False)
+    adapted = apply(build("bert"), "diff_tuning", target_modules=["query"], diff_bias=False)
     layers = [n for n, m in adapted.model.named_modules() if isinstance(m, DiffLayer)]
     assert layers == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(DEPTH)]
     assert all(adapted.model.get_submodule(n).diff_bias is None for n in layers)
     # all-linear leaves out the task head (and the modules_to_save)
-    adapted = pm.apply(build("bert"), "diff_tuning")
+    adapted = apply(build("bert"), "diff_tuning")
     layers = {n for n, m in adapted.model.named_modules() if isinstance(m, DiffLayer)}
     assert "classifier" not in layers and "bert.pooler.dense" not in layers
     assert len(layers) == 6 * DEPTH
@@ -334,7 +335,7 @@ def test_diff_targets_and_bias_option() -> None:
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_diff_penalty_matches_hand_formula(norm: str) -> None:
     lam = 0.01
-    adapted = pm.apply(build("gpt2"), "diff_tuning", penalty=lam, norm=norm)
+    adapted = apply(build("gpt2"), "diff_tuning", penalty=lam, norm=norm)
     extra = adapted.extra_loss()
     extra.backward()  # at Δ = 0: a finite (zero) subgradient, also for the L2 norm
     assert float(extra.detach()) == 0.0
@@ -357,11 +358,11 @@ def test_diff_penalty_matches_hand_formula(norm: str) -> None:
     adapted.extra_loss().backward()  # no forward since: from the parameters
     for a, b in zip(got, (d.grad for d in diffs(adapted))):
         torch.testing.assert_close(a, b)
-    assert pm.apply(build("gpt2"), "diff_tuning", penalty=0).extra_loss() is None
+    assert apply(build("gpt2"), "diff_tuning", penalty=0).extra_loss() is None
 
 
 def test_diff_sparse_save_is_smaller_and_loads_identically(tmp_path: Path) -> None:
-    adapted = pm.apply(build("llama"), "diff_tuning", save_format="sparse")
+    adapted = apply(build("llama"), "diff_tuning", save_format="sparse")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for d in diffs(adapted):  # ~2% non-zero entries, as an L1 penalty leaves
@@ -381,8 +382,8 @@ def test_diff_sparse_save_is_smaller_and_loads_identically(tmp_path: Path) -> No
 
 
 def test_diff_sparse_threshold_drops_small_entries(tmp_path: Path) -> None:
-    adapted = pm.apply(build("gpt2"), "diff_tuning", target_modules=["c_fc"],
-                       save_format="sparse", sparse_threshold=0.05)
+    adapted = apply(build("gpt2"), "diff_tuning", target_modules=["c_fc"],
+                    save_format="sparse", sparse_threshold=0.05)
     randomize(adapted, "diff_", scale=0.05)
     pm.save_adapter(adapted, tmp_path / "ad")
     loaded = pm.load_adapter(build("gpt2"), tmp_path / "ad")
@@ -394,10 +395,10 @@ def test_diff_sparse_threshold_drops_small_entries(tmp_path: Path) -> None:
 def test_diff_config_errors() -> None:
     with pytest.raises(PeftMethodError, match="Unsupported `norm` 'l3'. Supported values are "
                                               "'l1', 'l2'"):
-        pm.apply(build("bert"), "diff_tuning", norm="l3")
+        apply(build("bert"), "diff_tuning", norm="l3")
     with pytest.raises(PeftMethodError, match="Unsupported `save_format` 'csv'"):
-        pm.apply(build("bert"), "diff_tuning", save_format="csv")
+        apply(build("bert"), "diff_tuning", save_format="csv")
     with pytest.raises(PeftMethodError, match="`penalty` must be a number >= 0"):
-        pm.apply(build("bert"), "diff_tuning", penalty=-1.0)
+        apply(build("bert"), "diff_tuning", penalty=-1.0)
     with pytest.raises(PeftMethodError, match="match no module.*close names: .*query"):
-        pm.apply(build("bert"), "diff_tuning", target_modules=["querry"])
+        apply(build("bert"), "diff_tuning", target_modules=["querry"])

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_methods as pm
 from peft_methods.lora import LoraLinear
-from tiny_models import FAMILIES, build, inputs, labels_for, logits
+from tiny_models import FAMILIES, apply, build, inputs, labels_for, logits
 
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 # A new-task classifier saves its head and pooler (METHODS.md §3); PEFT needs them named.
@@ -44,7 +44,7 @@ def peft_model(family: str, **options) -> PeftModel:
 def ours(family: str, method: str = "lora", **options) -> pm.AdaptedModel:
     if family in TO_SAVE:
         options.setdefault("modules_to_save", TO_SAVE[family])
-    model = pm.apply(build(family), method, **options)
+    model = apply(build(family), method, **options)
     randomize(model)
     return model.eval()
 
@@ -124,7 +124,7 @@ def test_unsupported_peft_option_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_at_init(family: str) -> None:
     for init in (True, "gaussian"):
-        model = pm.apply(build(family), "lora", init_lora_weights=init)
+        model = apply(build(family), "lora", init_lora_weights=init)
         torch.testing.assert_close(logits(model, family), logits(build(family), family))
 
 
@@ -177,11 +177,11 @@ def test_only_adapter_and_saved_modules_train() -> None:
 
 def test_bad_target_names_close_names() -> None:
     with pytest.raises(pm.PeftMethodError, match=r"qury.*close names: .*query"):
-        pm.apply(build("bert"), "lora", target_modules=["qury"])
+        apply(build("bert"), "lora", target_modules=["qury"])
     with pytest.raises(pm.PeftMethodError, match="match no module"):
-        pm.apply(build("llama"), "lora", target_modules=r".*\.nothing")
+        apply(build("llama"), "lora", target_modules=r".*\.nothing")
     with pytest.raises(pm.PeftMethodError, match="linear layers"):
-        pm.apply(build("llama"), "lora", target_modules=["embed_tokens"])
+        apply(build("llama"), "lora", target_modules=["embed_tokens"])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -194,12 +194,12 @@ def test_bad_target_names_close_names() -> None:
 ])
 def test_config_errors(options: dict, message: str) -> None:
     with pytest.raises(pm.PeftMethodError, match=message.replace("`", ".")):
-        pm.apply(build("bert"), "lora", **options)
+        apply(build("bert"), "lora", **options)
 
 
 def test_lora_plus_option_errors() -> None:
     with pytest.raises(pm.PeftMethodError, match="loraplus_lr_ratio"):
-        pm.apply(build("bert"), "lora_plus", loraplus_lr_ratio=0)
+        apply(build("bert"), "lora_plus", loraplus_lr_ratio=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import transformers
 from packaging.version import Version
 
 import peft_methods as pm
-from tiny_models import DECODERS, FAMILIES, build, inputs, labels_for
+from tiny_models import DECODERS, FAMILIES, apply, build, inputs, labels_for
 
 M = 4  # virtual tokens
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
@@ -88,7 +88,7 @@ def batch_for(family: str) -> dict[str, torch.Tensor]:
 def ours(case: str, family: str, seed: int = 0) -> pm.AdaptedModel:
     method, options, _ = CASES[case]
     torch.manual_seed(100 + seed)
-    return pm.apply(build(family), method, num_virtual_tokens=M, **options)
+    return apply(build(family), method, num_virtual_tokens=M, **options)
 
 
 def theirs(case: str, family: str) -> peft.PeftModel:
@@ -215,11 +215,11 @@ def test_config_fields_as_peft_writes_them(case: str, family: str, tmp_path: Pat
 def test_prefix_shapes_follow_the_kv_layout() -> None:
     """Llama (4 heads, 2 KV heads of 8): prefixes are 16 wide per K or V, as PEFT sizes them;
     T5 prompt tables have 2m rows (encoder and decoder submodules)."""
-    llama = pm.apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M)
+    llama = apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M)
     cfg = llama.peft_config
     assert (cfg.token_dim, cfg.num_attention_heads, cfg.num_layers) == (16, 2, 2)
     assert pm.adapter_state_dict(llama)["prompt_embeddings"].shape == (M, 2 * 2 * 16)
-    t5 = pm.apply(build("t5"), "prompt_tuning", num_virtual_tokens=M)
+    t5 = apply(build("t5"), "prompt_tuning", num_virtual_tokens=M)
     assert pm.adapter_state_dict(t5)["prompt_embeddings"].shape == (2 * M, 32)
 
 
@@ -235,7 +235,7 @@ def test_feature_extraction_matches_peft(case: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = bare()
     state = base.state_dict()
-    adapted = pm.apply(base, method, num_virtual_tokens=M, **options)
+    adapted = apply(base, method, num_virtual_tokens=M, **options)
     assert adapted.task_type == "FEATURE_EXTRACTION"
     pm.save_adapter(adapted, tmp_path / "a")
     fresh = bare()

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import peft_methods as pm
 from peft_methods.base import PeftMethodError
 from peft_methods.prompt_tuning import PromptTable
-from tiny_models import VOCAB, build, inputs, labels_for
+from tiny_models import VOCAB, apply, build, inputs, labels_for
 
 M = 4
 METHODS = {"prompt_tuning": {}, "p_tuning": {"encoder_reparameterization_type": "LSTM"},
@@ -50,7 +50,7 @@ def test_text_init_repeats_or_cuts_the_text_like_peft(m: int, ids: list[int],
     options = {"num_virtual_tokens": m, "prompt_tuning_init": "TEXT",
                "prompt_tuning_init_text": "w7 w8 w9",
                "tokenizer_name_or_path": str(tokenizer_dir)}
-    adapted = pm.apply(build("gpt2"), "prompt_tuning", **options)
+    adapted = apply(build("gpt2"), "prompt_tuning", **options)
     words = adapted.model.get_input_embeddings().weight
     table = adapted.extra["prompt_encoder"].embedding.weight
     torch.testing.assert_close(table, words[ids], rtol=0, atol=0)
@@ -60,23 +60,23 @@ def test_text_init_repeats_or_cuts_the_text_like_peft(m: int, ids: list[int],
 
 
 def test_text_init_fills_both_submodules_of_t5(tokenizer_dir: Path) -> None:
-    adapted = pm.apply(build("t5"), "prompt_tuning", num_virtual_tokens=3,
-                       prompt_tuning_init="TEXT", prompt_tuning_init_text="w7 w8",
-                       tokenizer_name_or_path=str(tokenizer_dir))
+    adapted = apply(build("t5"), "prompt_tuning", num_virtual_tokens=3,
+                    prompt_tuning_init="TEXT", prompt_tuning_init_text="w7 w8",
+                    tokenizer_name_or_path=str(tokenizer_dir))
     words = adapted.model.get_input_embeddings().weight
     torch.testing.assert_close(adapted.extra["prompt_encoder"].embedding.weight,
                                words[[2, 7, 8, 3, 2, 7]], rtol=0, atol=0)
 
 
 def test_text_init_adapter_loads_without_the_tokenizer(tokenizer_dir: Path,
-                                                      tmp_path: Path) -> None:
+                                                       tmp_path: Path) -> None:
     import shutil
 
     local = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, local)
-    adapted = pm.apply(build("bert"), "prompt_tuning", num_virtual_tokens=M,
-                       prompt_tuning_init="TEXT", prompt_tuning_init_text="w7",
-                       tokenizer_name_or_path=str(local))
+    adapted = apply(build("bert"), "prompt_tuning", num_virtual_tokens=M,
+                    prompt_tuning_init="TEXT", prompt_tuning_init_text="w7",
+                    tokenizer_name_or_path=str(local))
     pm.save_adapter(adapted, tmp_path / "a")
     shutil.rmtree(local)  # a saved prompt is the table itself; no text init on load
     loaded = pm.load_adapter(build("bert"), tmp_path / "a")
@@ -84,8 +84,8 @@ def test_text_init_adapter_loads_without_the_tokenizer(tokenizer_dir: Path,
 
 
 def test_sample_vocab_init_takes_vocabulary_rows() -> None:
-    adapted = pm.apply(build("llama"), "prompt_tuning", num_virtual_tokens=M,
-                       prompt_tuning_init="SAMPLE_VOCAB")
+    adapted = apply(build("llama"), "prompt_tuning", num_virtual_tokens=M,
+                    prompt_tuning_init="SAMPLE_VOCAB")
     words = adapted.model.get_input_embeddings().weight
     for row in adapted.extra["prompt_encoder"].embedding.weight:
         assert (words == row).all(dim=1).any()
@@ -99,7 +99,7 @@ def test_sample_vocab_init_takes_vocabulary_rows() -> None:
 @pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
 def test_only_prompt_and_saved_modules_train(method: str, family: str) -> None:
     torch.manual_seed(0)
-    adapted = pm.apply(build(family), method, num_virtual_tokens=M, **METHODS[method])
+    adapted = apply(build(family), method, num_virtual_tokens=M, **METHODS[method])
     before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
     own = ("extra.prompt_encoder.",) + tuple(f"model.{n}." for n in adapted.modules_to_save)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
@@ -123,7 +123,7 @@ def test_only_prompt_and_saved_modules_train(method: str, family: str) -> None:
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 def test_save_load_round_trip_is_exact(method: str, family: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    adapted = pm.apply(build(family), method, num_virtual_tokens=M, **METHODS[method])
+    adapted = apply(build(family), method, num_virtual_tokens=M, **METHODS[method])
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:
@@ -141,8 +141,8 @@ def test_save_load_round_trip_is_exact(method: str, family: str, tmp_path: Path)
 
 def test_prefix_projection_collapses_to_its_output(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    adapted = pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M,
-                       encoder_hidden_size=8)
+    adapted = apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M,
+                    encoder_hidden_size=8)
     encoder = adapted.extra["prompt_encoder"]
     assert encoder.transform[0].out_features == 8
     with torch.no_grad():
@@ -158,13 +158,13 @@ def test_prefix_projection_collapses_to_its_output(tmp_path: Path) -> None:
 
 def test_zero_init_prefixes_are_zero() -> None:
     for projection in (True, False):
-        adapted = pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M,
-                           prefix_projection=projection, init_weights="zero")
+        adapted = apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M,
+                        prefix_projection=projection, init_weights="zero")
         assert not pm.adapter_state_dict(adapted)["prompt_embeddings"].any()
 
 
 def test_p_tuning_v2_loads_in_peft_as_prefix_tuning(tmp_path: Path) -> None:
-    adapted = pm.apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M)
+    adapted = apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M)
     pm.save_adapter(adapted, tmp_path / "a")
     assert pm.read_adapter_config(tmp_path / "a")["distill_method"] == "p_tuning_v2"
     with pytest.warns(UserWarning, match="distill_method"):
@@ -174,7 +174,7 @@ def test_p_tuning_v2_loads_in_peft_as_prefix_tuning(tmp_path: Path) -> None:
 
 def test_prompts_change_outputs_and_mask_grows() -> None:
     base = logits(build("gpt2"), "gpt2")
-    adapted = pm.apply(build("gpt2"), "prompt_tuning", num_virtual_tokens=M)
+    adapted = apply(build("gpt2"), "prompt_tuning", num_virtual_tokens=M)
     out = logits(adapted, "gpt2")
     assert out.shape[1] == base.shape[1] + M  # the virtual tokens are in the sequence
     assert not torch.allclose(out[:, M:], base)
@@ -183,7 +183,7 @@ def test_prompts_change_outputs_and_mask_grows() -> None:
 def test_prefix_position_ids_continue_after_the_prefix() -> None:
     """Given positions 0..n-1, prefix tuning shifts them by m, which is where the model puts
     the tokens itself (the cache holds m entries), so both calls agree."""
-    adapted = pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M).eval()
+    adapted = apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M).eval()
     batch = inputs("gpt2")
     positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_prefix_position_ids_continue_after_the_prefix() -> None:
 
 
 def test_prompt_tuning_ignores_position_ids_with_a_warning() -> None:
-    adapted = pm.apply(build("gpt2"), "prompt_tuning", num_virtual_tokens=M).eval()
+    adapted = apply(build("gpt2"), "prompt_tuning", num_virtual_tokens=M).eval()
     batch = inputs("gpt2")
     with pytest.warns(UserWarning, match="position_ids"), torch.no_grad():
         out = adapted(**batch, position_ids=torch.zeros_like(batch["input_ids"])).logits
@@ -206,7 +206,7 @@ def test_cached_generation_equals_greedy_without_cache(method: str, family: str)
     tokens as re-running the adapted forward over the whole sequence each step, on a
     left-padded batch with generate's position ids. Independent of PEFT, so it also holds
     the transformers versions PEFT does not follow (test_peft_prompts.py)."""
-    adapted = pm.apply(build(family), method, num_virtual_tokens=M, **METHODS[method]).eval()
+    adapted = apply(build(family), method, num_virtual_tokens=M, **METHODS[method]).eval()
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:  # off the (zero or near-zero) initial prompts
@@ -227,7 +227,7 @@ def test_cached_generation_equals_greedy_without_cache(method: str, family: str)
 
 
 def test_generate_without_attention_mask() -> None:
-    adapted = pm.apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M).eval()
+    adapted = apply(build("llama"), "p_tuning_v2", num_virtual_tokens=M).eval()
     ids = inputs("llama")["input_ids"][:1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -259,7 +259,7 @@ def test_generate_without_attention_mask() -> None:
 ])
 def test_bad_options_are_named(method: str, options: dict, message: str) -> None:
     with pytest.raises(PeftMethodError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        pm.apply(build("gpt2"), method, **options)
+        apply(build("gpt2"), method, **options)
 
 
 def test_prefix_needs_a_kv_cache() -> None:
@@ -268,8 +268,8 @@ def test_prefix_needs_a_kv_cache() -> None:
     model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, num_labels=2))
     with pytest.raises(PeftMethodError, match="takes no KV cache.*prompt_tuning"):
-        pm.apply(model, "prefix_tuning")
-    adapted = pm.apply(model, "prompt_tuning", num_virtual_tokens=M)  # embeddings still fit
+        apply(model, "prefix_tuning")
+    adapted = apply(model, "prompt_tuning", num_virtual_tokens=M)  # embeddings still fit
     assert adapted(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
 
 
@@ -277,8 +277,8 @@ def test_unsupported_task_and_generate_on_a_classifier() -> None:
     from transformers import BertForTokenClassification
 
     with pytest.raises(PeftMethodError, match="supports task types.*TOKEN_CLS"):
-        pm.apply(BertForTokenClassification(build("bert").config), "p_tuning")
-    adapted = pm.apply(build("bert"), "prompt_tuning", num_virtual_tokens=M)
+        apply(BertForTokenClassification(build("bert").config), "p_tuning")
+    adapted = apply(build("bert"), "prompt_tuning", num_virtual_tokens=M)
     with pytest.raises(PeftMethodError, match="generate\\(\\) needs task type"):
         adapted.generate(input_ids=inputs("bert")["input_ids"])
 
@@ -287,17 +287,17 @@ def test_unsupported_task_and_generate_on_a_classifier() -> None:
 def test_prefix_refuses_own_cache_and_gradient_checkpointing(name: str) -> None:
     from transformers import DynamicCache
 
-    adapted = pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M)
+    adapted = apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M)
     with pytest.raises(PeftMethodError, match="do not pass your own"):
         adapted(**inputs("gpt2"), **{name: DynamicCache()})
     model = build("gpt2")
     model.activation_checkpointing_enable()
     with pytest.raises(PeftMethodError, match="gradient checkpointing"):
-        pm.apply(model, "p_tuning_v2")
+        apply(model, "p_tuning_v2")
 
 
 def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
-    pm.save_adapter(pm.apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M), tmp_path / "a")
+    pm.save_adapter(apply(build("gpt2"), "prefix_tuning", num_virtual_tokens=M), tmp_path / "a")
     with pytest.raises(PeftMethodError, match="shape .* another model"):
         pm.load_adapter(build("llama"), tmp_path / "a")  # Llama's KV prefix is narrower
     save_file({"wrong": torch.zeros(2)}, str(tmp_path / "a" / "adapter_model.safetensors"))
@@ -311,7 +311,7 @@ def test_t5_prefix_needs_one_prefix_per_decoder_layer() -> None:
     config = build("t5").config
     config.num_decoder_layers = 3
     with pytest.raises(PeftMethodError, match="decoder has 3 layers.*num_layers=3"):
-        pm.apply(T5ForConditionalGeneration(config), "prefix_tuning")
-    adapted = pm.apply(T5ForConditionalGeneration(config), "prefix_tuning", num_layers=3,
-                       num_virtual_tokens=M)
+        apply(T5ForConditionalGeneration(config), "prefix_tuning")
+    adapted = apply(T5ForConditionalGeneration(config), "prefix_tuning", num_layers=3,
+                    num_virtual_tokens=M)
     assert logits(adapted, "t5").shape == (2, 5, VOCAB)

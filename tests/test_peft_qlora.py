@@ -13,7 +13,7 @@ from peft import PeftModel
 import peft_methods as pm
 from peft_methods.qlora import (NF4Linear, dequantize_nf4, dequantize_scales_8bit, nf4_code,
                                 quantize_nf4, quantize_scales_8bit, quantized_layers)
-from tiny_models import FAMILIES, build, inputs, labels_for, logits
+from tiny_models import FAMILIES, apply, build, inputs, labels_for, logits
 
 # The NF4 data type as published: bitsandbytes `functional.py` (the `get_4bit_type("nf4")`
 # table, produced by `create_normal_map(offset=0.9677083)`), also listed in the QLoRA paper's
@@ -47,7 +47,7 @@ def fake_quantized(family: str, **qopts) -> torch.nn.Module:
     """The full-precision model with every all-linear weight replaced by its NF4 round trip
     (what the quantized base computes, without the quantized storage)."""
     model = build(family)
-    adapted = pm.apply(build(family), "qlora", modules_to_save=TO_SAVE.get(family), **qopts)
+    adapted = apply(build(family), "qlora", modules_to_save=TO_SAVE.get(family), **qopts)
     modules = dict(model.named_modules())
     for path, q in quantized_layers(adapted.model).items():
         path = path.removesuffix(".base_layer")
@@ -138,7 +138,7 @@ def test_casting_the_model_keeps_quantization_state_fp32() -> None:
     expected = q(torch.randn(2, 64))
     q.to(torch.bfloat16)
     assert {b.dtype for n, b in q.named_buffers() if n != "qweight"} <= {torch.float32,
-                                                                          torch.int8}
+                                                                         torch.int8}
     assert q.qweight.logical_numel == 64 * 64  # the tag survives the buffer replacement
     torch.testing.assert_close(q.dequantize(), NF4Linear(layer).dequantize())
     assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
@@ -152,7 +152,7 @@ def test_casting_the_model_keeps_quantization_state_fp32() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_base_is_quantized_and_counted(family: str) -> None:
     fp = build(family)
-    model = pm.apply(build(family), "qlora", r=4, modules_to_save=TO_SAVE.get(family))
+    model = apply(build(family), "qlora", r=4, modules_to_save=TO_SAVE.get(family))
     layers = quantized_layers(model.model)
     assert layers and all(q.qweight.dtype == torch.uint8 for q in layers.values())
     # every linear layer except the output layer / head / saved modules is quantized
@@ -172,14 +172,14 @@ def test_base_is_quantized_and_counted(family: str) -> None:
 def test_identity_relative_to_quantized_base(family: str) -> None:
     """B = 0 at init: the model computes exactly what the NF4-rounded base computes."""
     assert not pm.get_method("qlora").identity_at_init
-    model = pm.apply(build(family), "qlora", modules_to_save=TO_SAVE.get(family))
+    model = apply(build(family), "qlora", modules_to_save=TO_SAVE.get(family))
     torch.testing.assert_close(logits(model, family), logits(fake_quantized(family), family),
                                rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_adapter_loads_in_peft_on_full_precision_base(family: str, tmp_path) -> None:
-    model = pm.apply(build(family), "qlora", r=4, modules_to_save=TO_SAVE.get(family))
+    model = apply(build(family), "qlora", r=4, modules_to_save=TO_SAVE.get(family))
     randomize_lora(model, scale=0.05)  # changes the logits by 10-500 %, like a trained adapter
     model.eval()
     pm.save_adapter(model, tmp_path / "a")
@@ -211,7 +211,7 @@ def test_saved_adapter_loads_in_peft_on_full_precision_base(family: str, tmp_pat
 
 
 def test_only_lora_trains_and_gradients_reach_it() -> None:
-    model = pm.apply(build("llama"), "qlora", r=4)
+    model = apply(build("llama"), "qlora", r=4)
     model.train()
     batch = inputs("llama")
     out = model(**batch, labels=labels_for("llama", batch))
@@ -222,15 +222,15 @@ def test_only_lora_trains_and_gradients_reach_it() -> None:
 
 
 def test_targets_only_quantization_and_options() -> None:
-    model = pm.apply(build("llama"), "qlora", target_modules=["q_proj"], quantize="targets",
-                     double_quant=False, compute_dtype=None)
+    model = apply(build("llama"), "qlora", target_modules=["q_proj"], quantize="targets",
+                  double_quant=False, compute_dtype=None)
     layers = quantized_layers(model.model)
     assert layers and all(n.endswith("q_proj.base_layer") for n in layers)
     assert all(hasattr(q, "absmax") and not q.double_quant for q in layers.values())
 
 
 def test_not_mergeable() -> None:
-    model = pm.apply(build("llama"), "qlora")
+    model = apply(build("llama"), "qlora")
     with pytest.raises(pm.PeftMethodError, match="cannot be merged"):
         pm.merge(model)
 
@@ -243,4 +243,4 @@ def test_not_mergeable() -> None:
 ])
 def test_config_errors(options: dict, message: str) -> None:
     with pytest.raises(pm.PeftMethodError, match=message.replace("`", ".")):
-        pm.apply(build("llama"), "qlora", **options)
+        apply(build("llama"), "qlora", **options)

@@ -26,7 +26,7 @@ import peft_methods as pm
 from peft_methods.base import PeftMethodError
 from peft_methods.encoder_prefix import encoder_prefixes
 from peft_methods.prompt_tuning import PromptTable
-from tiny_models import VOCAB, build, inputs, labels_for
+from tiny_models import VOCAB, apply, build, inputs, labels_for
 
 M = 3
 H, DH, D = 4, 8, 32  # tiny T5: heads, head dim, inner width
@@ -41,7 +41,7 @@ def _quiet():
 
 def adapt(method: str = "prefix_tuning", seed: int = 0, **options) -> pm.AdaptedModel:
     torch.manual_seed(100 + seed)
-    return pm.apply(build("t5"), method, num_virtual_tokens=M, **options)
+    return apply(build("t5"), method, num_virtual_tokens=M, **options)
 
 
 def perturb(model: torch.nn.Module, seed: int = 3) -> None:
@@ -271,8 +271,8 @@ def test_encoder_table_follows_the_encoder_depth() -> None:
     config = build("t5").config
     config.num_layers, config.num_decoder_layers = 3, 2
     torch.manual_seed(0)
-    adapted = pm.apply(T5ForConditionalGeneration(config).eval(), "p_tuning_v2",
-                       num_virtual_tokens=M, num_layers=2, encoder_prefix=True)
+    adapted = apply(T5ForConditionalGeneration(config).eval(), "p_tuning_v2",
+                    num_virtual_tokens=M, num_layers=2, encoder_prefix=True)
     state = pm.adapter_state_dict(adapted)
     assert state["prompt_embeddings"].shape == (M, 2 * 2 * D)
     assert state["encoder_prompt_embeddings"].shape == (M, 3 * 2 * D)
@@ -287,16 +287,16 @@ def test_encoder_table_follows_the_encoder_depth() -> None:
 @pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning_v2"])
 def test_encoder_prefix_needs_an_encoder_decoder_model(family: str, method: str) -> None:
     with pytest.raises(PeftMethodError, match="encoder_prefix needs an encoder–decoder model"):
-        pm.apply(build(family), method, encoder_prefix=True)
+        apply(build(family), method, encoder_prefix=True)
 
 
 def test_bad_encoder_prefix_values_and_files(tmp_path: Path) -> None:
     with pytest.raises(PeftMethodError, match="Unsupported `encoder_prefix` 'yes'"):
-        pm.apply(build("t5"), "prefix_tuning", encoder_prefix="yes")
+        apply(build("t5"), "prefix_tuning", encoder_prefix="yes")
     model = build("t5")
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(PeftMethodError, match="eager and sdpa"):
-        pm.apply(model, "prefix_tuning", encoder_prefix=True)
+        apply(model, "prefix_tuning", encoder_prefix=True)
     pm.save_adapter(adapt(encoder_prefix=True), tmp_path / "a")
     path = str(tmp_path / "a" / "adapter_model.safetensors")
     tensors = load_file(path)

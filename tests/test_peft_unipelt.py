@@ -19,7 +19,7 @@ import peft_methods as pm
 from peft_methods.base import PeftMethodError
 from peft_methods.kv_cache import given_cache
 from peft_methods.unipelt import GatedAdapterLayer, GatedLoraLinear, pooled_gate
-from tiny_models import FAMILIES, build, inputs, labels_for
+from tiny_models import FAMILIES, apply, build, inputs, labels_for
 
 M = 3  # virtual tokens
 OPEN, SHUT = 50.0, -50.0  # gate biases: σ = 1 and σ = 0 in float32
@@ -69,7 +69,7 @@ def copy_weights(src: pm.AdaptedModel, dst: pm.AdaptedModel, parts: tuple[str, .
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_gated_lora_matches_hand_formula(family: str) -> None:
     """base(x) + σ(w·x + b) · (α/r) · B A x, per token (Linear and GPT-2's Conv1D)."""
-    adapted = pm.apply(build(family), "unipelt", components=["lora"], r=4, lora_alpha=8)
+    adapted = apply(build(family), "unipelt", components=["lora"], r=4, lora_alpha=8)
     randomize(adapted)
     name = "bert.encoder.layer.0.attention.self.query" if family == "bert" else \
         "transformer.h.0.attn.c_attn"
@@ -88,7 +88,7 @@ def test_gated_lora_matches_hand_formula(family: str) -> None:
 
 def test_gated_adapter_matches_hand_formula() -> None:
     """y + σ(w·y + b) · W_up relu(W_down y), y the FFN output projection's output."""
-    adapted = pm.apply(build("llama"), "unipelt", components=["adapter"], bottleneck=4)
+    adapted = apply(build("llama"), "unipelt", components=["adapter"], bottleneck=4)
     randomize(adapted)
     layer = adapted.model.get_submodule("model.layers.1.mlp.down_proj")
     assert isinstance(layer, GatedAdapterLayer)
@@ -119,7 +119,7 @@ def test_prefix_gate_scales_the_cached_prefix_by_hand(family: str, attention: st
                                                       pool: str) -> None:
     """The prefix keys and values the attention reads = the raw ones × pool_t σ(w·x_t + b), x
     the attention's input, pooled over the real tokens (mean) or the first one (LMs)."""
-    adapted = pm.apply(build(family), "unipelt", components=["prefix"], num_virtual_tokens=M)
+    adapted = apply(build(family), "unipelt", components=["prefix"], num_virtual_tokens=M)
     module = adapted.model.get_submodule(attention)
     seen: dict[str, torch.Tensor] = {}
 
@@ -156,16 +156,16 @@ def test_prefix_gate_scales_the_cached_prefix_by_hand(family: str, attention: st
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_prefix_the_model_is_unchanged_at_init(family: str) -> None:
-    adapted = pm.apply(build(family), "unipelt", components=["lora", "adapter"])
+    adapted = apply(build(family), "unipelt", components=["lora", "adapter"])
     torch.testing.assert_close(run(adapted, family), run(build(family), family),
                                rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_alone_with_open_gate_is_plain_lora(family: str) -> None:
-    ours = pm.apply(build(family), "unipelt", components=["lora"], r=4, lora_alpha=8)
+    ours = apply(build(family), "unipelt", components=["lora"], r=4, lora_alpha=8)
     randomize(ours)
-    plain = pm.apply(build(family), "lora", r=4, lora_alpha=8)
+    plain = apply(build(family), "lora", r=4, lora_alpha=8)
     copy_weights(ours, plain, ("lora_A", "lora_B"))
     force_gates(ours, OPEN)
     torch.testing.assert_close(run(ours, family), run(plain, family))
@@ -175,9 +175,9 @@ def test_lora_alone_with_open_gate_is_plain_lora(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_alone_with_open_gate_is_pfeiffer(family: str) -> None:
-    ours = pm.apply(build(family), "unipelt", components=["adapter"], bottleneck=4)
+    ours = apply(build(family), "unipelt", components=["adapter"], bottleneck=4)
     randomize(ours)
-    plain = pm.apply(build(family), "pfeiffer", bottleneck=4)
+    plain = apply(build(family), "pfeiffer", bottleneck=4)
     copy_weights(ours, plain, ("adapter_down", "adapter_up"))
     force_gates(ours, OPEN)
     torch.testing.assert_close(run(ours, family), run(plain, family))
@@ -188,25 +188,25 @@ def test_adapter_alone_with_open_gate_is_pfeiffer(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_alone_with_open_gate_is_prefix_tuning(family: str) -> None:
     """Gate 1: prefix tuning with the same prefix encoder; gate 0: all-zero prefixes."""
-    ours = pm.apply(build(family), "unipelt", components=["prefix"], num_virtual_tokens=M)
-    plain = pm.apply(build(family), "prefix_tuning", num_virtual_tokens=M)
+    ours = apply(build(family), "unipelt", components=["prefix"], num_virtual_tokens=M)
+    plain = apply(build(family), "prefix_tuning", num_virtual_tokens=M)
     plain.extra["prompt_encoder"].load_state_dict(ours.extra["prompt_encoder"].state_dict())
     force_gates(ours, OPEN)
     torch.testing.assert_close(run(ours, family), run(plain, family))
-    zero = pm.apply(build(family), "p_tuning_v2", num_virtual_tokens=M, init_weights="zero")
+    zero = apply(build(family), "p_tuning_v2", num_virtual_tokens=M, init_weights="zero")
     force_gates(ours, SHUT)
     torch.testing.assert_close(run(ours, family), run(zero, family))
 
 
 def test_components_choose_what_is_injected() -> None:
-    adapted = pm.apply(build("gpt2"), "unipelt", components=["adapter", "lora"])
+    adapted = apply(build("gpt2"), "unipelt", components=["adapter", "lora"])
     assert adapted.peft_config.components == ["lora", "adapter"]  # canonical order
     assert "prompt_encoder" not in adapted.extra
     kinds = {n.rsplit(".", 1)[-1] for n in gates(adapted)}
     assert kinds == {"lora_gate", "adapter_gate"}
-    full = pm.apply(build("gpt2"), "unipelt")
+    full = apply(build("gpt2"), "unipelt")
     assert {n.rsplit(".", 1)[-1] for n in gates(full)} == {"lora_gate", "adapter_gate",
-                                                            "prefix_gate"}
+                                                           "prefix_gate"}
     assert len([n for n in gates(full) if n.endswith("prefix_gate")]) == 2  # one per layer
 
 
@@ -216,7 +216,7 @@ def test_components_choose_what_is_injected() -> None:
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_training_moves_every_gate_and_component_only(family: str) -> None:
-    adapted = pm.apply(build(family), "unipelt", num_virtual_tokens=M)
+    adapted = apply(build(family), "unipelt", num_virtual_tokens=M)
     frozen = {n: p.detach().clone() for n, p in adapted.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
@@ -238,8 +238,8 @@ def test_training_moves_every_gate_and_component_only(family: str) -> None:
 def test_save_load_all_linear_nests_lora_inside_the_adapter(tmp_path: Path) -> None:
     """"all-linear" also targets the FFN output that carries the adapter: LoRA goes inside it
     (at `<path>.base_layer`); the file names the untouched paths and reloads exactly."""
-    adapted = pm.apply(build("bert"), "unipelt", target_modules="all-linear",
-                       num_virtual_tokens=M)
+    adapted = apply(build("bert"), "unipelt", target_modules="all-linear",
+                    num_virtual_tokens=M)
     randomize(adapted)
     expected = run(adapted, "bert")
     nested = "bert.encoder.layer.0.output.dense"
@@ -260,7 +260,7 @@ def test_save_load_all_linear_nests_lora_inside_the_adapter(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("components", [["lora"], ["prefix", "adapter"]])
 def test_save_load_subsets(components: list[str], tmp_path: Path) -> None:
-    adapted = pm.apply(build("llama"), "unipelt", components=components, num_virtual_tokens=M)
+    adapted = apply(build("llama"), "unipelt", components=components, num_virtual_tokens=M)
     randomize(adapted)
     expected = run(adapted, "llama")
     loaded = pm.load_adapter(build("llama"), pm.save_adapter(adapted, tmp_path / "a"))
@@ -271,7 +271,7 @@ def test_save_load_subsets(components: list[str], tmp_path: Path) -> None:
 def test_generation_with_all_components_agrees_with_forward() -> None:
     """Greedy generation (the prefix gated once, at prefill, from the first token) gives, at
     each step, the logits of a full forward pass over the generated text."""
-    adapted = pm.apply(build("gpt2"), "unipelt", num_virtual_tokens=M).eval()
+    adapted = apply(build("gpt2"), "unipelt", num_virtual_tokens=M).eval()
     randomize(adapted)
     ids = inputs("gpt2")["input_ids"]
     out = adapted.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -290,8 +290,8 @@ def test_default_prefix_gate_of_an_lm_does_not_see_later_tokens(pool: str | None
                                                                 causal: bool) -> None:
     """With "first" (the LM default) the logits at position k do not depend on tokens after k;
     "mean" lets them leak through the gate (why it is not the default for LMs)."""
-    adapted = pm.apply(build("llama"), "unipelt", num_virtual_tokens=M,
-                       prefix_gate_pool=pool).eval()
+    adapted = apply(build("llama"), "unipelt", num_virtual_tokens=M,
+                    prefix_gate_pool=pool).eval()
     ids = inputs("llama")["input_ids"]
     with torch.no_grad():
         full = adapted(input_ids=ids).logits[:, 3]
@@ -300,7 +300,7 @@ def test_default_prefix_gate_of_an_lm_does_not_see_later_tokens(pool: str | None
 
 
 def test_generation_t5() -> None:
-    adapted = pm.apply(build("t5"), "unipelt", num_virtual_tokens=M).eval()
+    adapted = apply(build("t5"), "unipelt", num_virtual_tokens=M).eval()
     batch = inputs("t5")
     out = adapted.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            max_new_tokens=3, do_sample=False)
@@ -313,11 +313,11 @@ def test_generation_t5() -> None:
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"components": ["lora", "bitfit"]}, ("Unsupported `components` 'bitfit'. Supported values "
-                                         "are 'lora', 'prefix', 'adapter'")),
+                                          "are 'lora', 'prefix', 'adapter'")),
     ({"components": []}, "Unsupported `components` \\[\\]"),
     ({"components": "lora"}, "Unsupported `components` 'lora'"),
     ({"prefix_gate_pool": "max"}, ("Unsupported `prefix_gate_pool` 'max'. Supported values are "
-                                  "'mean', 'first'")),
+                                   "'mean', 'first'")),
     ({"r": 0}, "Unsupported `r` 0"),
     ({"activation": "sigmoid"}, "Unsupported `activation` 'sigmoid'"),
     ({"bottleneck": 4, "reduction_factor": 8}, "Can't provide both `bottleneck`"),
@@ -326,25 +326,36 @@ def test_generation_t5() -> None:
 ])
 def test_config_errors(options: dict, message: str) -> None:
     with pytest.raises(PeftMethodError, match=message):
-        pm.apply(build("gpt2"), "unipelt", **options)
+        apply(build("gpt2"), "unipelt", **options)
 
 
 def test_misfits_and_misuse_are_clear_errors() -> None:
     with pytest.raises(PeftMethodError, match="target_modules \\['qeury'\\] match no module"):
-        pm.apply(build("bert"), "unipelt", target_modules=["qeury"])
+        apply(build("bert"), "unipelt", target_modules=["qeury"])
     with pytest.raises(PeftMethodError, match="unipelt cannot be merged"):
-        pm.merge(pm.apply(build("gpt2"), "unipelt", components=["lora"]))
+        pm.merge(apply(build("gpt2"), "unipelt", components=["lora"]))
     with pytest.raises(PeftMethodError, match="KV cache; do not pass your own"):
-        pm.apply(build("gpt2"), "unipelt")(**inputs("gpt2"), past_key_values=object())
+        apply(build("gpt2"), "unipelt")(**inputs("gpt2"), past_key_values=object())
 
 
-def test_prefix_on_an_unknown_family_is_refused() -> None:
+def test_prefix_sites_come_from_the_layout_or_the_config() -> None:
+    """Without a layout the prefix-reading attention must be named (`prefix_modules`); the
+    layout finds it on any family distill understands (OPT here, which had no table row)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                                     max_position_embeddings=64))
-    with pytest.raises(PeftMethodError, match="prefix gate knows .*drop 'prefix'"):
-        pm.apply(model, "unipelt", components=["prefix"])
-    adapted = pm.apply(model, "unipelt", components=["lora"], target_modules=["q_proj"])
-    assert adapted(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 100)
+    def opt() -> OPTForCausalLM:
+        torch.manual_seed(0)
+        return OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, ffn_dim=64,
+                                        word_embed_proj_dim=32, max_position_embeddings=64))
+    with pytest.raises(PeftMethodError, match="unipelt: no default `prefix_modules` for this "
+                                              "model.*apply the method with the model's"):
+        pm.apply(opt(), "unipelt", components=["prefix"])
+    ids = torch.tensor([[5, 6, 7]])
+    for adapted in (apply(opt(), "unipelt", components=["prefix"]),
+                    pm.apply(opt(), "unipelt", components=["prefix"],
+                             prefix_modules=["self_attn"])):
+        assert adapted.peft_config.prefix_modules == ["self_attn"]
+        assert adapted(input_ids=ids).logits.shape == (1, 3, 100)
+    adapted = pm.apply(opt(), "unipelt", components=["lora"], target_modules=["q_proj"])
+    assert adapted(input_ids=ids).logits.shape == (1, 3, 100)

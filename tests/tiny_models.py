@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+import peft_methods as pm
+from distill.arch.targets import peft_layout
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
                           T5Config, T5ForConditionalGeneration)
@@ -71,3 +74,9 @@ def labels_for(family: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def logits(model: nn.Module, family: str, **kw) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs(family, **kw)).logits
+
+
+def apply(model: nn.Module, method: str, **options) -> pm.AdaptedModel:
+    """`peft_methods.apply` with the model's layout (the methods' default targets), as the
+    toolkit applies methods."""
+    return pm.apply(model, method, layout=peft_layout(model), **options)

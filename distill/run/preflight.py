@@ -29,6 +29,7 @@ from transformers import (
 
 import peft_methods
 from distill.arch import Dims, arch_info, dims, position_limit
+from distill.arch.targets import peft_layout
 from distill.errors import DistillError
 from distill.models.loading import (
     check_weights,
@@ -408,7 +409,8 @@ def adapt_problems(stage: AdaptStage, recipe: Recipe, task: Task,
     try:
         model = task.meta_model(config, data, trust)
         limit = position_limit(model)  # before the method wraps its layers
-        adapted = peft_methods.apply(model, stage.method, **method_options(stage))
+        adapted = peft_methods.apply(model, stage.method, layout=peft_layout(model),
+                                     **method_options(stage))
         cfg = adapted.peft_config
         if isinstance(adapted.method, PromptLearningMethod) or (
                 "prefix" in (getattr(cfg, "components", None) or ())):

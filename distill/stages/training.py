@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 import peft_methods
 from distill.arch import num_layers
+from distill.arch.targets import peft_layout
 from distill.config.recipe import LossConfig, TrainArgs
 from distill.errors import DistillError
 from distill.kd.losses import DistillationLoss, LossWeights, default_layer_map
@@ -171,9 +172,10 @@ def merged(model: nn.Module) -> PreTrainedModel:
 
 
 def apply_method(model: nn.Module, method: str, options: dict) -> peft_methods.AdaptedModel:
-    """`peft_methods.apply` with its user errors turned into DistillError (exit code 2)."""
+    """`peft_methods.apply` with the model's layout (the methods' default targets) and its
+    user errors turned into DistillError (exit code 2)."""
     try:
-        return peft_methods.apply(model, method, **options)
+        return peft_methods.apply(model, method, layout=peft_layout(model), **options)
     except peft_methods.PeftMethodError as exc:
         raise DistillError(f"{method}: {exc}".replace(f"{method}: {method}: ", f"{method}: ")
                            ) from None
