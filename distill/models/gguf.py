@@ -63,7 +63,9 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
         without any GGUF support: float32 safetensors weights, no quantization config.
 
     Raises:
-        DistillError: the file is missing, is not a `.gguf`, or transformers cannot read it.
+        DistillError: the file is missing, is not a `.gguf`, transformers cannot read it, it
+            is an encoder–decoder file (read wrongly by transformers 5.23), or it leaves some
+            of the model's weights unset.
     """
     path = Path(gguf_path).expanduser()
     if not path.is_file():
@@ -109,17 +111,38 @@ def _remove_stale_temps(out_dir: Path) -> None:
 
 
 def _convert(path: Path, out_dir: Path) -> None:
-    """Dequantize `path` into a plain float32 HF model and save it (with its tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize `path` into a plain float32 HF model and save it (with its tokenizer).
+
+    Decoder-only files (llama, mistral, qwen2, qwen3, phi3, gpt2, gemma2, gemma3, ...: the
+    architectures transformers reads from GGUF, tests/test_gguf_families.py) load as causal
+    LMs. Encoder–decoder files (T5) are refused: transformers 5.23 rebuilds them with a gated
+    ReLU feed-forward and scaled decoder outputs whatever the file holds (a flan-T5 file loads
+    as another function, silently). A file whose tensors leave some of the model's weights
+    unset is refused too, rather than saved with those weights at random init.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                      dtype=torch.float32)
+        file_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if file_config.is_encoder_decoder:
+            raise DistillError(
+                f"{path}: an encoder–decoder GGUF ({file_config.model_type}); transformers "
+                f"{transformers.__version__} rebuilds these with the wrong feed-forward "
+                f"activation and output scaling, so distill does not read them; give the "
+                f"original checkpoint instead")
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, OSError, KeyError, NotImplementedError) as exc:
         raise DistillError(f"{path}: transformers could not read this GGUF file "
                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise DistillError(f"{path}: the file has no tensors for {len(missing)} weights of "
+                           f"{type(loaded).__name__} ({', '.join(missing[:3])}, ...); "
+                           f"transformers would leave them at random init")
     config = loaded.config
     # The GGUF loader records how the file was quantized; the weights are already plain
     # float32, and a saved quantization_config would make from_pretrained look for a
