@@ -1,1 +1,1 @@
-"""Compression: architecture facts, depth cuts, width slicing, importance scores."""
+"""Compression: depth cuts, width slicing, importance scores (layout from `distill.arch`)."""
