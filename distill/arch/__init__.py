@@ -65,8 +65,8 @@ def require_width(model: nn.Module, info: ArchInfo | None = None) -> ArchInfo:
         raise DistillError(f"{info.family}: width cuts need each block's attention and MLP "
                            f"projections; not understood: {'; '.join(problems)}. Depth cuts "
                            f"still apply; see the README (adding an architecture)")
-    shapes = {(stack.heads_key, stack.intermediate_key): stack for stack in info.stacks}
-    widths = {(getattr(model.config, h), getattr(model.config, i)) for h, i in shapes}
+    widths = {(getattr(model.config, s.heads_key), _mlp_width(model.config, info, s))
+              for s in info.stacks}
     if len(widths) > 1:
         raise DistillError(f"{info.family}: the encoder and decoder have different widths "
                            f"(heads, MLP: {sorted(widths, key=str)}); width cuts need them "
@@ -81,10 +81,18 @@ def dims(model: nn.Module, info: ArchInfo | None = None) -> Dims:
     hidden, heads = getattr(cfg, keys.hidden_size), getattr(cfg, stack.heads_key)
     kv = getattr(cfg, keys.num_kv_heads, None) if keys.num_kv_heads else None
     head_dim = getattr(cfg, keys.head_dim, None) if keys.head_dim else None
-    inter = getattr(cfg, stack.intermediate_key) if stack.intermediate_key else None
-    # GPT-2 leaves n_inner None to mean 4 * n_embd (GPT2Block does the same).
     return Dims(hidden, heads, kv or heads, head_dim or hidden // heads,
-                inter if inter is not None else 4 * hidden)
+                _mlp_width(cfg, info, stack))
+
+
+def _mlp_width(cfg: object, info: ArchInfo, stack: Stack) -> int:
+    """A stack's MLP width by its config key, or as the config derives it."""
+    hidden = getattr(cfg, info.config.hidden_size)
+    if stack.intermediate_key is None:
+        return (stack.intermediate_ratio or 4) * hidden
+    inter = getattr(cfg, stack.intermediate_key)
+    # GPT-2 leaves n_inner None to mean 4 * n_embd (GPT2Block does the same).
+    return inter if inter is not None else 4 * hidden
 
 
 def embeddings_tied(model: nn.Module) -> bool:

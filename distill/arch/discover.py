@@ -139,13 +139,15 @@ def _stack(model: nn.Module, values: dict[str, Any], family: str, name: str, pat
                         f"{', '.join(_HEAD_KEYS)})")
     attention = _override(family, parts.attention)
     cross = _override(family, parts.cross_attention)
-    ffn_key = None
+    ffn_key, ratio = None, None
     if parts.mlp is not None and parts.mlp.down is not None:
         width = _in_features(find(blocks[-1], parts.mlp.down))
         candidates = ((f"{prefix}ffn_dim",) if prefix else ()) + _FFN_KEYS
         ffn_key = next((k for k in candidates if values.get(k) == width), None) or next(
             (k for k in candidates if k in values and values[k] is None), None)
-        if ffn_key is None:
+        if ffn_key is None and width % hidden == 0:
+            ratio = width // hidden  # no key: the model derives the width from the hidden size
+        elif ffn_key is None:
             problems.append(f"no config key holds the MLP width {width} (looked for "
                             f"{', '.join(candidates)})")
     if heads_key and attention is not None:
@@ -162,7 +164,7 @@ def _stack(model: nn.Module, values: dict[str, Any], family: str, name: str, pat
     index_keys = tuple(k for k, v in mine.items() if k not in keys and all(
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(blocks) for x in v))
     return Stack(name=name, path=path, num_layers_key=count_key, heads_key=heads_key or "",
-                 intermediate_key=ffn_key, attention=attention,
+                 intermediate_key=ffn_key, intermediate_ratio=ratio, attention=attention,
                  mlp=parts.mlp, norms=parts.norms, final_norm=finals[0] if finals else None,
                  cross_attention=cross, per_layer_keys=keys, layer_index_keys=index_keys,
                  pinned_first=_first_differs(blocks, attention),
@@ -185,8 +187,8 @@ def _head_dim_settable(model: nn.Module, hidden_key: str,
         trial = copy.deepcopy(config)
         setattr(trial, hidden_key, hidden * 2)
         linear = find(found[0][2][-1], attention.q or attention.fused or "")
-        trial.head_dim = hidden // _heads(config)
         try:
+            trial.head_dim = hidden // _heads(config)  # (a read-only property in some configs)
             with torch.device("meta"):
                 built = type(model)(trial)
             blocks = find(built.base_model, found[0][1])

@@ -70,7 +70,7 @@ class Stack:
     path: str  # from `model.base_model` to the ModuleList
     num_layers_key: str  # top-level config key counting these blocks
     heads_key: str  # config key of this stack's attention heads
-    intermediate_key: str | None  # config key of this stack's MLP width (None: MoE)
+    intermediate_key: str | None  # config key of this stack's MLP width (None: see below)
     attention: Attention | None
     mlp: Mlp | None
     norms: tuple[str, ...]  # per-block norms of the residual stream, in registration order
@@ -80,6 +80,9 @@ class Stack:
     # Top-level config lists *of* layer indices (Qwen2-MoE's `mlp_only_layers`): a depth cut
     # renumbers the kept ones and drops the rest.
     layer_index_keys: tuple[str, ...] = ()
+    # A config without an MLP-width key builds the MLP `intermediate_ratio` × hidden wide
+    # (BLOOM: 4); a width cut must keep that ratio. None with no key: a mixture of experts.
+    intermediate_ratio: int | None = None
     # Block 0 is built differently from the others (ModernBERT: no attention norm), so a cut
     # must keep it first.
     pinned_first: bool = False

@@ -1,8 +1,8 @@
 """Width cuts: fewer attention heads, MLP neurons and hidden channels (Minitron, METHODS.md §2).
 
-`shrink_width` keeps the most important units (see `distill.compress.width_importance`), ordered by
-importance, and slices every tensor that touches them, so the result is an ordinary Hugging
-Face model of the same class whose config matches its weights. With no importance it keeps
+`shrink_width` keeps the most important units (see `distill.compress.width_importance`), ordered
+by importance (heads: in their original order), and slices every tensor that touches them, so
+the result is an ordinary Hugging Face model of the same class whose config matches its weights. With no importance it keeps
 the first units in their order, and a cut keeping everything reproduces the model exactly.
 
 Where things are comes from `distill.arch` (discovered from the model). Inside the blocks each
@@ -77,7 +77,8 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
             heads / kv_heads; whole key/value groups are kept). None: unchanged.
         intermediate: MLP width per layer to keep. None: unchanged.
         importance: scores from `width_importance` on this model; for each width given
-            (even at its current size) the top units are kept, most important first. None:
+            (even at its current size) the top units are kept, most important first (attention
+            heads in their original order). None:
             the first units, in their order. Widths left at None are never reordered.
 
     Returns:
@@ -160,6 +161,17 @@ def width_targets(model: nn.Module, info: ArchInfo, old: Dims, hidden: int | Non
             f"num_attention_heads, so a width cut keeps hidden = heads × {old.head_dim} (the "
             f"head size is not cut) and hidden {new_hidden} ≠ {new_heads} heads × "
             f"{old.head_dim}; allowed (hidden, heads) pairs: {pairs}; pass both")
+    mlp_ratio = info.stacks[0].intermediate_ratio
+    if mlp_ratio and new_inter != mlp_ratio * new_hidden:
+        # No config key holds the MLP width: the model builds it mlp_ratio × hidden (BLOOM).
+        given = ", ".join(f"{k}={v}" for k, v in (("hidden", hidden),
+                                                  ("intermediate", intermediate))
+                          if v is not None)
+        raise DistillError(
+            f"{given}: {info.family} builds its MLP {mlp_ratio} × hidden_size wide (no config key "
+            f"sets it), so a width cut keeps intermediate = {mlp_ratio} × hidden, and "
+            f"{new_inter} ≠ {mlp_ratio} × {new_hidden}; pass both, e.g. hidden {new_hidden} with "
+            f"intermediate {mlp_ratio * new_hidden}")
     emb_size = find(model, info.token_embedding).weight.shape[1]
     if new_hidden == emb_size != old.hidden_size:
         # The embeddings are narrower than the hidden size and projected up to it; configs
@@ -205,9 +217,11 @@ def _pick_heads(scores: Tensor | None, old: Dims, new: Dims, ratio: int) -> tupl
     """([heads] query heads, [kv_heads] key/value heads) to keep, by group.
 
     Query head `h` reads K/V head `h // ratio`, so keeping K/V groups `g` and, for each, its
-    query heads `g*ratio .. g*ratio+ratio-1` in order keeps that pairing valid."""
+    query heads `g*ratio .. g*ratio+ratio-1` in order keeps that pairing valid. The kept groups
+    stay in their original order: some models tie a head's behaviour to its index (BLOOM's
+    ALiBi slope per head), which a reordering would hand to another head."""
     group_scores = None if scores is None else scores.view(old.num_kv_heads, ratio).sum(-1)
-    groups = _top(group_scores, new.num_kv_heads)
+    groups = torch.sort(_top(group_scores, new.num_kv_heads)).values
     return (groups[:, None] * ratio + torch.arange(ratio)).flatten(), groups
 
 
