@@ -2,8 +2,9 @@
 
 `shrink_width` keeps the most important units (see `distill.compress.width_importance`), ordered
 by importance (heads: in their original order), and slices every tensor that touches them, so
-the result is an ordinary Hugging Face model of the same class whose config matches its weights. With no importance it keeps
-the first units in their order, and a cut keeping everything reproduces the model exactly.
+the result is an ordinary Hugging Face model of the same class whose config matches its
+weights. With no importance it keeps the first units in their order, and a cut keeping
+everything reproduces the model exactly.
 
 Where things are comes from `distill.arch` (discovered from the model). Inside the blocks each
 projection is cut by its role (query / key / value heads, fused QKV stacked or interleaved per
