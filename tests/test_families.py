@@ -24,7 +24,8 @@ from distill.arch import (arch_info, dims, find, position_limit, present_stacks,
                           stack_depths)
 from distill.compress.depth import keep_layers
 from distill.compress.importance import depth_importance
-from distill.compress.width import WidthImportance, shrink_width, width_importance
+from distill.compress.width import (WidthImportance, shrink_width, width_importance,
+                                    width_targets)
 from distill.errors import DistillError
 from families import DEPTH, FAMILIES, HIDDEN, build, generate, inputs, logits
 
@@ -91,6 +92,8 @@ def test_width_cut_keeping_everything_is_exact(teachers, name: str) -> None:
     if family.width is None:
         with pytest.raises(DistillError, match="mixture-of-experts"):
             shrink_width(teacher, **everything)
+        with pytest.raises(DistillError, match="mixture-of-experts"):  # pre-flight's question
+            width_targets(teacher, arch_info(teacher), d, d.hidden_size // 2, None, None)
         return
     student = shrink_width(teacher, **everything).eval()
     torch.testing.assert_close(logits(student, name), logits(teacher, name), rtol=0, atol=0)

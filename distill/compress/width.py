@@ -132,7 +132,10 @@ def _spans(module: nn.Module | None, size: int) -> bool:
 
 def width_targets(model: nn.Module, info: ArchInfo, old: Dims, hidden: int | None,
                   heads: int | None, intermediate: int | None) -> Dims:
-    """The new widths, or a DistillError naming the target, its value and what is allowed."""
+    """The new widths, or a DistillError naming the target, its value and what is allowed
+    (pre-flight asks this of the teacher on the meta device, before any work)."""
+    require_width(model, info)  # blocks understood, no mixture of experts
+
     def check(key: str, value: int | None, current: int) -> int:
         if value is None:
             return current
