@@ -60,6 +60,21 @@ def test_labels_fall_on_the_answers_only_with_a_chat_template() -> None:
     assert len(cut) == len(cut_labels) == 10
 
 
+def test_conversations_open_with_the_tokens_the_tokenizer_puts_in_front() -> None:
+    from tokenizers import processors
+
+    tok = chat_tokenizer()
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    plain, _ = encode([{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "hello"}], tok, max_length=64)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", tok.eos_token_id)])
+    ids, labels = encode([{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}], tok, max_length=64)
+    assert ids == [tok.eos_token_id] + plain and labels[0] == IGNORE_INDEX
+    assert plain[0] == start  # the template's own first token follows it
+
+
 def test_plain_format_without_a_template_and_the_eos_is_learned() -> None:
     tok = word_tokenizer()
     messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]

@@ -23,8 +23,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 import distill.models.gguf as gguf_mod
 from distill.errors import DistillError
 from distill.models.gguf import cache_dir_for, gguf_to_hf
-from distill.data.text import (lm_batches, load_lm_text, sample_blocks, strip_markdown,
-                             tokenize_blocks)
+from distill.data.text import (lm_batches, load_lm_text, sample_blocks, sequence_prefix,
+                               strip_markdown, tokenize_blocks)
 from distill.models.loading import resolve_model_path
 from distill.tasks.perplexity import perplexity
 
@@ -328,6 +328,24 @@ def test_tokenize_blocks_and_batches() -> None:
         tokenize_blocks(["a b"], tok, block_size=8)
     with pytest.raises(DistillError, match="at least 2 tokens"):
         tokenize_blocks(["a b"], tok, block_size=1)
+
+
+def test_blocks_start_with_the_tokens_the_tokenizer_puts_in_front() -> None:
+    """A tokenizer that opens every sequence with BOS (Gemma, Llama 2): every block opens with
+    it, as every sequence the model was trained on did; the text fills the rest."""
+    from tokenizers import processors
+
+    tok = word_tokenizer()
+    assert sequence_prefix(tok) == []
+    bos = tok.convert_tokens_to_ids("</s>")  # the tiny vocabulary's one special token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", bos)])
+    assert tok("a b")["input_ids"] == [bos, 2, 3] and sequence_prefix(tok) == [bos]
+    blocks = tokenize_blocks(["a b c", "d e", "f a b c d"], tok, block_size=4)
+    # stream: a b c </s> d e </s> f a b c d </s>; each block: BOS + 3 stream tokens
+    assert blocks.tolist() == [[bos, 2, 3, 4], [bos, 1, 5, 6], [bos, 1, 7, 2], [bos, 3, 4, 5]]
+    with pytest.raises(DistillError, match="at least 3 tokens"):
+        tokenize_blocks(["a b"], tok, block_size=2)
 
     many = torch.arange(40).view(10, 4)
     subset = sample_blocks(many, 4, seed=0)

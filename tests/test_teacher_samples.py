@@ -77,6 +77,12 @@ def test_samples_are_seeded_full_length_and_leave_the_global_rng_alone(
     assert a.shape == (60, 12) and torch.equal(a, b) and not torch.equal(a, c)
     # The end-of-text token is held back until the block is full.
     assert not (a == start).any()
+    # Opening each block with the start token (a tokenizer that puts BOS in front of every
+    # sequence): the start token, then the same first 11 draws.
+    kept = teacher_samples.sample(peaked, start, count=60, length=12, seed=5, eos=start,
+                                  keep_start=True)
+    assert kept.shape == (60, 12) and bool((kept[:, 0] == start).all())
+    assert torch.equal(kept[:, 1:], a[:, :11])
 
 
 def test_samples_are_cached_and_a_damaged_file_is_resampled(peaked: AutoModelForCausalLM,

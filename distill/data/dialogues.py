@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.config.schema import check_seed
 from distill.data.splits import carve_missing, holdout_split
+from distill.data.text import sequence_prefix
 from distill.errors import DistillError
 
 CHATTERBOT = "builtin:chatterbot"
@@ -169,7 +170,8 @@ def render(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
 def encode(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max_length: int
            ) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and their labels: the ids on assistant turns, -100 on
-    everything else; cut to `max_length` tokens."""
+    everything else; starting with the tokenizer's sequence prefix (BOS where it adds one);
+    cut to `max_length` tokens."""
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # the text already tokenized
@@ -189,6 +191,9 @@ def encode(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max_leng
         done = full
         if len(ids) >= max_length:
             break
+    prefix = sequence_prefix(tokenizer)
+    if prefix and ids[:len(prefix)] != prefix:  # a chat template may render BOS itself
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
     return ids[:max_length], labels[:max_length]
 
 

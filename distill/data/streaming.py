@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.hub import SPLIT_NAMES, datasets_error, is_hub_id
-from distill.data.text import read_document
+from distill.data.text import cut_blocks, read_document, sequence_prefix
 from distill.errors import DistillError
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
@@ -100,11 +100,11 @@ class StreamedText:
                 break
         self._read[name] = read
         stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-        n = min(cap, len(stream) // block_size)
-        if n == 0:
+        blocks = cut_blocks(stream, block_size, sequence_prefix(tokenizer))[:cap]
+        if len(blocks) == 0:
             raise DistillError(f"{self.source}: the streamed {name} split has {len(stream)} "
                                f"tokens, fewer than one block of {block_size}")
-        return torch.from_numpy(stream[:n * block_size]).view(n, block_size)
+        return blocks
 
     # ------------------------------------------------------------------ reading
     def _own_splits(self) -> dict[str, Iterator[str]] | None:

@@ -116,8 +116,13 @@ class InverseCdfDraw(LogitsProcessor):
 
 @torch.no_grad()  # not inference mode, which turns autocast's cache of casts off (`cast_once`)
 def sample(teacher: nn.Module, start: int, count: int, length: int, seed: int,
-           bf16: bool = False, pad: int | None = None, eos: int | None = None) -> Tensor:
+           bf16: bool = False, pad: int | None = None, eos: int | None = None,
+           keep_start: bool = False) -> Tensor:
     """[count, length] int64 token ids sampled from `teacher` (see the module docstring).
+
+    With `keep_start` the start token is the block's first token (a tokenizer that puts BOS
+    in front of every sequence: the blocks look like the corpus blocks) and `length - 1`
+    tokens are drawn; else `length` tokens follow it and it is dropped.
 
     `eos` (the tokenizer's end-of-text token), and the model's own, are held back until
     `length` tokens are out: every block is whole text.
@@ -130,11 +135,13 @@ def sample(teacher: nn.Module, start: int, count: int, length: int, seed: int,
     stops = sorted({t for t in ([eos] + (own if isinstance(own, list) else [own]))
                     if t is not None})
     # Greedy over `InverseCdfDraw`'s one-hot scores: a draw at temperature 1, untruncated.
-    config = GenerationConfig(do_sample=False, max_new_tokens=length, min_new_tokens=length,
+    drawn = length - 1 if keep_start else length
+    config = GenerationConfig(do_sample=False, max_new_tokens=drawn, min_new_tokens=drawn,
                               eos_token_id=stops or None,
                               pad_token_id=start if pad is None else pad)
     uniforms = torch.rand(count, length, generator=torch.Generator().manual_seed(seed),
                           dtype=torch.float64).float()  # float64 first: no 1.0 after rounding
+    uniforms = uniforms[:, :drawn]  # the same variates for the same draws, start kept or not
     blocks = []
     batch = batch_size(teacher.config, length)
     for first in range(0, count, batch):
@@ -145,7 +152,8 @@ def sample(teacher: nn.Module, start: int, count: int, length: int, seed: int,
             out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                    generation_config=config,
                                    logits_processor=LogitsProcessorList([draw]))
-        blocks.append(out[:, 1:1 + length].cpu())  # the start token is no target
+        blocks.append(out[:, :length].cpu() if keep_start  # the start token opens the block
+                      else out[:, 1:1 + length].cpu())  # the start token is no target
     return torch.cat(blocks).to(torch.int64)
 
 
@@ -162,7 +170,8 @@ def _read(path: Path, key: str) -> Tensor | None:
 
 def load_or_sample(folder: Path, key: str, teacher: Callable[[], nn.Module], start: int,
                    count: int, length: int, seed: int, bf16: bool,
-                   pad: int | None = None, eos: int | None = None) -> tuple[Tensor, dict]:
+                   pad: int | None = None, eos: int | None = None,
+                   keep_start: bool = False) -> tuple[Tensor, dict]:
     """The samples stored under `key` in `folder`, else sampled (`teacher()` loads it only
     then) and stored atomically.
 
@@ -177,7 +186,7 @@ def load_or_sample(folder: Path, key: str, teacher: Callable[[], nn.Module], sta
             return ids, {"blocks": count, "tokens": count * length, "seconds": 0.0,
                          "cached": True, "bf16": bf16}
     started = time.perf_counter()
-    ids = sample(teacher(), start, count, length, seed, bf16, pad, eos)
+    ids = sample(teacher(), start, count, length, seed, bf16, pad, eos, keep_start)
     seconds = time.perf_counter() - started
     atomic_write(path, save({"input_ids": ids.contiguous()}, metadata={"key": key}))
     return ids, {"blocks": count, "tokens": count * length, "seconds": round(seconds, 1),

@@ -26,6 +26,7 @@ from distill.train import sharding
 from distill.train.precision import resolve
 from distill.config.recipe import Recipe
 from distill.data.batching import make_loader
+from distill.data.text import sequence_prefix
 from distill.errors import DistillError
 from distill.files import cache_root
 from distill.tasks.base import Task, TaskData
@@ -124,12 +125,16 @@ class RunContext:
             key = hashlib.sha256(f"{self.teacher_source}\n{key}".encode()).hexdigest()
         pad = self.tokenizer.pad_token_id
         start = teacher_samples.start_token(self.tokenizer)
+        # A tokenizer that opens every sequence with BOS: the samples open with it too.
+        keep_start = sequence_prefix(self.tokenizer) == [start]
+        if keep_start:
+            key = hashlib.sha256(f"{key}\nkeep_start".encode()).hexdigest()
 
         def get() -> tuple[torch.Tensor, dict]:
             return teacher_samples.load_or_sample(
                 cache_root() / "teacher_samples", key, self.teacher_model, start,
                 cfg.teacher_samples, cfg.max_length, cfg.split_seed, bf16, pad,
-                self.tokenizer.eos_token_id)
+                self.tokenizer.eos_token_id, keep_start)
 
         if self.is_main:
             self.console.print(f"  sampling {cfg.teacher_samples} training blocks of "
