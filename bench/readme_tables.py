@@ -35,8 +35,8 @@ from tables.encoder import (  # noqa: E402
 )
 from tables.format import source_line  # noqa: E402
 from tables.language_models import (  # noqa: E402
+    lm_recipe,
     lm_teacher_cache,
-    smollm2_recipe,
     smollm_depth_selection,
     smollm_heal,
     teacher_sampling,
@@ -82,7 +82,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "smollm_heal_long": ("bench/results/smollm_heal_long.json", "bench/smollm_heal.py",
                          smollm_heal),
     "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
-                       smollm2_recipe),
+                       lm_recipe),
 }
 
 

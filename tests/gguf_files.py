@@ -37,11 +37,12 @@ from families import FAMILIES
 
 # GGUF architecture (`general.architecture`) -> the `gguf.MODEL_ARCH` member naming its tensors.
 _ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3", "gpt2": "GPT2",
-          "gemma2": "GEMMA2", "gemma3": "GEMMA3", "t5": "T5"}
+          "gemma2": "GEMMA2", "gemma3": "GEMMA3", "t5": "T5", "bloom": "BLOOM",
+          "stablelm": "STABLELM", "starcoder2": "STARCODER2"}
 # Architectures whose HF norms compute `x * (1 + w)`: llama.cpp stores `w + 1` for them.
 _NORM_PLUS_ONE = {"gemma2", "gemma3"}
 # Architectures with rotary embeddings (llama.cpp states the rotary width for them).
-_ROTARY = {"llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"}
+_ROTARY = {"llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm", "starcoder2"}
 # Architectures that state their head width, which need not be hidden / heads.
 _HEAD_WIDTH = {"qwen3", "gemma2", "gemma3", "t5"}
 # Architectures whose llama.cpp files carry a SentencePiece vocabulary rather than byte-level BPE.
@@ -85,6 +86,10 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "gemma3_text": GgufFamily("gemma3", {"layer_types": None, "num_hidden_layers": 6}),
     # flan-T5, the T5 transformers' reader is written for: gated-GELU FFN, untied output head;
     # the relative-attention distance is not read (128, as in every T5)
+    "bloom": GgufFamily("bloom"),
+    # the rotary width is read, the share of the head it covers is not: StableLM's 0.25
+    "stablelm": GgufFamily("stablelm", {"partial_rotary_factor": 0.25}),
+    "starcoder2": GgufFamily("starcoder2", {"sliding_window": None}),
     "t5": GgufFamily("t5", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
                             "relative_attention_max_distance": 128}),
 }
@@ -130,7 +135,8 @@ def write_gguf(model: PreTrainedModel, path: Path, arch: str) -> None:
             continue
         written.add(tensor.data_ptr())
         module, _, kind = hf_name.rpartition(".")
-        gguf_module = name_map.get_name(module)
+        # (the table lists BLOOM's embedding norm without its `transformer.` prefix)
+        gguf_module = name_map.get_name(module) or name_map.get_name(module.split(".", 1)[-1])
         if gguf_module is None:
             raise KeyError(f"{arch}: no GGUF name for {hf_name}")
         gguf_name = f"{gguf_module}.{kind}"
@@ -159,6 +165,9 @@ def _tensor_fix(config: PreTrainedConfig, arch: str) -> TensorFix:
             return w + 1
         if arch == "gpt2" and hf_name.endswith(_CONV1D):
             return w.T
+        if arch == "bloom" and gguf_name.split(".")[-2] == "attn_qkv":
+            # BLOOM's fused QKV is [q_h; k_h; v_h] per head; llama.cpp stacks [Q; K; V].
+            return w.reshape(heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         return w
 
     return fix

@@ -10,7 +10,8 @@ config field from the file, the tiny model uses the value the reader assumes (`G
 The tokenizer must come along too.
 
 Rows (transformers 5.23, gguf 0.19): llama, mistral (llama.cpp writes it as "llama", so it comes
-back a LlamaForCausalLM: the same function), qwen2, qwen3, phi3, gpt2, gemma2, gemma3_text.
+back a LlamaForCausalLM: the same function), qwen2, qwen3, phi3, gpt2, gemma2, gemma3_text,
+bloom (its per-head QKV stacked as llama.cpp stores it), stablelm, starcoder2.
 
 t5: distill refuses encoder–decoder GGUF files with a clear error, because transformers 5.23
 reads them wrongly: it sets `is_gated_act` on the T5Config it rebuilds, which the config
@@ -55,6 +56,7 @@ NO_GGUF_READER = {
     "deberta-v2": "no GGUF architecture in transformers",
     "modernbert": 'llama.cpp writes "modern-bert", which transformers does not read',
     "bart": "neither llama.cpp nor transformers has a GGUF architecture for BART",
+    "gptj": 'llama.cpp writes "gptj", which transformers does not read',
 }
 T5_MISREAD = ("transformers 5.23 rebuilds a T5 GGUF as a gated-ReLU T5 with scaled decoder "
               "outputs, whatever the file holds")
@@ -112,3 +114,24 @@ def test_transformers_reads_a_flan_t5_gguf_right(tmp_path: Path) -> None:
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     torch.testing.assert_close(logits(model, "t5"), logits(original, "t5"))
+
+
+def test_a_file_that_leaves_weights_unset_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file without the final norm: transformers would build the model with that norm at
+    its init and only log it; distill refuses the file and caches nothing."""
+    import gguf
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    add = gguf.GGUFWriter.add_tensor
+
+    def all_but_the_final_norm(self, name, *args, **kwargs):
+        if name != "output_norm.weight":
+            add(self, name, *args, **kwargs)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", all_but_the_final_norm)
+    path = tmp_path / "no-norm.gguf"
+    write_gguf(build_for_gguf("llama"), path, "llama")
+    with pytest.raises(DistillError, match=r"the file has no tensors for 1 weights of "
+                                           r"LlamaForCausalLM \(model\.norm\.weight"):
+        gguf_to_hf(path)
+    assert not list((tmp_path / "cache" / "gguf").glob("no-norm*"))

@@ -159,9 +159,9 @@ def healing_blocks(data: dict[str, Any], arm: dict[str, Any]) -> tuple[int, int]
     return total - data["teacher_samples"], data["teacher_samples"]
 
 
-def smollm2_recipe(data: dict[str, Any]) -> list[str]:
-    """bench/smollm2_recipe.py: the shipped SmolLM2 recipe run as a new user runs it."""
-    lines = [row("model (recipes/smollm2-shakespeare.yaml)", "held-out mixture ppl",
+def lm_recipe(data: dict[str, Any]) -> list[str]:
+    """bench/smollm2_recipe.py: a shipped language-model recipe run as a new user runs it."""
+    lines = [row(f"model ({data['recipe']})", "held-out mixture ppl",
                  "× teacher", "BBC News ppl (never seen)", "× teacher"),
              row("---", "---:", "---:", "---:", "---:")]
     for m in data["models"]:  # the teacher, then each model of the run

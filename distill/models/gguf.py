@@ -143,6 +143,7 @@ def _convert(path: Path, out_dir: Path) -> None:
         raise DistillError(f"{path}: the file has no tensors for {len(missing)} weights of "
                            f"{type(loaded).__name__} ({', '.join(missing[:3])}, ...); "
                            f"transformers would leave them at random init")
+
     config = loaded.config
     # The GGUF loader records how the file was quantized; the weights are already plain
     # float32, and a saved quantization_config would make from_pretrained look for a
