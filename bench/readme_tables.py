@@ -83,6 +83,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                          smollm_heal),
     "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
                        lm_recipe),
+    "gemma3_recipe": ("bench/results/gemma3_recipe.json", "bench/smollm2_recipe.py", lm_recipe),
 }
 
 
