@@ -131,11 +131,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def build(name: str, seed: int = 0) -> PreTrainedModel:
-    """The family's tiny model in eval mode; the same seed gives the same weights."""
+def build(name: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """The family's tiny model in eval mode; the same seed gives the same weights. `overrides`
+    change config fields of the row."""
     family = FAMILIES[name]
     torch.manual_seed(seed)
-    config = getattr(transformers, family.config)(**family.kwargs)
+    config = getattr(transformers, family.config)(**{**family.kwargs, **overrides})
     return getattr(transformers, family.model)(config).eval()
 
 

@@ -134,7 +134,7 @@ def test_real_cuts_reload_with_plain_transformers_and_generate(teachers, name: s
     if name in GENERATES:
         cached, uncached = generate(again, True), generate(again, False)
         assert torch.equal(cached.sequences, uncached.sequences)
-        torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -172,15 +172,15 @@ def _plant_identity(model: nn.Module, index: int) -> None:
 
 @pytest.mark.parametrize("name", SINGLE_STACK)
 def test_importance_ranks_a_planted_identity_block_last(name: str) -> None:
-    model = build(name)
+    # Weights 10x the default init scale, so every block changes what it is given measurably.
+    model = build(name, initializer_range=0.2, init_std=0.2)
     _plant_identity(model, 2)
     batch = inputs(name)
     batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
     scores = depth_importance(model, [batch], method="influence")
     assert min(range(DEPTH), key=scores.__getitem__) == 2, scores
     # Post-norm blocks (BERT, ...) renormalise what passes through: an identity up to rounding.
-    assert abs(scores[2]) < 1e-6 and min(s for i, s in enumerate(scores) if i != 2) > 10 * abs(
-        scores[2])
+    assert abs(scores[2]) < 1e-5 and min(s for i, s in enumerate(scores) if i != 2) > 1e-3
 
 
 def test_an_unknown_block_layout_is_named() -> None:

@@ -76,7 +76,7 @@ def read_block(block: nn.Module, first: nn.Module | None = None) -> BlockParts:
             roots.append(name)
     q_k_norms: set[str] = set()
     for root in roots:
-        cross = bool(_CROSS.search(root) or _CROSS.search(type(find_in(block, root)).__name__))
+        cross = bool(_CROSS.search(root) or _CROSS.search(type(block.get_submodule(root)).__name__))
         attention = _read_attention(block, root, first, parts.problems, q_k_norms)
         if attention is None:
             continue
@@ -101,15 +101,11 @@ def read_block(block: nn.Module, first: nn.Module | None = None) -> BlockParts:
     return parts
 
 
-def find_in(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def _read_attention(block: nn.Module, root: str, first: nn.Module | None,
                     problems: list[str], q_k_norms: set[str]) -> Attention | None:
     """The projections of the attention sub-layer at `root` (relative to the block)."""
     linears = {f"{root}.{n}" if n else root: m
-               for n, m in find_in(block, root).named_modules() if is_linear(m)}
+               for n, m in block.get_submodule(root).named_modules() if is_linear(m)}
     roles: dict[str, list[str]] = {r: [] for r in ("q", "k", "v", "fused", "q_like", "k_like")}
     for path in linears:
         for role, names in (("q", _Q), ("k", _K), ("v", _V), ("fused", _FUSED_QKV),
@@ -117,7 +113,7 @@ def _read_attention(block: nn.Module, root: str, first: nn.Module | None,
             if _named(path, names):
                 roles[role].append(path)
                 break
-    norms = {n: m for n, m in find_in(block, root).named_modules() if is_norm(m)}
+    norms = {n: m for n, m in block.get_submodule(root).named_modules() if is_norm(m)}
     q_norm = next((f"{root}.{n}" for n in norms if _named(n, _Q_NORM)), None)
     k_norm = next((f"{root}.{n}" for n in norms if _named(n, _K_NORM)), None)
     q_k_norms.update(n for n in (q_norm, k_norm) if n)  # never residual-stream norms

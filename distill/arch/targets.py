@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from distill.arch import arch_info, base_prefix, present_stacks
-from distill.arch.layout import Attention
+from distill.arch import arch_info, base_prefix, find, present_stacks
 from distill.errors import DistillError
 from peft_methods import Layout
 
@@ -36,7 +35,7 @@ def peft_layout(model: nn.Module) -> Layout | None:
             present = blocks[i]
             for attention, output in ((stack.attention, "attention_output"),
                                       (stack.cross_attention, "cross_attention_output")):
-                if attention is None or not _has(present, attention):
+                if attention is None or find(present, attention.module) is None:
                     continue
                 for role, part in (("query", "q"), ("key", "k"), ("value", "v")):
                     own = getattr(attention, part)
@@ -51,12 +50,3 @@ def peft_layout(model: nn.Module) -> Layout | None:
             if stack.attention is not None and (not decoder or stack in decoder):
                 roles["prefix_attention"].append(at + stack.attention.module)
     return Layout(**{role: tuple(dict.fromkeys(paths)) for role, paths in roles.items()})
-
-
-def _has(block: nn.Module, attention: Attention) -> bool:
-    """Whether `block` has this attention sub-layer (cross-attention is optional)."""
-    try:
-        block.get_submodule(attention.module)
-    except AttributeError:
-        return False
-    return True

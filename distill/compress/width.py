@@ -45,6 +45,7 @@ from distill.arch import (
     Attention,
     Dims,
     Stack,
+    arch_info,
     dims,
     find,
     outside_modules,
@@ -91,7 +92,7 @@ def shrink_width(model: PreTrainedModel, *, hidden: int | None = None, heads: in
         DistillError: a target that is not a positive int no larger than the current size, a
             combination the family's config cannot express, or `importance` that does not fit.
     """
-    info = require_width(model)
+    info = arch_info(model)  # width_targets checks that widths can be cut (require_width)
     old = dims(model, info)
     new = width_targets(model, info, old, hidden, heads, intermediate)
     if importance is not None:

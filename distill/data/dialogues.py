@@ -167,11 +167,12 @@ def render(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
     return text + ("Assistant: " if add_generation_prompt else "")
 
 
-def encode(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max_length: int
-           ) -> tuple[list[int], list[int]]:
+def encode(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max_length: int,
+           prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and their labels: the ids on assistant turns, -100 on
-    everything else; starting with the tokenizer's sequence prefix (BOS where it adds one);
-    cut to `max_length` tokens."""
+    everything else; starting with the tokenizer's sequence prefix (BOS where it adds one;
+    `prefix`, when the caller has it already: `sequence_prefix(tokenizer)`); cut to
+    `max_length` tokens."""
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # the text already tokenized
@@ -191,7 +192,7 @@ def encode(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max_leng
         done = full
         if len(ids) >= max_length:
             break
-    prefix = sequence_prefix(tokenizer)
+    prefix = sequence_prefix(tokenizer) if prefix is None else prefix
     if prefix and ids[:len(prefix)] != prefix:  # a chat template may render BOS itself
         ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
     return ids[:max_length], labels[:max_length]
@@ -219,8 +220,9 @@ def tokenize_dialogues(conversations: list[list[Message]], tokenizer: PreTrained
     """The conversations tokenized with response-only labels; those whose answers all fall
     past `max_length` are left out (nothing to learn or score). At most `cap` of them."""
     ids, labels = [], []
+    prefix = sequence_prefix(tokenizer)  # once, not per conversation
     for messages in conversations:
-        x, y = encode(messages, tokenizer, max_length)
+        x, y = encode(messages, tokenizer, max_length, prefix)
         if any(t != IGNORE_INDEX for t in y[1:]):  # a target the model can predict
             ids.append(x)
             labels.append(y)
