@@ -351,7 +351,8 @@ def _allowed_after_training_failure(rel: Path) -> bool:
         return True
     if parts[0] != "stages":
         return False
-    return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint")
+    # precision.json: the stage's `bf16` decision, which a resume keeps
+    return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint", "precision.json")
 
 
 COMMANDS = ("run", "validate", "recipes", "inspect", "shrink", "attach", "eval", "report")

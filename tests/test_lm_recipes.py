@@ -85,7 +85,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def lm_recipe(model: Path, corpus: Path, **stage_overrides: dict) -> dict:
-    heal = {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3, "log_every": 2,
+    # fp32 pinned: runs compared with each other must not each time bf16 (`auto`) on their own
+    heal = {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3, "log_every": 2, "bf16": False,
             "loss": {"alpha": 0.2, "temperature": 1.0, "top_k": 8}}
     return {
         "name": "lm", "seed": 0,
@@ -93,9 +94,9 @@ def lm_recipe(model: Path, corpus: Path, **stage_overrides: dict) -> dict:
         "data": {"dataset": str(corpus), "max_length": 32},
         "stages": [
             {"kind": "finetune", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3,
-             "log_every": 2},
+             "log_every": 2, "bf16": False},
             {"kind": "distill", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3,
-             "log_every": 2, "student": {"layers": [0, 1, 3]},
+             "log_every": 2, "bf16": False, "student": {"layers": [0, 1, 3]},
              "loss": {"alpha": 0.2, "temperature": 1.0, "top_k": 8}},
             {"kind": "shrink", "schedule": [{"layers": 2}, {"layers": 1}],
              "calibration_examples": 16, "heal": heal},

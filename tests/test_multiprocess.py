@@ -60,7 +60,8 @@ TIMEOUT = 240  # seconds per run: a deadlock fails the test instead of hanging C
 
 def recipe(model: Path, data: Path, topics: Path, batch: int, accum: int) -> dict:
     """finetune -> distill (logit KD, teacher cache) -> shrink (1 cut) -> adapt -> evaluate."""
-    train = {"batch_size": batch, "grad_accum_steps": accum, "log_every": 2}
+    # fp32 pinned: runs compared with each other must not each time bf16 (`auto`) on their own
+    train = {"batch_size": batch, "grad_accum_steps": accum, "log_every": 2, "bf16": False}
     return {
         "name": "mp", "seed": 0, "teacher": {"model": str(model)},
         "data": {"dataset": str(data), "max_length": 16},

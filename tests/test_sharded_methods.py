@@ -45,7 +45,8 @@ def methods_recipe(model: Path, data: Path, topics: Path) -> dict:
         config = dict(stage.get("config", {}))
         config |= {k: 4 for k in ("num_virtual_tokens",) if k in config}
         config |= {k: 8 for k in ("bottleneck",) if k in config}
-        stages.append({**{k: v for k, v in stage.items() if k != "bf16"}, "config": config,
+        # fp32 pinned: the sharded and the 1-process runs must not each time bf16 on their own
+        stages.append({**stage, "bf16": False, "config": config,
                        "model": "previous", "label": stage["method"], "data": adapt_data,
                        "epochs": 1, "batch_size": 16, "log_every": 2})
     spec["stages"] = [*stages, {"kind": "evaluate", "latency_runs": 1}]

@@ -11,7 +11,6 @@ import torch
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
-from distill.train.precision import bf16_is_faster
 
 
 def run_tiny(tmp_path: Path, recipe: dict, name: str = "run") -> dict:
@@ -32,49 +31,6 @@ def test_bf16_and_gradient_accumulation(tiny_bert: Path, tiny_csv: Path,
     train = [json.loads(x) for x in lines if '"train"' in x]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
     assert all(math.isfinite(x["loss"]) for x in train)
-
-
-@pytest.mark.parametrize("setting", ["auto", False])
-def test_bf16_auto_is_the_measured_choice(setting: object, tiny_bert: Path, tiny_csv: Path,
-                                          tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_bert, tiny_csv)
-    recipe["stages"] = [recipe["stages"][0] | {"epochs": 0.25, "bf16": setting}]
-    run_tiny(tmp_path, recipe)
-    metrics = json.loads((tmp_path / "run/stages/00-finetune/metrics.json").read_text())
-    assert metrics["bf16"] is (bf16_is_faster("cpu") if setting == "auto" else False)
-
-
-def test_bf16_is_measured_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe times one core (a busy neighbour on the others would skew an all-threads
-    timing towards fp32), and the thread count is restored afterwards."""
-    from distill.train import precision
-
-    seen: list[int] = []
-
-    def timed(bf16: bool, repeats: int = 3) -> float:
-        seen.append(torch.get_num_threads())
-        return 1.0 if bf16 else 2.0
-
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(precision, "matmul_seconds", timed)
-    precision.bf16_is_faster.cache_clear()
-    try:
-        assert precision.bf16_is_faster("cpu") is True
-    finally:
-        precision.bf16_is_faster.cache_clear()
-    assert seen == [1, 1] and torch.get_num_threads() == threads
-
-
-def test_bf16_setting_values() -> None:
-    assert bf16_is_faster("meta") is False  # no measurement off CPU/CUDA
-    assert isinstance(bf16_is_faster("cpu"), bool)
-    hits = bf16_is_faster.cache_info().hits
-    bf16_is_faster("cpu")
-    assert bf16_is_faster.cache_info().hits == hits + 1  # measured once per process
-    with pytest.raises(DistillError, match="stages.0.bf16: 'maybe' should be true/false or "
-                                           "one of 'auto'"):
-        recipe_from_dict({"teacher": {"model": "m"}, "data": {"dataset": "d.csv"},
-                          "stages": [{"kind": "finetune", "bf16": "maybe"}]})
 
 
 def test_fractional_epochs_and_warmup(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:

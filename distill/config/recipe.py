@@ -110,10 +110,11 @@ class TrainArgs:
     # Micro-batches per optimizer step.
     grad_accum_steps: int = field(default=1, metadata=value_range(1))
     max_grad_norm: float | None = field(default=1.0, metadata=value_range(0, lo_open=True))
-    # bfloat16 autocast. "auto": measured on the machine at the start of the stage, used only
-    # where it is clearly faster than fp32 (distill/train/precision.py: faster with AMX or AVX-512
-    # BF16, far slower on AVX2-only CPUs); true/false force it.
-    bf16: bool | Literal["auto"] = False
+    # bfloat16 autocast. "auto": decided at the start of the stage on the machine it trains on,
+    # by timing a few forward + backward passes of the stage's own model in both precisions;
+    # bf16 only where it is clearly faster (distill/train/precision.py: faster with AMX or
+    # AVX-512 BF16, far slower on AVX2-only CPUs); true/false force it.
+    bf16: bool | Literal["auto"] = "auto"
     # Write a log line every N optimizer steps.
     log_every: int = field(default=10, metadata=value_range(1))
     # Evaluate on the validation split every epoch and keep the best weights.

@@ -276,6 +276,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
                 write_report(run_dir, report)
             raise
         record.update(status=result.status, seconds=round(time.perf_counter() - start, 2))
+        if "precision" in result.metrics:  # what `bf16` resolved to, and the measurement
+            record["precision"] = result.metrics["precision"]
         if result.step_models:
             record["steps"] = []
             for k, (step_name, path) in enumerate(result.step_models):

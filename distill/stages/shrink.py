@@ -26,8 +26,9 @@ from distill.compress.importance import resolve_score, select_layers
 from distill.models.loading import count_params
 from distill.config.recipe import ShrinkStage, ShrinkStep
 from distill.compress.depth import keep_layers
-from distill.train.precision import autocast, resolve
-from distill.stages.training import frozen_teacher, kd_train, merged, save_student, with_method
+from distill.train.precision import autocast
+from distill.stages.training import (frozen_teacher, kd_train, merged, save_student,
+                                     stage_precision, with_method)
 from distill.compress.width import shrink_width, width_importance
 
 
@@ -107,6 +108,8 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
     # Which layers of the starting model survive, so each step can say so in its terms.
     origin = list(range(num_layers(model)))
     steps, outputs = [], []
+    # One precision for the stage (every heal and ranking), decided on its starting model.
+    precision = stage_precision(ctx, model, cfg.heal, stage_dir, "shrink")
     for k, step in enumerate(cfg.schedule):
         name = f"{k}-{step.describe()}"
         step_dir = stage_dir / "steps" / name
@@ -122,12 +125,10 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
         ctx.console.print(f"  shrink step {name}: cutting")
         # Ranking runs in the heal's precision: under bf16 on a machine where it pays (the
         # 30 -> 20 ranking of SmolLM2 on 64 blocks: 218 s instead of 397 s, the same layers).
-        device = ctx.accelerator.device.type
-        bf16 = ctx.from_main(resolve(cfg.heal.bf16, device))
-        with autocast(bf16, device):
+        with autocast(precision.bf16, ctx.accelerator.device.type):
             model, info = cut(model, step, batches, cfg.depth_strategy, cfg.importance_score,
                               agree=ctx.from_main)
-        info["calibration_bf16"] = bf16
+        info["calibration_bf16"] = precision.bf16
         if "kept_layers" in info:
             origin = [origin[i] for i in info["kept_layers"]]
         info["start_layers"] = list(origin)
@@ -142,7 +143,7 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
                               heal.loss, cache_teacher=heal.cache_teacher,
                               cache_dir=ctx.run_dir / "teacher_cache",
                               log_path=stage_dir / "steps" / name / "log.jsonl",
-                              desc=f"heal {name}", seed=seed)
+                              desc=f"heal {name}", seed=seed, precision=precision)
         # The next step cuts the healed model: a PEFT method is merged in first.
         model = merged(ctx.accelerator.unwrap_model(healing))
         out = save_student(ctx, model, stage_dir / "steps" / name / "model")
@@ -156,5 +157,5 @@ def run(ctx: RunContext, cfg: ShrinkStage, stage_dir: Path) -> StageResult:
         if ctx.is_main:  # written last: marks the step as finished for --resume
             atomic_write(step_dir / "step.json", json.dumps(steps[-1], default=str))
             remove_all(step_dir)  # the step's result is durable: its checkpoints may go
-    return StageResult("done", outputs[-1][1], {"start": source, "steps": steps},
-                       step_models=outputs)
+    metrics = {"start": source, "steps": steps, "precision": precision.record()}
+    return StageResult("done", outputs[-1][1], metrics, step_models=outputs)

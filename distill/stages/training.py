@@ -7,6 +7,7 @@ finetune, distill, heal and adapt differ by the loss weights and by what trains.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from distill.arch import num_layers
 from distill.arch.targets import peft_layout
 from distill.config.recipe import LossConfig, TrainArgs
 from distill.errors import DistillError
+from distill.files import atomic_write
 from distill.kd.losses import DistillationLoss, LossWeights, default_layer_map
 from distill.models.loading import config_num_layers, load_config, save_model, \
     teacher_load_options
 from distill.run.context import RunContext
 from distill.train.loop import LoopResult, train_loop
 from distill.train.objective import FrozenTeacher, Objective
-from distill.train.precision import resolve
+from distill.train.precision import Precision, autocast, decide
 
 
 def load_frozen_teacher(ctx: RunContext, eager_attention: bool = False,
@@ -84,11 +86,66 @@ def kd_loss(ctx: RunContext, model: nn.Module, teacher_config: PretrainedConfig,
                             teacher_config.hidden_size)
 
 
+def probe_step(ctx: RunContext, model: nn.Module, batch_size: int
+               ) -> Callable[[bool], None]:
+    """One forward + backward of `model` on the first `batch_size` training examples (this
+    process's share of a batch), under bf16 autocast when called with True: what
+    `precision.decide` times. It leaves no trace: the random state (dropout) is restored, the
+    gradients are cleared and no weight changes."""
+    dataset = ctx.tokenized("train")
+    share = max(1, batch_size // ctx.accelerator.num_processes)
+    batch = ctx.task.collate(ctx.tokenizer)([dataset[i] for i in range(min(share, len(dataset)))])
+    device = ctx.accelerator.device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+
+    def step(bf16: bool) -> None:
+        was_training = model.training
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            with autocast(bf16, device.type):
+                loss = model(**inputs).logits.float().mean()
+            if loss.requires_grad:  # else the loop will say that nothing trains
+                loss.backward()
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def stage_precision(ctx: RunContext, model: nn.Module, args: TrainArgs, folder: Path,
+                    desc: str) -> Precision:
+    """The stage's precision (`precision.decide` on `model`), decided once per stage.
+
+    Rank 0 measures and every rank takes its decision. The decision is kept in
+    `folder/precision.json`, so a resumed stage trains on in the precision it started in (and
+    finds the teacher cache it made) whatever a new measurement would say."""
+    saved = folder / "precision.json"
+    if saved.is_file():
+        record = json.loads(saved.read_text(encoding="utf-8"))
+        if record.get("setting") == args.bf16:
+            return Precision.from_record(record)
+    device = ctx.accelerator.device.type
+    decided = None
+    if ctx.is_main:
+        step = probe_step(ctx, model, args.batch_size) if args.bf16 == "auto" else None
+        decided = decide(args.bf16, device, step).record()
+        atomic_write(saved, json.dumps(decided, indent=2) + "\n")
+        if args.bf16 == "auto":
+            speed = (f"; one step {decided['fp32_step_s']:.3f} s fp32, "
+                     f"{decided['bf16_step_s']:.3f} s bf16" if "bf16_step_s" in decided else "")
+            ctx.console.print(f"  {desc}: bf16 auto -> "
+                              f"{'bf16 autocast' if decided['bf16'] else 'fp32'} "
+                              f"({decided['decided_by']} on this {device}{speed})")
+    return Precision.from_record(ctx.from_main(decided))
+
+
 def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
              teacher_source: str,
              args: TrainArgs, loss_cfg: LossConfig, *, cache_teacher: bool, cache_dir: Path,
              log_path: Path, desc: str, validate: Callable[[], float] | None = None,
-             seed: int | None = None) -> tuple[LoopResult, dict]:
+             seed: int | None = None, precision: Precision | None = None
+             ) -> tuple[LoopResult, dict]:
     """Train `model` (plain or PEFT-adapted) in place on the task's hard loss plus the KD
     terms against `teacher` (best validation weights kept).
 
@@ -109,14 +166,16 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
     config = load_config(teacher_source, ctx.recipe.teacher.trust_remote_code)
     loss = kd_loss(ctx, model, config, loss_cfg)
     seed = ctx.stage_seed(args.seed) if seed is None else seed
+    if precision is None:
+        precision = stage_precision(ctx, model, args, log_path.parent, desc)
+    bf16 = precision.bf16
     cached, cache_info = None, None
     uses_teacher = loss.needs_teacher_logits or loss.needs_hidden or loss.needs_attentions
     if uses_teacher and teacher is None:
         raise DistillError(f"{desc}: loss.alpha {loss.w.alpha:g} < 1 needs a teacher")
     if cache_teacher and teacher is not None and loss.needs_teacher_logits and not (
             loss.needs_hidden or loss.needs_attentions):
-        # In the precision the loop will train in (rank 0's decision, as the loop takes it).
-        bf16 = ctx.from_main(resolve(args.bf16, ctx.accelerator.device.type))
+        # In the precision the loop trains in.
         cache = ctx.task.teacher_cache(
             cache_dir, teacher.get, ctx.tokenized("train"),
             ctx.loader("train", args.eval_batch_size), teacher_source=teacher_source,
@@ -132,11 +191,12 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
     result = train_loop(
         Objective(model, loss, teacher if uses_teacher else None, cached, loss_cfg.top_k),
         ctx.loader("train", args.batch_size, shuffle=True, seed=seed), args,
-        accelerator=ctx.accelerator, keep=model, log_path=log_path, desc=desc,
+        accelerator=ctx.accelerator, keep=model, bf16=bf16, log_path=log_path, desc=desc,
         console=ctx.console, **validation)
     summary = {"loss": vars(loss.w) | {"top_k": loss_cfg.top_k}, "steps": result.steps,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "train_seconds": round(result.seconds, 2), "bf16": result.bf16,
+               "train_seconds": round(result.seconds, 2), "bf16": bf16,
+               "precision": precision.record(),
                f"best_validation_{ctx.task.metric}": result.best_metric,
                "best_epoch": result.best_epoch, "history": result.history, "seed": seed}
     if ctx.samples_info is not None:

@@ -45,7 +45,7 @@ from distill.train import parallel
 from distill.train.checkpoint import load_latest, save_checkpoint
 from distill.errors import DistillError
 from distill.files import json_lines
-from distill.train.precision import autocast as bf16_autocast, resolve
+from distill.train.precision import autocast as bf16_autocast
 from distill.config.recipe import TrainArgs
 
 
@@ -89,7 +89,6 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     last_loss: float | None = None
     checkpoint_seconds: float = 0.0  # time spent writing checkpoints (part of `seconds`)
-    bf16: bool = False  # whether the loop ran under bf16 autocast (`bf16: auto` resolved)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -243,23 +242,8 @@ def _optimizer_factory(args: TrainArgs) -> parallel.OptimizerFactory:
     return make
 
 
-def _decide_bf16(args: TrainArgs, accelerator: Accelerator, desc: str,
-                 console: Console | None) -> bool:
-    """The stage's `bf16` setting resolved on this machine; with several processes, rank 0's
-    measurement decides for all (one precision per run)."""
-    if args.bf16 != "auto":
-        return bool(args.bf16)
-    decision = [resolve("auto", accelerator.device.type)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision, from_process=0)
-    if console is not None and accelerator.is_main_process:
-        console.print(f"  {desc}: bf16 auto -> {'bf16 autocast' if decision[0] else 'fp32'} "
-                      f"(measured on this {accelerator.device.type})")
-    return decision[0]
-
-
 def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
-               accelerator: Accelerator, keep: nn.Module,
+               accelerator: Accelerator, keep: nn.Module, bf16: bool = False,
                evaluate: Callable[[], float] | None = None, metric_name: str = "accuracy",
                maximize: bool = True, log_path: Path | None = None, desc: str = "train",
                console: Console | None = None,
@@ -276,6 +260,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         train_loader: batches of `input_ids` [B, n], `attention_mask` [B, n], `labels` [B],
             `idx` [B]; shuffled by its own seeded generator.
         keep: the sub-module whose weights are the stage's result (e.g. the student).
+        bf16: train under bf16 autocast (the stage's decision, `precision.decide`; the loop
+            does not read `args.bf16`).
         evaluate: returns the validation metric of `keep`; called at each epoch end. Without
             it, the last weights are kept.
         metric_name / maximize: what `evaluate` measures, and whether higher is better
@@ -313,10 +299,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     total_steps = max(1, math.ceil(micro_total / args.grad_accum_steps))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    bf16 = _decide_bf16(args, accelerator, desc, console)
     autocast = bf16_autocast(bf16, accelerator.device.type)
 
-    result = LoopResult(steps=0, seconds=0.0, bf16=bf16)
+    result = LoopResult(steps=0, seconds=0.0)
     best_state: dict[str, torch.Tensor] | None = None
     start = time.perf_counter()
     window: list[float] = []
@@ -460,5 +445,3 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     # The checkpoints stay: whoever saves the loop's result removes them once it is durable
     # (the pipeline after the stage's state, the shrink stage after a step's step.json).
     return result
-
-
