@@ -37,7 +37,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-full test test-all test-fast test-latest lock clean
+.PHONY: setup demo demo-full test test-all test-fast test-latest bench lock clean
 
 setup: $(STAMP)
 
@@ -99,6 +99,12 @@ test-latest:
 	grep -iE '^(torch|transformers|accelerate|datasets|peft|deepspeed|safetensors)==' \
 	    $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest $(XDIST) $(TEST_MARKS) $(PYTEST_ARGS)
+
+# The benchmark suite: each bench/ script compares side by side in one run and writes its JSON
+# under bench/results/; bench/suite.py runs them one after another and writes summary.json and
+# summary.md (the README's performance table). Keep the machine otherwise idle meanwhile.
+bench: setup
+	cd bench && $(abspath $(PY)) suite.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs .pytest_cache

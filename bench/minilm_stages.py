@@ -1,0 +1,72 @@
+"""What the MiniLM speed benchmarks share: the data and teacher as a run sees them, and a
+real training stage run by `distill.run_recipe`, timed by its own `train_seconds`.
+
+The teacher is MiniLM-L6 with a fresh classification head, saved once under the benchmark's
+folder: speed does not depend on the weights, and a saved head is what lets a distill stage
+take the model as a tuned teacher (it refuses to distill an untrained head of a base model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from distill import load_recipe, run_recipe
+from distill.data.batching import make_loader
+from distill.run.preflight import preflight
+from provenance import ROOT
+
+RECIPE = ROOT / "recipes/minilm-rotten-tomatoes.yaml"
+TEACHER = "builtin:minilm-l6"
+LAYERS = [0, 2, 4]
+ALPHA, TEMPERATURE, LR, BATCH = 0.5, 2.0, 1e-4, 32
+
+
+@dataclass
+class Setup:
+    """The tokenized training split, the teacher (frozen) and where it was saved."""
+
+    train: object  # the task's tokenized training split
+    collate: object
+    teacher: torch.nn.Module
+    teacher_dir: Path
+    tokenizer: object
+    max_length: int
+
+    def loader(self, seed: int) -> DataLoader:
+        """The shuffle order a stage with this seed trains on, from its first batch."""
+        return make_loader(self.train, self.collate, BATCH, shuffle=True, seed=seed)
+
+
+def prepare(out: Path, overrides: list[str] = ()) -> Setup:
+    """Load the data and teacher as the recipe's run does; save the teacher under `out`."""
+    # A finetune stage passes pre-flight with a base model (it trains the head).
+    recipe = load_recipe(RECIPE, [f"teacher.model={TEACHER}", "stages=[{kind: finetune}]",
+                                  *overrides])
+    checked = preflight(recipe)
+    task, tokenizer = checked.task, checked.tokenizer
+    train = task.tokenize(checked.data, "train", tokenizer, recipe.data)
+    torch.manual_seed(0)
+    teacher, _ = task.load_model(TEACHER, checked.data)
+    teacher.eval().requires_grad_(False)
+    teacher_dir = out / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    return Setup(train, task.collate(tokenizer), teacher, teacher_dir, tokenizer,
+                 recipe.data.max_length)
+
+
+def stage_seconds(stage: str, teacher: Path, out: Path, console: Console,
+                  overrides: list[str] = ()) -> dict:
+    """Run a one-stage recipe (`stage`: the stage as a YAML flow mapping) and return the
+    stage's metrics.json (`train_seconds`, `steps`, `precision`, ...) plus `stage_seconds`,
+    the whole stage's time (model loading, teacher cache, training, saving)."""
+    recipe = load_recipe(RECIPE, [f"teacher.model={teacher}", f"stages=[{stage}]", *overrides])
+    report = run_recipe(recipe, output=out, force=True, console=console)
+    metrics = json.loads(next((out / "stages").glob("00-*/metrics.json")).read_text())
+    return metrics | {"stage_seconds": report["stages"][0]["seconds"]}
