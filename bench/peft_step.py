@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -92,10 +93,11 @@ def bench(name: str, steps: int, rounds: int, console: Console) -> dict:
         r=spec["r"], lora_alpha=2 * spec["r"], target_modules=spec["targets"],
         lora_dropout=0.0, task_type=task))
     if task == "SEQ_CLS":  # PEFT trains the new head too (modules_to_save): so do ours
-        for p in ours.model.classifier.parameters():
-            p.requires_grad_(True)
+        for name, p in ours.named_parameters():
+            p.requires_grad_("lora_" in name or ".classifier." in f".{name}")
     trainable = {"ours": sum(p.numel() for p in ours.parameters() if p.requires_grad),
                  "peft": sum(p.numel() for p in theirs.parameters() if p.requires_grad)}
+    assert trainable["ours"] == trainable["peft"], trainable  # the same work
     steps_of = {"ours": stepper(ours, batch), "peft": stepper(theirs, batch)}
     for fn in steps_of.values():
         fn()  # warm-up
@@ -122,7 +124,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per round and implementation")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--json", default=RESULTS / "peft_step.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "peft_step.json")
     args = ap.parse_args()
     console = Console()
     results = {name: bench(name, args.steps, args.rounds, console) for name in args.models}

@@ -214,9 +214,15 @@ class LoraLinear(WrapsBaseLayer, nn.Module):
         if self.merged:
             return result
         dtype = result.dtype
-        x = x.to(self.lora_A.weight.dtype)
-        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        return result.to(dtype)
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # [..., r]
+        if h.dtype == dtype:
+            # result + (s·h)·Bᵀ as one matrix product accumulated into the base output: the
+            # scaling touches the rank-r activations, and no [..., out] temporaries are made
+            # for the product and its scaled copy (PEFT's form, below, makes both).
+            flat = torch.addmm(result.reshape(-1, self.out_features),
+                               (h * self.scaling).reshape(-1, self.r), self.lora_B.weight.t())
+            return flat.view(result.shape)
+        return (result + self.lora_B(h) * self.scaling).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """`scaling · B A`, laid out like the base weight: [out, in] ([in, out] for Conv1D)."""

@@ -229,15 +229,25 @@ def _load_checkpoint(directory: Path | None, strategy: parallel.Strategy, unit: 
     return ckpt
 
 
-def _optimizer_factory(args: TrainArgs) -> parallel.OptimizerFactory:
+def _optimizer_factory(args: TrainArgs, fused: bool) -> parallel.OptimizerFactory:
     """AdamW over a module's trainable parameters; a unit may ask for its own parameter
-    groups (`optimizer_groups`: LoRA+ gives B a larger learning rate)."""
+    groups (`optimizer_groups`: LoRA+ gives B a larger learning rate).
+
+    `fused`: PyTorch's fused AdamW kernel where every parameter is a plain float tensor on a
+    CPU or CUDA device (a sharded launch's parameters are not: it keeps the default). On the
+    MiniLM-L6 student (17.4 M parameters, 2 cores) one step took 8 ms fused against 47 ms in
+    the default multi-tensor form: 5 % of a whole distill step.
+    """
 
     def make(module: nn.Module) -> torch.optim.Optimizer:
         groups = (module.optimizer_groups(args.learning_rate, args.weight_decay)
                   if hasattr(module, "optimizer_groups") else None)
-        return torch.optim.AdamW(groups or _param_groups(module, args.weight_decay),
-                                 lr=args.learning_rate)
+        groups = groups or _param_groups(module, args.weight_decay)
+        params = [p for g in groups for p in g["params"]]
+        use_fused = fused and all(
+            type(p) is nn.Parameter and p.device.type in ("cpu", "cuda")
+            and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        return torch.optim.AdamW(groups, lr=args.learning_rate, fused=use_fused or None)
 
     return make
 
@@ -292,7 +302,9 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     # The shuffle order of every epoch comes from this generator (data.make_loader).
     generator = train_loader.generator
     _check_global_batch(train_loader, accelerator, desc, console)
-    unit, optimizer, train_loader = strategy.setup(unit, keep, _optimizer_factory(args),
+    # Fused AdamW for whole parameters (one process, DDP); FSDP and DeepSpeed keep the default.
+    make_optimizer = _optimizer_factory(args, fused=strategy.name == "data-parallel")
+    unit, optimizer, train_loader = strategy.setup(unit, keep, make_optimizer,
                                                    train_loader, args.max_grad_norm)
 
     micro_total = max(1, math.ceil(args.epochs * len(train_loader)))
@@ -354,10 +366,21 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         accelerator.wait_for_everyone()
         result.checkpoint_seconds += time.perf_counter() - began
 
+    # Redrawn from this thread, at most twice a second, instead of by rich's refresh thread:
+    # that thread woke 10 times a second and took a core from the training step's threads.
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not main)
+                        disable=not main, auto_refresh=False)
+    drawn = [0.0]
+
+    def redraw_due() -> bool:
+        now = time.monotonic()
+        if now - drawn[0] < 0.5:
+            return False
+        drawn[0] = now
+        return True
+
     with progress:
         task = progress.add_task(desc, total=total_steps, loss="—",
                                  completed=result.steps)
@@ -405,7 +428,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
                               else lambda: on_step(result.steps))
                 scheduler.step()
                 result.last_loss = sum(window) / len(window)
-                progress.update(task, advance=1, loss=f"{result.last_loss:.4f}")
+                progress.update(task, advance=1, loss=f"{result.last_loss:.4f}",
+                                refresh=redraw_due() or result.steps == total_steps)
                 if result.steps % args.log_every == 0 or result.steps == total_steps:
                     # Every rank logs at the same steps: the logged means span all ranks.
                     means = _mean_over_ranks(accelerator, {
