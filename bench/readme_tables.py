@@ -44,7 +44,13 @@ from tables.language_models import (  # noqa: E402
     token_loss_speed,
     topk_cache_precision,
 )
-from tables.machine import bf16_speed, launch_modes, qlora_memory, test_suite  # noqa: E402
+from tables.machine import (  # noqa: E402
+    bench_summary,
+    bf16_speed,
+    launch_modes,
+    qlora_memory,
+    test_suite,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -84,6 +90,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
                        lm_recipe),
     "gemma3_recipe": ("bench/results/gemma3_recipe.json", "bench/smollm2_recipe.py", lm_recipe),
+    "bench_summary": ("bench/results/summary.json", "bench/suite.py", bench_summary),
 }
 
 

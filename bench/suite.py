@@ -3,9 +3,10 @@
 Every script compares side by side in one run and writes its JSON under bench/results/; this
 one runs them in order (a fresh process each, nothing else on the cores meanwhile) and
 gathers the figures the project holds itself to into bench/results/summary.json, with each
-figure's target and whether it is met, and the same as a markdown table (summary.md, which
-the README's performance table is rendered from). A figure whose script is not written yet
-is listed as not measured, never guessed.
+figure's target and whether it is met, and the same as a markdown table (summary.md; the
+README's performance table is rendered from summary.json by bench/readme_tables.py with the
+same renderer). A figure whose script is not written yet is listed as not measured, never
+guessed.
 
     HF_HUB_OFFLINE=1 python bench/suite.py [--only floor peft_step] [--summary-only]
 """
@@ -21,7 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from provenance import RESULTS, ROOT, provenance, write_result
+from provenance import RESULTS, ROOT, write_result
+from tables.machine import bench_summary
 
 BENCH = ROOT / "bench"
 
@@ -99,16 +101,6 @@ def machine(prov: dict) -> str:
     return f"{prov['cpu']} ({prov['cpu_capability']}, {units}), {prov['cpus']} cores"
 
 
-def markdown(summary: dict) -> str:
-    """The summary as a markdown table."""
-    rows = ["| figure | value | target | met | what it is |", "|---|---|---|---|---|"]
-    for name, f in summary["figures"].items():
-        value = "not measured yet" if f["value"] is None else f"{f['value']:.3f}"
-        met = {True: "yes", False: "**no**", None: "—"}[f["met"]]
-        rows.append(f"| `{name}` | {value} | {f['target'] or '—'} | {met} | {f['meaning']} |")
-    return "\n".join(rows) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", help="run these scripts only (default: all)")
@@ -124,8 +116,7 @@ def main() -> None:
             seconds[script] = round(time.perf_counter() - start, 1)
     summary = summarize() | {"seconds": seconds}
     write_result(RESULTS / "summary.json", summary)
-    machines = sorted({f["machine"] for f in summary["figures"].values() if "machine" in f})
-    text = f"Measured on {'; '.join(machines) or provenance()['cpu']}.\n\n" + markdown(summary)
+    text = "\n".join(bench_summary(summary)) + "\n"
     (RESULTS / "summary.md").write_text(text, encoding="utf-8")
     print(text)
 

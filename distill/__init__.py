@@ -43,6 +43,7 @@ def __getattr__(name: str) -> object:
         "shrink": ("distill.stages.shrink", "run"),
         "adapt": ("distill.stages.adapt", "run"),
         "attach": ("distill.commands.attach", "attach"),
+        "export": ("distill.commands.export", "export"),
     }
     if name in lazy:
         import importlib
@@ -55,4 +56,5 @@ def __getattr__(name: str) -> object:
 __all__ = ["DistillError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
            "run_recipe", "finetune", "distill_student", "evaluate", "evaluate_saved_model",
            "describe_model", "load_report", "print_report", "keep_layers", "select_layers",
-           "depth_importance", "shrink_width", "shrink_model", "shrink", "adapt", "attach"]
+           "depth_importance", "shrink_width", "shrink_model", "shrink", "adapt", "attach",
+           "export"]

@@ -286,6 +286,14 @@ def shrink(model: Annotated[str, typer.Argument(help="builtin:NAME, HF directory
         console.print(f"kept layers ({strategy}): {result['kept_layers']}{by}")
 
 
+def _bf16_setting(value: str) -> bool | str:
+    """`--bf16 auto|true|false` as the recipe key takes it."""
+    choices = {"auto": "auto", "true": True, "false": False}
+    if value.lower() not in choices:
+        raise DistillError(f"--bf16 {value!r}: choose auto, true or false")
+    return choices[value.lower()]
+
+
 @app.command()
 @_user_errors(ATTACH_FLAGS)
 def attach(student: Annotated[str | None, typer.Argument(
@@ -301,7 +309,9 @@ def attach(student: Annotated[str | None, typer.Argument(
            batch_size: int = 32, max_length: int = 128, seed: int = 0,
            text_column: str = "text", label_column: str = "label",
            data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
-           bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
+           bf16: Annotated[str, typer.Option(
+               help="bfloat16 autocast: auto (timed on this machine), true or false.")]
+           = "auto",
            output: Annotated[Path | None, typer.Option(
                "--output", "-o", help="Run directory (default: runs/attach-<method>).")] = None,
            force: Annotated[bool, typer.Option(help="Replace an existing run directory.")]
@@ -335,13 +345,58 @@ def attach(student: Annotated[str | None, typer.Argument(
                      max_length=max_length, config=data_config, split=data_split)
     rec = attach_fn(student, method, cfg, parse_options(option or []), output=output,
                     force=force, console=console, epochs=epochs, learning_rate=learning_rate,
-                    batch_size=batch_size, seed=seed, bf16=bf16)
+                    batch_size=batch_size, seed=seed, bf16=_bf16_setting(bf16))
     table = Table("metric", "value", title=escape(f"{method} on {student} for {data}"))
     table.add_row("trainable params", f"{rec['trainable_params']:,}")
     table.add_row("share of the model", f"{rec['trainable_percent']:.3f} %")
     table.add_row(f"test {rec['metric']['name']}", f"{rec['metric']['value']:.4f}")
     table.add_row("seconds per step", f"{rec['seconds_per_step']:.3f}")
     table.add_row("adapter", escape(f"{rec['run_dir']}/{rec['adapter']}"))
+    console.print(table)
+
+
+@app.command("export")
+@_user_errors(DATA_FLAGS | {"teacher.model": "MODEL", "stages.0.formats": "--format",
+                            "teacher.task": "--task"})
+def export_cmd(model: Annotated[str, typer.Argument(
+                   help="A saved model: classifier or causal LM directory, built-in name.")],
+               fmt: Annotated[list[str] | None, typer.Option(
+                   "--format", "-f", help="bf16, onnx or onnx-int8 (repeatable; default: "
+                   "all three).")] = None,
+               data: Annotated[str | None, typer.Option(
+                   help="The task's data the artifacts are checked on (default: "
+                        "builtin:rotten_tomatoes for a classifier, builtin:shakespeare for a "
+                        "causal LM).")] = None,
+               task: Annotated[str | None, typer.Option(
+                   help="sequence-classification or causal-lm (default: from the model's "
+                        "config).")] = None,
+               text_column: str = "text", label_column: str = "label",
+               data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
+               max_length: int = 128,
+               latency: Annotated[bool, typer.Option(help="Time every artifact.")] = True,
+               output: Annotated[Path | None, typer.Option(
+                   "--output", "-o", help="Run directory (default: runs/export).")] = None,
+               force: Annotated[bool, typer.Option(help="Replace an existing run directory.")]
+               = False,
+               ) -> None:
+    """Export a model for serving (bf16 safetensors, ONNX, ONNX int8), each artifact checked
+    against the float32 model (test metric, largest logit difference, agreement) and timed
+    at batch 1 and 32 (a one-stage recipe)."""
+    from distill.commands.export import export
+    from distill.config.recipe import DataConfig
+
+    cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
+                     max_length=max_length, config=data_config, split=data_split)
+    got = export(model, cfg, fmt or ["bf16", "onnx", "onnx-int8"], output=output, force=force,
+                 console=console, task=task, latency=latency)
+    table = Table("artifact", "metric", "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",
+                  "batch 32 (ms)", title=escape(f"{model} exported ({got['run_dir']})"))
+    for name, row in got["exports"].items():
+        times = row.get("latency_ms", {})
+        table.add_row(escape(row["artifact"]), f"{row['metric']['value']:.4f}",
+                      f"{row['max_logit_diff']:.2e}", f"{row['agreement']:.4f}",
+                      f"{row['size_mb']:.1f}", f"{times.get('batch1', float('nan')):.1f}",
+                      f"{times.get('batch32', float('nan')):.1f}")
     console.print(table)
 
 

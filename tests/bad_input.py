@@ -204,7 +204,7 @@ class Case:
 
 def stage(kind: str, **keys: Any) -> dict:
     """A minimal stage of `kind` with the tiny settings."""
-    base = {"evaluate": {"latency_runs": 1}, "shrink": {}}.get(
+    base = {"evaluate": {"latency_runs": 1}, "export": {"latency_runs": 1}, "shrink": {}}.get(
         kind, {"batch_size": 16, "epochs": 1})
     return {"kind": kind, **base, **keys}
 

@@ -155,6 +155,13 @@ CASES: list[Case] = [
     Case("prompt longer than the model's positions",
          "stages.0.config: 60 virtual tokens + data.max_length 16 make inputs of 76 positions",
          adapt(method="prompt_tuning", config={"num_virtual_tokens": 60})),
+    # --- export formats
+    Case("unknown export format", "stages.0.formats.0: 'tflite' is not allowed; allowed: 'bf16'",
+         set_stages(stage("export", formats=["tflite"]))),
+    Case("export with no format", "stages.0.formats: name at least one of",
+         set_stages(stage("export", formats=[]))),
+    Case("export format given twice", "stages.0.formats: onnx given twice",
+         set_stages(stage("export", formats=["onnx", "bf16", "onnx"]))),
     # --- numbers that mean nothing, YAML that is not a plain tree, columns of the wrong kind
     Case("duplicate key in the recipe", "duplicate key 'seed' (first at line 1); a key may "
          "appear once in a mapping", raw("seed: 1\nseed: 2\nstages:\n  - kind: evaluate\n")),

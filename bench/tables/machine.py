@@ -87,3 +87,17 @@ def test_suite(data: dict[str, Any]) -> list[str]:
                          minutes(r["test_seconds"]), cpu(r["provenance"]),
                          r["provenance"]["commit"][:7]))
     return lines
+
+
+def bench_summary(data: dict[str, Any]) -> list[str]:
+    """bench/suite.py (`make bench`): each figure, its target and whether it is met."""
+    lines = [row("figure", "value", "target", "met", "what it measures"),
+             row("---", "---:", "---", "---", "---")]
+    for name, f in data["figures"].items():
+        value = "not measured yet" if f["value"] is None else f"{f['value']:.3f}"
+        met = {True: "yes", False: "**no**", None: "—"}[f["met"]]
+        source = f" (`{f['source'].removeprefix('bench/results/')}`)"
+        lines.append(row(f"`{name}`", value, f["target"] or "—", met, f["meaning"] + source))
+    machines = sorted({f["machine"] for f in data["figures"].values() if "machine" in f})
+    return lines + ["", f"Measured on {'; '.join(machines)}; each figure is a ratio of two "
+                        "runs side by side in one process."]

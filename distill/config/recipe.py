@@ -376,10 +376,36 @@ def _non_finite(value: Any, path: str) -> list[str]:
     return []
 
 
-Stage = Union[FinetuneStage, DistillStage, ShrinkStage, AdaptStage, EvaluateStage]
+@dataclass
+class ExportStage:
+    """A model of the run written for serving, each artifact checked against the float32
+    model on the evaluation split and timed (distill/stages/export.py)."""
+
+    kind: Literal["export"] = "export"
+    # The model: "previous" (the run's latest model), "teacher", or a path/built-in name.
+    model: str = "previous"
+    # bf16: Hugging Face folder, bfloat16 safetensors; onnx: float32 ONNX graph; onnx-int8:
+    # that graph with int8 matrix weights (ONNX Runtime's dynamic quantization).
+    formats: list[Literal["bf16", "onnx", "onnx-int8"]] = field(
+        default_factory=lambda: ["bf16", "onnx", "onnx-int8"])
+    split: Literal["test", "validation"] = "test"
+    batch_size: int = field(default=64, metadata=value_range(1))
+    # Time each artifact at batch 1 and 32 (median of `latency_runs` runs), full-length inputs.
+    latency: bool = True
+    latency_runs: int = field(default=10, metadata=value_range(1))
+
+    def check(self, path: str) -> list[str]:
+        if not self.formats:
+            return [f"{path}.formats: name at least one of bf16, onnx, onnx-int8"]
+        twice = sorted({f for f in self.formats if self.formats.count(f) > 1})
+        return [f"{path}.formats: {', '.join(twice)} given twice"] if twice else []
+
+
+Stage = Union[FinetuneStage, DistillStage, ShrinkStage, AdaptStage, EvaluateStage,
+              ExportStage]
 STAGE_KINDS: dict[str, type] = {"finetune": FinetuneStage, "distill": DistillStage,
                                 "shrink": ShrinkStage, "adapt": AdaptStage,
-                                "evaluate": EvaluateStage}
+                                "evaluate": EvaluateStage, "export": ExportStage}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from distill.models.loading import (
 from distill.run.ownership import (FolderLock, check_claim, claim, clean_leftovers, local_paths,
                                read_marker)
 from distill.run.preflight import preflight
-from distill.config.recipe import AdaptStage, EvaluateStage, Recipe
+from distill.config.recipe import AdaptStage, EvaluateStage, ExportStage, Recipe
 from distill.config.loading import dump_recipe, recipe_to_dict
 from distill.run.report import write_report
 from distill.stages import RUNNERS
@@ -66,6 +66,8 @@ def absolute_paths(recipe: Recipe) -> Recipe:
             stage = dataclasses.replace(stage, model=fix(stage.model), data=data,
                                         teacher=fix(stage.teacher) if stage.teacher != "run"
                                         else stage.teacher)
+        elif isinstance(stage, ExportStage):
+            stage = dataclasses.replace(stage, model=fix(stage.model))
         elif isinstance(stage, EvaluateStage):
             stage = dataclasses.replace(stage, eval_data=[
                 dataclasses.replace(d, dataset=fix(d.dataset)) for d in stage.eval_data])
@@ -82,6 +84,8 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
         if isinstance(stage, AdaptStage):
             names += [stage.model, stage.data.dataset if stage.data else None,
                       stage.teacher if stage.teacher != "run" else None]
+        elif isinstance(stage, ExportStage):
+            names.append(stage.model)
         elif isinstance(stage, EvaluateStage):
             names += [d.dataset for d in stage.eval_data]
     flat = [n for name in names for n in (name if isinstance(name, list) else [name])]
@@ -278,6 +282,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, checked: Any, accelerator: Any,
         record.update(status=result.status, seconds=round(time.perf_counter() - start, 2))
         if "precision" in result.metrics:  # what `bf16` resolved to, and the measurement
             record["precision"] = result.metrics["precision"]
+        if "exports" in result.metrics:  # each served artifact, checked and timed
+            record["exports"] = result.metrics["exports"]
         if result.step_models:
             record["steps"] = []
             for k, (step_name, path) in enumerate(result.step_models):

@@ -39,8 +39,8 @@ from distill.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
-from distill.config.recipe import (AdaptStage, DistillStage, EvaluateStage, FinetuneStage,
-                                   Recipe, ShrinkStage)
+from distill.config.recipe import (AdaptStage, DistillStage, EvaluateStage, ExportStage,
+                                   FinetuneStage, Recipe, ShrinkStage)
 from distill.models.weights import checkpoint_shapes
 from distill.tasks import resolve_task
 from distill.tasks.base import Task, TaskData
@@ -295,6 +295,8 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
             elif isinstance(stage, AdaptStage):
                 problems += adapt_problems(stage, recipe, task, config, tokenizer, data,
                                            latest.depth, key)
+            elif isinstance(stage, ExportStage):
+                problems += export_problems(stage, key)
             elif isinstance(stage, EvaluateStage):
                 for k, extra in enumerate(stage.eval_data):
                     try:
@@ -304,6 +306,17 @@ def stage_problems(recipe: Recipe, task: Task, config: PretrainedConfig,
         except DistillError as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     return problems
+
+
+def export_problems(stage: ExportStage, key: str) -> list[str]:
+    """The packages the stage's formats need must be installed."""
+    from distill.serve.formats import missing_packages
+
+    missing = sorted({p for fmt in stage.formats for p in missing_packages(fmt)})
+    if not missing:
+        return []
+    return [f"{key}.formats: the ONNX formats need {', '.join(missing)}, which is not "
+            "installed; pip install 'distill[serve]' (or leave onnx, onnx-int8 out)"]
 
 
 def _widths(model: PreTrainedModel) -> Dims | None:

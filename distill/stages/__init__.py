@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.run.context import RunContext, StageResult
-from distill.stages import adapt, distill, evaluate, finetune, shrink
+from distill.stages import adapt, distill, evaluate, export, finetune, shrink
 
 
 def _synced(run: Callable[..., StageResult]) -> Callable[..., StageResult]:
@@ -28,4 +28,5 @@ RUNNERS: dict[str, Callable[..., StageResult]] = {
     "shrink": _synced(shrink.run),
     "adapt": _synced(adapt.run),
     "evaluate": _synced(evaluate.run),
+    "export": _synced(export.run),
 }
