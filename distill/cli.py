@@ -389,7 +389,8 @@ def export_cmd(model: Annotated[str, typer.Argument(
                      max_length=max_length, config=data_config, split=data_split)
     got = export(model, cfg, fmt or ["bf16", "onnx", "onnx-int8"], output=output, force=force,
                  console=console, task=task, latency=latency)
-    table = Table("artifact", "metric", "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",
+    metric = next(iter(got["exports"].values()))["metric"]["name"]
+    table = Table("artifact", metric, "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",
                   "batch 32 (ms)", title=escape(f"{model} exported ({got['run_dir']})"))
     for name, row in got["exports"].items():
         times = row.get("latency_ms", {})

@@ -7,8 +7,11 @@ when complete (`distill.files.atomic_directory`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -74,6 +77,18 @@ def write(fmt: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return out
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from `logger` ("" = the root logger) meanwhile."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _export_onnx(model: PreTrainedModel, example: dict[str, Tensor], path: Path) -> None:
     """`torch.onnx.export` (the dynamo exporter) with free batch and sequence sizes."""
     import warnings
@@ -81,8 +96,9 @@ def _export_onnx(model: PreTrainedModel, example: dict[str, Tensor], path: Path)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+    # The exporter's notes on its own internals (e.g. that torchvision's ops are skipped).
+    with warnings.catch_warnings(), _quiet("torch.onnx"):
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             LogitsOnly(model).eval(), (), kwargs=dict(example), dynamo=True,
             input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -104,6 +120,7 @@ def _quantize_int8(path: Path) -> None:
     del model.graph.value_info[:]
     onnx.save(model, str(source))
     path.unlink()
-    quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8)
+    with _quiet(""):  # its advice to pre-process, logged on the root logger at each call
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8)
     for leftover in path.parent.glob("fp32-*"):  # the float graph and its weights
         leftover.unlink()

@@ -83,6 +83,7 @@ def run(ctx: RunContext, cfg: ExportStage, stage_dir: Path) -> StageResult:
     source = base_model_source(ctx, cfg.model)
     if not ctx.is_main:
         return StageResult("done", None, {})
+    ctx.stage_seed(None)  # a model without a trained head gets the same random one each run
     model, _ = ctx.load_model(source)
     model = model.float().eval()
     # What the ONNX export traces: two real rows (batch and sequence sizes stay free).
