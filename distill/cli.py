@@ -373,6 +373,8 @@ def export_cmd(model: Annotated[str, typer.Argument(
                text_column: str = "text", label_column: str = "label",
                data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
                max_length: int = 128,
+               trim_vocabulary: Annotated[bool, typer.Option(
+                   help="Keep only the tokens the data uses (and the special ones).")] = False,
                latency: Annotated[bool, typer.Option(help="Time every artifact.")] = True,
                output: Annotated[Path | None, typer.Option(
                    "--output", "-o", help="Run directory (default: runs/export).")] = None,
@@ -388,7 +390,7 @@ def export_cmd(model: Annotated[str, typer.Argument(
     cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
                      max_length=max_length, config=data_config, split=data_split)
     got = export(model, cfg, fmt or ["bf16", "onnx", "onnx-int8"], output=output, force=force,
-                 console=console, task=task, latency=latency)
+                 console=console, task=task, latency=latency, trim_vocabulary=trim_vocabulary)
     metric = next(iter(got["exports"].values()))["metric"]["name"]
     table = Table("artifact", metric, "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",
                   "batch 32 (ms)", title=escape(f"{model} exported ({got['run_dir']})"))

@@ -388,6 +388,9 @@ class ExportStage:
     # that graph with int8 matrix weights (ONNX Runtime's dynamic quantization).
     formats: list[Literal["bf16", "onnx", "onnx-int8"]] = field(
         default_factory=lambda: ["bf16", "onnx", "onnx-int8"])
+    # Keep only the tokens the task's data uses (and the special ones): a smaller embedding
+    # table and tokenizer, the same predictions on the data (WordPiece, Unigram, WordLevel).
+    trim_vocabulary: bool = False
     split: Literal["test", "validation"] = "test"
     batch_size: int = field(default=64, metadata=value_range(1))
     # Time each artifact at batch 1 and 32 (median of `latency_runs` runs), full-length inputs.

@@ -10,15 +10,17 @@ like the evaluate stage times models.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from distill.config.recipe import ExportStage
+from distill.errors import DistillError
 from distill.models.loading import resolve_model_path
 from distill.run.context import RunContext, StageResult
-from distill.serve import formats, runtime
+from distill.serve import formats, runtime, vocab
 from distill.stages.adapt import base_model_source
 from distill.tasks.metrics import latency_ms
 
@@ -37,6 +39,42 @@ class Recorder(nn.Module):
         out = self.model(**inputs)
         self.logits = out.logits.float().cpu()
         return out
+
+
+class Renumbered(nn.Module):
+    """`model` fed the run tokenizer's ids renumbered for a trimmed vocabulary (`lookup`)."""
+
+    def __init__(self, model: nn.Module, lookup: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("lookup", lookup, persistent=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor):
+        return self.model(input_ids=self.lookup[input_ids], attention_mask=attention_mask)
+
+
+def trimmed(ctx: RunContext, model: nn.Module
+            ) -> tuple[nn.Module, object, Tensor, dict]:
+    """A copy of `model` with the vocabulary of the task's data (`distill.serve.vocab`), its
+    tokenizer and id lookup, and a record for the report; every split is tokenized again by
+    the new tokenizer and must give the same tokens, renumbered."""
+    splits = ("train", "validation", "test")
+    keep = vocab.kept_ids(ctx.tokenizer, [ctx.tokenized(s) for s in splits])
+    before = sum(p.numel() for p in model.parameters())
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    small, tokenizer, lookup = vocab.trim(copy.deepcopy(model), ctx.tokenizer, keep)
+    for split in splits:
+        again = ctx.task.tokenize(ctx.data, split, tokenizer, ctx.recipe.data)
+        for old, new in zip(ctx.tokenized(split), again):
+            if lookup[torch.tensor(old["input_ids"])].tolist() != list(new["input_ids"]):
+                raise DistillError(f"export.trim_vocabulary: the trimmed tokenizer splits a "
+                                   f"{split} example differently (example {old['idx']}); "
+                                   "leave trim_vocabulary off for this tokenizer")
+    after = sum(p.numel() for p in small.parameters())
+    ctx.console.print(f"  vocabulary: {len(keep):,} of {old_rows:,} tokens kept; "
+                      f"{before:,} -> {after:,} parameters")
+    return small, tokenizer, lookup, {"kept_tokens": len(keep), "of": old_rows,
+                                      "params_before": before, "params_after": after}
 
 
 def artifact_mb(folder: Path) -> float:
@@ -89,11 +127,17 @@ def run(ctx: RunContext, cfg: ExportStage, stage_dir: Path) -> StageResult:
     # What the ONNX export traces: two real rows (batch and sequence sizes stay free).
     example = ctx.task.latency_inputs(ctx.data, cfg.split, ctx.tokenizer, 2,
                                       min(16, ctx.recipe.data.max_length))
+    exported, tokenizer, lookup, vocabulary = model, ctx.tokenizer, None, None
+    if cfg.trim_vocabulary:
+        exported, tokenizer, lookup, vocabulary = trimmed(ctx, model)
+        example = {**example, "input_ids": lookup[example["input_ids"]]}
     served: dict[str, nn.Module] = {"fp32": model}
     for fmt in cfg.formats:
         ctx.console.print(f"  export {fmt} -> {stage_dir / fmt}")
-        folder = formats.write(fmt, model, ctx.tokenizer, stage_dir / fmt, example)
-        served[fmt] = runtime.load(fmt, folder, lambda path: ctx.load_model(str(path))[0])
+        folder = formats.write(fmt, exported, tokenizer, stage_dir / fmt, example)
+        artifact = runtime.load(fmt, folder, lambda path: ctx.load_model(str(path))[0])
+        # Scored on the run's tokenization: the ids renumbered as the new tokenizer gives them.
+        served[fmt] = artifact if lookup is None else Renumbered(artifact, lookup)
     scores = compare(ctx, served, cfg.split, cfg.batch_size)
     metric = ctx.task.metric
     rows = {}
@@ -117,5 +161,8 @@ def run(ctx: RunContext, cfg: ExportStage, stage_dir: Path) -> StageResult:
         ctx.console.print(f"  {name}: {metric} {row['metric']['value']:.4f}, max |Δlogit| "
                           f"{row['max_logit_diff']:.2e}, agreement {row['agreement']:.4f}, "
                           f"{row['size_mb']:.1f} MB{speed}")
+    metrics = {"source": source, "exports": rows}
+    if vocabulary is not None:
+        metrics["vocabulary"] = vocabulary
     # No model of the run: later stages go on from the model it exported.
-    return StageResult("done", None, {"source": source, "exports": rows})
+    return StageResult("done", None, metrics)
