@@ -169,3 +169,24 @@ def test_probe_costs_a_few_steps(tiny_bert: Path) -> None:
     model.register_forward_hook(lambda *args: calls.append(time.perf_counter()))
     fp32, bf16 = precision.time_steps(training.probe_step(_ctx(tiny_bert), model, 4))
     assert len(calls) == 6 and fp32 > 0 and bf16 > 0
+
+
+def test_every_rank_takes_rank_zeros_decision(tiny_bert: Path, tmp_path: Path) -> None:
+    """A rank other than 0 reads no file and measures nothing: it joins rank 0's broadcast
+    even when rank 0 has already written precision.json (skipping the broadcast there hung a
+    2-process run)."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    (tmp_path / "precision.json").write_text(json.dumps(
+        {"setting": "auto", "bf16": True, "decided_by": "step timing",
+         "fp32_step_s": 2.0, "bf16_step_s": 1.0}))
+    rank0 = {"setting": "auto", "bf16": False, "decided_by": "matmul screen"}
+    calls: list[object] = []
+
+    def broadcast(value: object) -> dict:
+        calls.append(value)
+        return rank0
+
+    ctx = _ctx(tiny_bert)
+    ctx.is_main, ctx.from_main = False, broadcast
+    got = training.stage_precision(ctx, model, TrainArgs(), tmp_path, "distill")
+    assert calls == [None] and got == Precision.from_record(rank0)

@@ -117,26 +117,29 @@ def stage_precision(ctx: RunContext, model: nn.Module, args: TrainArgs, folder: 
                     desc: str) -> Precision:
     """The stage's precision (`precision.decide` on `model`), decided once per stage.
 
-    Rank 0 measures and every rank takes its decision. The decision is kept in
+    Rank 0 decides and every rank takes its decision (each rank calls this once, whatever
+    the files say: a rank that read the file rank 0 had just written, and skipped the
+    broadcast, would leave rank 0 waiting in it). The decision is kept in
     `folder/precision.json`, so a resumed stage trains on in the precision it started in (and
     finds the teacher cache it made) whatever a new measurement would say."""
     saved = folder / "precision.json"
-    if saved.is_file():
-        record = json.loads(saved.read_text(encoding="utf-8"))
-        if record.get("setting") == args.bf16:
-            return Precision.from_record(record)
     device = ctx.accelerator.device.type
     decided = None
     if ctx.is_main:
-        step = probe_step(ctx, model, args.batch_size) if args.bf16 == "auto" else None
-        decided = decide(args.bf16, device, step).record()
-        atomic_write(saved, json.dumps(decided, indent=2) + "\n")
-        if args.bf16 == "auto":
-            speed = (f"; one step {decided['fp32_step_s']:.3f} s fp32, "
-                     f"{decided['bf16_step_s']:.3f} s bf16" if "bf16_step_s" in decided else "")
-            ctx.console.print(f"  {desc}: bf16 auto -> "
-                              f"{'bf16 autocast' if decided['bf16'] else 'fp32'} "
-                              f"({decided['decided_by']} on this {device}{speed})")
+        if saved.is_file():
+            record = json.loads(saved.read_text(encoding="utf-8"))
+            decided = record if record.get("setting") == args.bf16 else None
+        if decided is None:
+            step = probe_step(ctx, model, args.batch_size) if args.bf16 == "auto" else None
+            decided = decide(args.bf16, device, step).record()
+            atomic_write(saved, json.dumps(decided, indent=2) + "\n")
+            if args.bf16 == "auto":
+                speed = (f"; one step {decided['fp32_step_s']:.3f} s fp32, "
+                         f"{decided['bf16_step_s']:.3f} s bf16"
+                         if "bf16_step_s" in decided else "")
+                ctx.console.print(f"  {desc}: bf16 auto -> "
+                                  f"{'bf16 autocast' if decided['bf16'] else 'fp32'} "
+                                  f"({decided['decided_by']} on this {device}{speed})")
     return Precision.from_record(ctx.from_main(decided))
 
 
