@@ -142,6 +142,19 @@ def test_the_probe_step_leaves_no_trace(tiny_bert: Path) -> None:
     assert not model.training  # its mode restored
 
 
+def test_a_frozen_model_is_timed_as_if_it_trained(tiny_bert: Path) -> None:
+    """A shrink stage's starting model is frozen: its step is timed with a backward pass all
+    the same, and it is frozen again afterwards."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model.requires_grad_(False)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.logits.requires_grad))
+    training.probe_step(_ctx(tiny_bert), model, batch_size=4)(False)
+    assert seen == [True]  # a graph to the weights was built (and backward ran through it)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_resumed_stage_keeps_its_decision(tiny_bert: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The decision is written beside the stage's log; a resumed stage reads it instead of

@@ -91,7 +91,9 @@ def probe_step(ctx: RunContext, model: nn.Module, batch_size: int
     """One forward + backward of `model` on the first `batch_size` training examples (this
     process's share of a batch), under bf16 autocast when called with True: what
     `precision.decide` times. It leaves no trace: the random state (dropout) is restored, the
-    gradients are cleared and no weight changes."""
+    gradients are cleared and no weight changes. A model with no trainable weight yet (a
+    shrink stage's starting model, before a heal attaches what trains) is timed as if every
+    weight trained, then frozen again."""
     dataset = ctx.tokenized("train")
     share = max(1, batch_size // ctx.accelerator.num_processes)
     batch = ctx.task.collate(ctx.tokenizer)([dataset[i] for i in range(min(share, len(dataset)))])
@@ -100,15 +102,22 @@ def probe_step(ctx: RunContext, model: nn.Module, batch_size: int
 
     def step(bf16: bool) -> None:
         was_training = model.training
+        frozen = ([] if any(p.requires_grad for p in model.parameters()) else
+                  [p for p in model.parameters() if p.is_floating_point()])
         model.train()
-        with torch.random.fork_rng(devices=[]):
-            with autocast(bf16, device.type):
-                loss = model(**inputs).logits.float().mean()
-            if loss.requires_grad:  # else the loop will say that nothing trains
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.random.fork_rng(devices=[]):
+                with autocast(bf16, device.type):
+                    loss = model(**inputs).logits.float().mean()
                 loss.backward()
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
+        finally:
+            model.train(was_training)
+            for p in model.parameters():
+                p.grad = None
+            for p in frozen:
+                p.requires_grad_(False)
 
     return step
 
