@@ -13,7 +13,9 @@ the sum of our times over the sum of the floor's. Also measured here, in the sam
 - the bare loop under bf16 autocast (the floor for `bf16_floor_speedup`, bench/textbrewer.py);
 - model-FLOPs utilisation: the matmul FLOPs each step does (teacher forward, student forward
   and backward, attention included, counted from the real padded batches) per second, over
-  this machine's fp32 matmul peak measured here (a 2048² product on every thread).
+  this machine's fp32 matmul peak measured here (a 2048² product on every thread);
+- one AdamW step over the student's weights, PyTorch's default multi-tensor form against the
+  fused kernel the toolkit uses where it can.
 
     HF_HUB_OFFLINE=1 python bench/floor.py          # -> bench/results/floor.json (~9 min)
 """
@@ -107,6 +109,23 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
     return 2 * size**3 / best
 
 
+def optimizer_seconds(student: torch.nn.Module, repeats: int = 20) -> dict[str, float]:
+    """Seconds of one AdamW step over the student's weights (random gradients), in PyTorch's
+    default multi-tensor form (the bare loop's) and fused (the toolkit's where it can)."""
+    params = [p.detach().clone().requires_grad_(True) for p in student.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for name, options in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(params, lr=LR, **options)
+        optimizer.step()  # state allocated
+        start = time.perf_counter()
+        for _ in range(repeats):
+            optimizer.step()
+        out[name] = (time.perf_counter() - start) / repeats
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per round")
@@ -138,6 +157,7 @@ def main() -> None:
         speeds = ", ".join(f"{k} {v[-1] / args.steps:.3f} s/step" for k, v in times.items())
         console.print(f"round {r}: {speeds}")
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    adamw = optimizer_seconds(student)
     per_step = {k: sum(v) / (args.rounds * args.steps) for k, v in times.items()}
     result = {
         "setup": {"teacher": TEACHER, "student_layers": LAYERS, "batch": BATCH,
@@ -147,6 +167,7 @@ def main() -> None:
         "floor_ratio": sum(times["ours"]) / sum(times["bare"]),
         "bare_bf16_over_fp32": sum(times["bare_bf16"]) / sum(times["bare"]),
         "matmul_peak_flops": peak,
+        "adamw_step_seconds": adamw,
         "flops_per_round": flops,
         # FLOPs of one round over seconds per round
         "mfu": {"ours_fp32": flops / per_step["ours"] / args.steps / peak["fp32"],
