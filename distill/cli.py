@@ -389,7 +389,7 @@ def export_cmd(model: Annotated[str, typer.Argument(
 
     cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
                      max_length=max_length, config=data_config, split=data_split)
-    got = export(model, cfg, fmt or ["bf16", "onnx", "onnx-int8"], output=output, force=force,
+    got = export(model, cfg, fmt, output=output, force=force,
                  console=console, task=task, latency=latency, trim_vocabulary=trim_vocabulary)
     metric = next(iter(got["exports"].values()))["metric"]["name"]
     table = Table("artifact", metric, "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",

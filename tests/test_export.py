@@ -142,6 +142,6 @@ def test_missing_onnx_packages_are_named_before_anything_runs(
     result = CliRunner().invoke(app, ["export", str(tiny_teacher), "--format", "onnx",
                                       "--data", str(tiny_csv), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2
-    assert "onnxruntime, which is not installed" in result.output
+    assert "need onnxruntime (not installed)" in result.output
     assert "pip install 'distill[serve]'" in result.output
     assert not (tmp_path / "x").exists()

@@ -18,10 +18,10 @@ from distill.config.recipe import DataConfig, ExportStage, ModelSpec, Recipe
 from distill.models.loading import load_config
 
 
-def export_recipe(model: str, data: DataConfig, formats: list[str],
+def export_recipe(model: str, data: DataConfig, formats: list[str] | None = None,
                   name: str | None = None, task: str | None = None, **stage: Any) -> Recipe:
     """A validated one-stage recipe exporting `model` (checked on `data`; its task's default
-    data when `data.dataset` is empty)."""
+    data when `data.dataset` is empty) in `formats` (default: the stage's, all of them)."""
     if not data.dataset:
         from distill.tasks import resolve_task
 
@@ -29,11 +29,14 @@ def export_recipe(model: str, data: DataConfig, formats: list[str],
         data = dataclasses.replace(data, dataset=kind.default_dataset)
     raw = recipe_to_dict(Recipe(name=name or "export", teacher=ModelSpec(model=model, task=task),
                                 data=data, stages=[ExportStage()]))
-    raw["stages"] = [{"kind": "export", "model": "teacher", "formats": formats, **stage}]
+    if formats is not None:
+        stage["formats"] = formats
+    raw["stages"] = [{"kind": "export", "model": "teacher", **stage}]
     return recipe_from_dict(raw, source="distill export")
 
 
-def export(model: str, data: DataConfig, formats: list[str], output: str | Path | None = None,
+def export(model: str, data: DataConfig, formats: list[str] | None = None,
+           output: str | Path | None = None,
            force: bool = False, console: Console | None = None, task: str | None = None,
            **stage: Any) -> dict:
     """Export `model` in `formats`, check every artifact against it on `data` and time it;

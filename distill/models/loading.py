@@ -290,6 +290,8 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def dir_size_mb(path: Path) -> float:
-    """Size of the weight files of a saved model (MB = 10^6 bytes)."""
-    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*"))
+    """Size of the weight files of a saved model (MB = 10^6 bytes): its safetensors, or an
+    exported ONNX graph and its external data; every file where there are none of those."""
+    files = ([f for pattern in ("*.safetensors", "*.onnx", "*.onnx.data")
+              for f in Path(path).glob(pattern)] or list(Path(path).glob("*")))
     return sum(f.stat().st_size for f in files if f.is_file()) / 1e6

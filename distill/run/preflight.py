@@ -315,8 +315,8 @@ def export_problems(stage: ExportStage, key: str) -> list[str]:
     missing = sorted({p for fmt in stage.formats for p in missing_packages(fmt)})
     if not missing:
         return []
-    return [f"{key}.formats: the ONNX formats need {', '.join(missing)}, which is not "
-            "installed; pip install 'distill[serve]' (or leave onnx, onnx-int8 out)"]
+    return [f"{key}.formats: the ONNX formats need {', '.join(missing)} (not installed); "
+            "pip install 'distill[serve]', or leave onnx and onnx-int8 out"]
 
 
 def _widths(model: PreTrainedModel) -> Dims | None:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,8 +92,6 @@ def _quiet(logger: str) -> Iterator[None]:
 
 def _export_onnx(model: PreTrainedModel, example: dict[str, Tensor], path: Path) -> None:
     """`torch.onnx.export` (the dynamo exporter) with free batch and sequence sizes."""
-    import warnings
-
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
@@ -113,6 +112,9 @@ def _quantize_int8(path: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if any(path.parent.glob(f"{path.name}.*")):  # weights beside the graph: over 2 GB
+        raise DistillError("onnx-int8: a model whose float32 graph keeps its weights in an "
+                           "external file (over 2 GB) is not supported; export onnx or bf16")
     source = path.with_name("fp32-" + path.name)
     model = onnx.load(str(path))
     # The exporter records the shapes it traced for intermediate values; the quantizer's

@@ -9,8 +9,9 @@ plain `AutoModel*` / `AutoTokenizer`.
 
 Tokenization of text made of kept tokens does not change: WordPiece takes the longest
 vocabulary entry at each position, Unigram the best-scoring segmentation and WordLevel the
-whole word; a kept entry is still there and no new one appears, so the same pieces win. BPE applies merge rules in order,
-where removing a token would break the merges that build longer ones: refused. Text with
+whole word; a kept entry is still there and no new one appears, so the same pieces win. BPE
+applies merge rules in order, where removing a token would break the merges that build longer
+ones: refused. Text with
 tokens outside `keep` becomes the unknown token: the trimmed model serves the task's
 vocabulary only.
 """

@@ -23,8 +23,8 @@ from distill.config.recipe import AdaptStage
 from distill.errors import DistillError
 from distill.models.loading import count_params, dir_size_mb
 from distill.run.context import RunContext, StageResult
+from distill.stages.evaluate import latency_record
 from distill.stages.training import apply_method, frozen_teacher, kd_train
-from distill.tasks.metrics import latency_ms
 
 
 def base_model_source(ctx: RunContext, choice: str) -> str:
@@ -47,13 +47,8 @@ def adapter_metrics(ctx: RunContext, adapted: peft_methods.AdaptedModel, adapter
     total, non_emb = count_params(adapted)
     non_emb = params - (total - non_emb)
     scores = ctx.metrics(adapted, "test", batch_size)  # every rank takes part
-    latency = {}
-    device = next(adapted.parameters()).device
-    for b in (1, 32) if ctx.is_main else ():  # timed on rank 0 alone
-        inputs = ctx.task.latency_inputs(ctx.data, "test", ctx.tokenizer, b,
-                                         ctx.recipe.data.max_length)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        latency[f"batch{b}"] = round(latency_ms(adapted, **inputs, runs=5), 3)
+    # Timed on rank 0 alone.
+    latency = latency_record(ctx, adapted, "test", runs=5) if ctx.is_main else {}
     return {
         "params": params, "params_non_embedding": non_emb,
         "size_mb": round(dir_size_mb(adapter_dir), 3), "latency_ms": latency,

@@ -25,6 +25,20 @@ def untrained_head_warning(path: str) -> str:
             "(a recipe's `finetune` stage)")
 
 
+def latency_record(ctx: RunContext, model: nn.Module, split: str, runs: int
+                   ) -> dict[str, float]:
+    """{"batch1", "batch32"}: median milliseconds of a forward pass of `model` on full-length
+    inputs from `split` (`latency_ms`), on the device of its first parameter."""
+    device = next(model.parameters()).device
+    record = {}
+    for b in (1, 32):
+        inputs = ctx.task.latency_inputs(ctx.data, split, ctx.tokenizer, b,
+                                         ctx.recipe.data.max_length)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        record[f"batch{b}"] = round(latency_ms(model, **inputs, runs=runs), 3)
+    return record
+
+
 def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: str,
                   batch_size: int, latency: bool, runs: int) -> dict:
     """The DESIGN.md model-metrics record of one model (without retention).
@@ -42,11 +56,7 @@ def model_metrics(model: nn.Module, model_dir: str, *, ctx: RunContext, split: s
         **{k: v for k, v in scores.items() if k != metric},
     }
     if latency and ctx.is_main:
-        record["latency_ms"] = {}
-        for b in (1, 32):
-            inputs = ctx.task.latency_inputs(ctx.data, split, ctx.tokenizer, b,
-                                             ctx.recipe.data.max_length)
-            record["latency_ms"][f"batch{b}"] = round(latency_ms(model, **inputs, runs=runs), 3)
+        record["latency_ms"] = latency_record(ctx, model, split, runs)
         record.update(ctx.task.serving_metrics(model, ctx.data, split, ctx.tokenizer, runs))
     return record
 

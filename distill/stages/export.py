@@ -18,13 +18,11 @@ from torch import Tensor, nn
 
 from distill.config.recipe import ExportStage
 from distill.errors import DistillError
-from distill.models.loading import resolve_model_path
+from distill.models.loading import dir_size_mb, resolve_model_path
 from distill.run.context import RunContext, StageResult
 from distill.serve import formats, runtime, vocab
 from distill.stages.adapt import base_model_source
-from distill.tasks.metrics import latency_ms
-
-WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data")
+from distill.stages.evaluate import latency_record
 
 
 class Recorder(nn.Module):
@@ -75,12 +73,6 @@ def trimmed(ctx: RunContext, model: nn.Module
                       f"{before:,} -> {after:,} parameters")
     return small, tokenizer, lookup, {"kept_tokens": len(keep), "of": old_rows,
                                       "params_before": before, "params_after": after}
-
-
-def artifact_mb(folder: Path) -> float:
-    """The bytes of an artifact's weights (safetensors, ONNX graph and its data) in MB."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir()
-               if f.suffix in WEIGHT_SUFFIXES) / 1e6
 
 
 def compare(ctx: RunContext, models: dict[str, nn.Module], split: str, batch_size: int
@@ -145,17 +137,12 @@ def run(ctx: RunContext, cfg: ExportStage, stage_dir: Path) -> StageResult:
         folder = Path(resolve_model_path(source)) if name == "fp32" else stage_dir / name
         row = {"artifact": str(folder if name == "fp32" else folder.relative_to(ctx.run_dir)),
                "format": "pytorch fp32" if name == "fp32" else name,
-               "size_mb": round(artifact_mb(folder), 3),
+               "size_mb": round(dir_size_mb(folder), 3),
                "metric": {"name": metric, "value": scores[name][metric], "split": cfg.split},
                "max_logit_diff": scores[name]["max_logit_diff"],
                "agreement": scores[name]["agreement"]}
         if cfg.latency:
-            row["latency_ms"] = {}
-            for b in (1, 32):
-                inputs = ctx.task.latency_inputs(ctx.data, cfg.split, ctx.tokenizer, b,
-                                                 ctx.recipe.data.max_length)
-                row["latency_ms"][f"batch{b}"] = round(
-                    latency_ms(model_like, **inputs, runs=cfg.latency_runs), 3)
+            row["latency_ms"] = latency_record(ctx, model_like, cfg.split, cfg.latency_runs)
         rows[name] = row
         speed = (f", batch 32 {row['latency_ms']['batch32']:.1f} ms" if cfg.latency else "")
         ctx.console.print(f"  {name}: {metric} {row['metric']['value']:.4f}, max |Δlogit| "
