@@ -62,6 +62,11 @@ def test_onnx_formats_run_in_onnx_runtime_at_any_shape(fmt: str, classifier, tin
         graph = onnx.load(str(out / "model.onnx")).graph
         int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
         assert len(int8) >= 4 * 4  # Q, K, V, O (and the MLP) of each of the 4 layers
+        # One scale per output channel of each quantized matrix (not one per matrix).
+        scales = {t.name: t for t in graph.initializer if t.name.endswith("_scale")}
+        weights = [scales[t.name.removesuffix("_quantized") + "_scale"] for t in int8
+                   if t.name.endswith("_quantized")]
+        assert weights and all(s.dims and s.dims[0] > 1 for s in weights)
     assert not list(out.glob("fp32-*"))  # the float graph quantized from is gone
 
 
