@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_files import make_rows, parse, reason, write_rows
-from distill.data.batching import make_loader, pad_collator
+from distill.data.batching import LengthGroupedBatches, make_loader, pad_collator
 from distill.data.tables import (Split, TaskData, TokenizedSplit, builtin_datasets,
                                  load_task_data, tokenize_split)
 from distill.errors import DistillError
@@ -200,6 +200,68 @@ def test_loader_shuffle_is_seeded(split: Split, tokenizer) -> None:
     assert sorted(first[:len(ds)]) == list(range(len(ds)))
     assert first[:len(ds)] != first[len(ds):]  # each epoch reshuffles
     assert first != order(1)
+
+
+def _mixed_lengths(n: int = 3000, seed: int = 0) -> list[int]:
+    """Lengths like short texts': most short, a tail up to 64."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    return [int(x) for x in u**2 * 62 + 2]
+
+
+def test_length_grouped_batches_cover_each_epoch_once_in_random_order() -> None:
+    lengths = _mixed_lengths()
+    sampler = LengthGroupedBatches(lengths, 32, torch.Generator().manual_seed(0))
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == len(sampler) == -(-len(lengths) // 32)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert sum(len(b) < 32 for b in batches) <= 1  # only one short batch
+        # The batches come in random order, not from short to long: the mean length of a
+        # batch is unrelated to its step.
+        means = torch.tensor([sum(lengths[i] for i in b) / len(b) for b in batches])
+        steps = torch.arange(len(batches), dtype=torch.float)
+        assert abs(torch.corrcoef(torch.stack([means, steps]))[0, 1]) < 0.2
+        # ... nor sorted within its window: the next batch is as often shorter as longer.
+        assert 0.35 < (means[1:] > means[:-1]).float().mean() < 0.65
+    assert epochs[0] != epochs[1]  # a new order every pass
+    again = LengthGroupedBatches(lengths, 32, torch.Generator().manual_seed(0))
+    assert list(again) == epochs[0]  # seeded
+
+
+def test_length_grouped_batches_group_whole_steps_under_accumulation() -> None:
+    # One process accumulating 2 batches of 8 trains each step on the examples 2 processes
+    # split a batch of 16 into (accelerate's split batches).
+    lengths = _mixed_lengths(1000)
+    whole = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(3)))
+    halves = list(LengthGroupedBatches(lengths, 8, torch.Generator().manual_seed(3),
+                                       accumulate=2))
+    assert halves == [b[i:i + 8] for b in whole for i in range(0, len(b), 8)]
+
+
+def test_length_grouped_batches_pad_less_than_random_ones() -> None:
+    lengths = _mixed_lengths()
+
+    def padded(batches) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = list(LengthGroupedBatches(lengths, 32, torch.Generator().manual_seed(0)))
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    random = [order[i:i + 32] for i in range(0, len(order), 32)]
+    assert padded(grouped) < 0.7 * padded(random)
+    assert sum(lengths) / padded(grouped) > 0.9  # nearly every padded position is a token
+
+
+def test_loader_groups_by_length_only_when_shuffling(split: Split, tokenizer) -> None:
+    ds = tokenize_split(split, tokenizer, max_length=16)
+    collate = pad_collator(tokenizer)
+    grouped = make_loader(ds, collate, batch_size=4, shuffle=True, seed=0)
+    assert isinstance(grouped.batch_sampler, LengthGroupedBatches)
+    plain = make_loader(ds, collate, batch_size=4, shuffle=True, seed=0, group_by_length=False)
+    reference = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate,
+                                            generator=torch.Generator().manual_seed(0))
+    assert [b["idx"].tolist() for b in plain] == [b["idx"].tolist() for b in reference]
+    ordered = make_loader(ds, collate, batch_size=4, shuffle=False, seed=0)
+    assert torch.cat([b["idx"] for b in ordered]).tolist() == list(range(len(ds)))
 
 
 def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:

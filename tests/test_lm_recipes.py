@@ -112,8 +112,9 @@ def test_every_stage_on_a_causal_lm(family: str, corpus: Path, tmp_path: Path) -
     assert report["task"] == "causal-lm"
     teacher = report["teacher"]
     assert teacher["metric"]["name"] == "perplexity"
-    # Fine-tuning on the corpus took the random model far below a uniform guess.
-    assert teacher["metric"]["value"] < 0.5 * len(word_tokenizer())
+    # Fine-tuning on the corpus took the random model far below a uniform guess (31; the
+    # GPT-2 teacher ends at 15.4-16.0 over seeds and batch orders).
+    assert teacher["metric"]["value"] < 0.6 * len(word_tokenizer())
     final = report["final"]
     assert final["retention"] == pytest.approx(teacher["metric"]["value"]
                                                / final["metric"]["value"])

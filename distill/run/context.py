@@ -145,9 +145,10 @@ class RunContext:
         return self.task.add_samples(dataset, blocks, cfg.split_seed)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
-               seed: int = 0) -> DataLoader:
+               seed: int = 0, group_by_length: bool = True, accumulate: int = 1
+               ) -> DataLoader:
         return make_loader(self.tokenized(split), self.task.collate(self.tokenizer),
-                           batch_size, shuffle, seed)
+                           batch_size, shuffle, seed, group_by_length, accumulate)
 
     def stage_seed(self, stage_seed: int | None) -> int:
         """Seed everything for a stage: its own seed, else the recipe's."""

@@ -202,7 +202,9 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
         validation["evaluate"] = validate
     result = train_loop(
         Objective(model, loss, teacher if uses_teacher else None, cached, loss_cfg.top_k),
-        ctx.loader("train", args.batch_size, shuffle=True, seed=seed), args,
+        ctx.loader("train", args.batch_size, shuffle=True, seed=seed,
+                   group_by_length=args.group_by_length, accumulate=args.grad_accum_steps),
+        args,
         accelerator=ctx.accelerator, keep=model, bf16=bf16, log_path=log_path, desc=desc,
         console=ctx.console, **validation)
     summary = {"loss": vars(loss.w) | {"top_k": loss_cfg.top_k}, "steps": result.steps,

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from distill.data.batching import loader_batch_size
 from distill.train import parallel
 from distill.train.checkpoint import load_latest, save_checkpoint
 from distill.errors import DistillError
@@ -161,7 +162,7 @@ def _truncate_log(path: Path | None, steps: int, epoch: int) -> None:
 def _check_global_batch(loader: DataLoader, accelerator: Accelerator, desc: str,
                         console: Console | None) -> None:
     """With N processes each rank takes batch_size / N examples of every (global) batch."""
-    n, size = accelerator.num_processes, loader.batch_size
+    n, size = accelerator.num_processes, loader_batch_size(loader)
     if n == 1 or size is None:
         return
     if size % n:

@@ -28,6 +28,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distill.data.batching import loader_batch_size
 from distill.train import sharding
 from distill.errors import DistillError
 
@@ -160,7 +161,7 @@ class DeepSpeedZero(Strategy):
         import deepspeed
 
         n = self.accelerator.num_processes
-        micro = (loader.batch_size or 1) // n  # split_batches: each rank takes 1/n
+        micro = (loader_batch_size(loader) or 1) // n  # split_batches: each rank takes 1/n
         config = {k: v for k, v in self.plugin.deepspeed_config.items()
                   if v != "auto" and k not in ("fp16", "bf16")}
         config |= {"train_micro_batch_size_per_gpu": micro, "train_batch_size": micro * n,
