@@ -30,46 +30,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from provenance import RESULTS, write_result  # noqa: E402
+from smollm_stages import TEACHER, context, prepare  # noqa: E402
 
-TEACHER = "builtin:smollm2-135m"
 LAYERS = 20
-
-
-def prepare(work: Path) -> Path:
-    """The 20-layer student, cut evenly from the teacher and saved (once)."""
-    from distill.compress.depth import evenly_spaced, keep_layers
-    from distill.models.loading import load_tokenizer, save_model
-    from distill.tasks import get_task
-
-    out = work / "student"
-    task = get_task("causal-lm")
-    teacher, _ = task.load_model(TEACHER, None)
-    student = keep_layers(teacher, evenly_spaced(LAYERS, teacher.config.num_hidden_layers))
-    save_model(student, load_tokenizer(TEACHER), out)
-    return out
 
 
 def one_mode(mode: str, work: Path, blocks: int, batch: int) -> dict:
     """One heal epoch in this process (see the module docstring)."""
     import torch
 
-    from distill.config.recipe import DataConfig, HealConfig, LossConfig, ModelSpec, Recipe
-    from distill.models.loading import load_tokenizer
-    from distill.run.context import RunContext
+    from distill.config.recipe import HealConfig, LossConfig
     from distill.stages.training import frozen_teacher, kd_train
-    from distill.tasks import get_task
-    from distill.train.loop import make_accelerator
 
     torch.manual_seed(0)
-    task = get_task("causal-lm")
-    data_cfg = DataConfig(dataset="builtin:shakespeare", max_length=128,
-                          max_train_examples=blocks, max_eval_examples=8)
-    recipe = Recipe(name="bench", teacher=ModelSpec(model=TEACHER), data=data_cfg)
-    ctx = RunContext(recipe=recipe, run_dir=work / mode, data=task.load_data(data_cfg),
-                     tokenizer=load_tokenizer(TEACHER), accelerator=make_accelerator(),
-                     teacher_source=TEACHER, task=task)
-    ctx.console.quiet = True
-    student, _ = task.load_model(str(work / "student"), ctx.data)
+    ctx = context(work, mode, blocks)
+    student, _ = ctx.task.load_model(str(work / "student"), ctx.data)
     for p in student.parameters():
         p.requires_grad_(True)
     args = HealConfig(epochs=1, batch_size=batch, learning_rate=1e-4, bf16=False,
@@ -103,7 +78,7 @@ def main() -> int:
         print(json.dumps(one_mode(args.mode, Path(args.work), args.blocks, args.batch)))
         return 0
     work = Path(tempfile.mkdtemp(prefix="lm-cache-bench-"))
-    prepare(work)
+    prepare(work, LAYERS)
     rows = []
     for mode in ("live", "cold", "warm"):
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--work", str(work),

@@ -1,0 +1,130 @@
+"""What serving the student instead of the teacher buys: latency at batch 32 and accuracy.
+
+The teacher is MiniLM-L6 tuned on Rotten Tomatoes (the default recipe's tuning, cached:
+`minilm_stages.tuned_teacher`), served as it comes: float32 PyTorch. The student is the
+default recipe's (recipes/minilm-rotten-tomatoes.yaml): a `distill` stage keeping the
+teacher's layers 0, 2 and 4, 3 epochs of `0.5·CE + 0.5·T²·KL` at T = 2 (bf16 auto, the
+teacher's logits cached), then an `export` stage: the vocabulary trimmed to the tokens the
+task's data uses, written as an ONNX graph with int8 matrix weights (ONNX Runtime's dynamic
+quantization, a scale per output channel). `--student` takes another student stage (e.g. a
+`shrink` that also narrows the MLPs).
+
+Each model is then loaded as a server would load it (the teacher and the float32 student with
+`transformers`, the artifact in an ONNX Runtime session, each with its own tokenizer) and run
+over the whole test split in batches of 32 (padded to the longest in the batch, ≤ 64 tokens),
+on the same cores; passes alternate between the models for `--rounds` rounds and each model's
+fastest pass counts (keep the machine otherwise idle: a test run beside it slowed a pass by
+40 %). `served_speedup` = the teacher's pass / the served student's; `served_acc_delta` = the
+served student's test accuracy − the teacher's. The float32 PyTorch student is timed beside
+them, to show what the cut and what int8 + ONNX Runtime each give.
+
+    HF_HUB_OFFLINE=1 python bench/serving.py
+    # -> bench/results/serving.json (~9 min; ~11 min more the first time: the teacher's tuning)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill import load_recipe, run_recipe
+from distill.run.preflight import preflight
+from distill.serve.runtime import OnnxModel
+from minilm_stages import RECIPE, tuned_teacher
+from provenance import RESULTS, ROOT, write_result
+
+BATCH = 32
+# The default recipe's distill stage.
+STUDENT = ("{kind: distill, epochs: 3, batch_size: 32, learning_rate: 1.0e-4, "
+           "student: {layers: [0, 2, 4]}, loss: {alpha: 0.5, temperature: 2.0}}")
+
+
+def batches(tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
+    """The test split in batches of `BATCH`, as `tokenizer` encodes them for serving."""
+    return [dict(tokenizer(texts[i:i + BATCH], padding=True, truncation=True,
+                           max_length=max_length, return_tensors="pt"))
+            for i in range(0, len(texts), BATCH)]
+
+
+def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch.Tensor]:
+    """Seconds of the forward passes over every batch (tokenization excluded), and the
+    predicted labels [N]."""
+    predictions, seconds = [], 0.0
+    with torch.inference_mode():
+        for batch in inputs:
+            feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            start = time.perf_counter()
+            logits = model(**feed).logits
+            seconds += time.perf_counter() - start
+            predictions.append(logits.argmax(-1))
+    return seconds, torch.cat(predictions)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", default=STUDENT,
+                    help="the stage that makes the student (a YAML flow mapping)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-serving")
+    ap.add_argument("--json", type=Path, default=RESULTS / "serving.json")
+    args = ap.parse_args()
+    console = Console()
+    teacher_dir = tuned_teacher(console)
+    stages = (f"[{args.student}, "
+              "{kind: export, trim_vocabulary: true, formats: [onnx-int8], latency: false}]")
+    recipe = load_recipe(RECIPE, [f"teacher.model={teacher_dir}", f"stages={stages}"])
+    start = time.perf_counter()
+    report = run_recipe(recipe, output=args.out, force=True, console=console)
+    job_seconds = time.perf_counter() - start
+    student_dir = args.out / report["stages"][0]["artifact"]
+    served_dir = args.out / "stages" / "01-export" / "onnx-int8"
+    vocabulary = json.loads((args.out / "stages/01-export/metrics.json").read_text())["vocabulary"]
+
+    data = preflight(recipe).data.test
+    max_length = recipe.data.max_length
+    models = {
+        "teacher (PyTorch fp32)": (AutoModelForSequenceClassification.from_pretrained(teacher_dir),
+                                   AutoTokenizer.from_pretrained(teacher_dir)),
+        "student (PyTorch fp32)": (AutoModelForSequenceClassification.from_pretrained(student_dir),
+                                   AutoTokenizer.from_pretrained(student_dir)),
+        "served student (ONNX Runtime int8, trimmed vocabulary)": (
+            OnnxModel(served_dir / "model.onnx"), AutoTokenizer.from_pretrained(served_dir)),
+    }
+    labels = torch.tensor(data.labels)
+    inputs = {name: batches(tok, data.texts, max_length) for name, (_, tok) in models.items()}
+    rows: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for name, (model, _) in models.items():
+            seconds, predicted = one_pass(model.eval(), inputs[name])
+            row = rows.setdefault(name, {"pass_seconds": [],
+                                         "accuracy": float((predicted == labels).float().mean())})
+            row["pass_seconds"].append(round(seconds, 3))
+            console.print(f"round {r}: {name}: {seconds:.2f} s, accuracy {row['accuracy']:.4f}")
+    for name, row in rows.items():
+        row["ms_per_batch"] = round(1000 * min(row["pass_seconds"]) / len(inputs[name]), 2)
+    teacher, student, served = rows.values()
+    speedup = min(teacher["pass_seconds"]) / min(served["pass_seconds"])
+    result = {
+        "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
+                   "stage 0)",
+        "student": {"stage": args.student, "vocabulary": vocabulary},
+        "split": "test", "examples": len(labels), "batch": BATCH, "max_length": max_length,
+        "threads": torch.get_num_threads(), "job_seconds": round(job_seconds, 1),
+        "models": rows,
+        "cut_speedup": round(min(teacher["pass_seconds"]) / min(student["pass_seconds"]), 3),
+        "served_speedup": round(speedup, 3),
+        "served_acc_delta": round(served["accuracy"] - teacher["accuracy"], 4),
+    }
+    path = write_result(args.json, result)
+    console.print(f"served_speedup {result['served_speedup']}, served_acc_delta "
+                  f"{result['served_acc_delta']} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
