@@ -114,9 +114,11 @@ def main() -> None:
             print(f"== bench/{script}.py", flush=True)
             subprocess.run([sys.executable, str(BENCH / f"{script}.py")], cwd=BENCH, check=True)
             seconds[script] = round(time.perf_counter() - start, 1)
-    if args.summary_only and (RESULTS / "summary.json").is_file():
-        # Nothing ran: the scripts' times are those of the run that last measured them.
-        seconds = json.loads((RESULTS / "summary.json").read_text()).get("seconds", {})
+    if (args.summary_only or args.only) and (RESULTS / "summary.json").is_file():
+        # The scripts that did not run keep the times of the run that last measured them.
+        last = json.loads((RESULTS / "summary.json").read_text()).get("seconds", {})
+        seconds = {s: seconds.get(s, last.get(s)) for s in scripts()
+                   if s in seconds or s in last}
     summary = summarize() | {"seconds": seconds}
     write_result(RESULTS / "summary.json", summary)
     text = "\n".join(bench_summary(summary)) + "\n"

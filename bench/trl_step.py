@@ -19,8 +19,8 @@ recomputes the forward in the backward pass, work our loop does not do.
 
 `step_ratio` = our seconds per step / TRL's (the better round of each).
 
-    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 48] [--rounds 2]
-    # -> bench/results/trl_step.json (~6 min)
+    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 48] [--rounds 3]
+    # -> bench/results/trl_step.json (~7 min)
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def trl(work: Path, blocks: int, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=RESULTS / "trl_step.json")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child process's side
     parser.add_argument("--work", help=argparse.SUPPRESS)
