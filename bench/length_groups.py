@@ -1,7 +1,8 @@
 """Length-grouped batches against uniformly random ones: a distill epoch's time and accuracy.
 
-Two real one-epoch distill stages per seed, run by `distill.run_recipe` on the tuned
-MiniLM-L6 teacher (`minilm_stages.tuned_teacher`), 3-layer student (layers 0, 2, 4), Rotten
+Two real one-epoch distill stages per seed, each followed by an evaluate stage (test split),
+run by `distill.run_recipe` on the tuned MiniLM-L6 teacher (`minilm_stages.tuned_teacher`),
+3-layer student (layers 0, 2, 4), Rotten
 Tomatoes (batch 32, ≤ 64 tokens, 321 steps), α = 0.5, T = 2, fp32 (so that both sides time the
 same kernels), the teacher's logits from the run's cache; they differ only in
 `group_by_length` (true: the default, `distill.data.batching.LengthGroupedBatches`; false:
@@ -19,16 +20,16 @@ over the seeds and the paired differences (grouped − random, same seed).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
 from rich.console import Console
 
-from distill import load_recipe
+from distill import load_recipe, run_recipe
 from distill.run.preflight import preflight
 from distill.data.batching import make_loader
-from minilm_stages import ALPHA, BATCH, LAYERS, LR, RECIPE, TEMPERATURE, stage_seconds, \
-    tuned_teacher
+from minilm_stages import ALPHA, BATCH, LAYERS, LR, RECIPE, TEMPERATURE, tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 MODES = {"grouped": True, "random": False}
@@ -64,10 +65,14 @@ def main() -> None:
                      f"group_by_length: {str(grouped).lower()}, "
                      f"student: {{layers: {LAYERS}}}, "
                      f"loss: {{alpha: {ALPHA}, temperature: {TEMPERATURE}}}}}")
-            m = stage_seconds(stage, teacher, args.out / mode, console)
+            out = args.out / mode
+            recipe = load_recipe(RECIPE, [f"teacher.model={teacher}",
+                                          f"stages=[{stage}, {{kind: evaluate, latency: false}}]"])
+            report = run_recipe(recipe, output=out, force=True, console=console)
+            m = json.loads((out / "stages/00-distill/metrics.json").read_text())
             runs[mode].append({"seed": seed, "train_seconds": m["train_seconds"],
-                               "steps": m["steps"], "stage_seconds": m["stage_seconds"],
-                               "test_accuracy": m["model"]["metric"]["value"]})
+                               "steps": m["steps"], "stage_seconds": report["stages"][0]["seconds"],
+                               "test_accuracy": report["final"]["metric"]["value"]})
             console.print(f"seed {seed} {mode}: {m['train_seconds']:.1f} s, test accuracy "
                           f"{runs[mode][-1]['test_accuracy']:.4f}")
     acc = {mode: [r["test_accuracy"] for r in rows] for mode, rows in runs.items()}
