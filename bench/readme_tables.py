@@ -32,6 +32,7 @@ from tables.encoder import (  # noqa: E402
     main_results,
     progressive_steps,
     progressive_vs_oneshot,
+    serving,
 )
 from tables.format import source_line  # noqa: E402
 from tables.language_models import (  # noqa: E402
@@ -90,6 +91,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "smollm2_recipe": ("bench/results/smollm2_recipe.json", "bench/smollm2_recipe.py",
                        lm_recipe),
     "gemma3_recipe": ("bench/results/gemma3_recipe.json", "bench/smollm2_recipe.py", lm_recipe),
+    "serving": ("bench/results/serving.json", "bench/serving.py", serving),
     "bench_summary": ("bench/results/summary.json", "bench/suite.py", bench_summary),
 }
 

@@ -152,3 +152,25 @@ def progressive_vs_oneshot(data: dict[str, Any]) -> list[str]:
                          for r in data["oneshot"])
     return lines + ["", f"Progressive minus one shot, in points: test accuracy {gaps('accuracy')}; "
                         f"validation accuracy {gaps('validation')} (rows in order)."]
+
+
+def serving(data: dict[str, Any]) -> list[str]:
+    """bench/serving.py: the tuned teacher served in float32 PyTorch against the default
+    recipe's student, float32 and exported (trimmed vocabulary, ONNX Runtime int8)."""
+    models = data["models"]
+    teacher = next(iter(models.values()))
+    lines = [row("model, as served", "test accuracy", "vs teacher", "ms / batch of 32",
+                 "speed-up"),
+             row("---", *["---:"] * 4)]
+    for name, m in models.items():
+        lines.append(row(
+            name, f"{m['accuracy']:.4f}", f"{m['accuracy'] - teacher['accuracy']:+.4f}",
+            f"{m['ms_per_batch']:.1f}",
+            f"{min(teacher['pass_seconds']) / min(m['pass_seconds']):.2f}×"))
+    vocab = data["student"]["vocabulary"]
+    lines += ["", f"Vocabulary kept: {vocab['kept_tokens']:,} of {vocab['of']:,} tokens "
+                  f"({vocab['params_before'] / 1e6:.1f} M → {vocab['params_after'] / 1e6:.1f} M "
+                  f"parameters); {data['examples']:,} test examples, batch {data['batch']}, "
+                  f"≤ {data['max_length']} tokens, {data['threads']} threads, fastest of "
+                  f"{len(teacher['pass_seconds'])} alternating passes; {cpu(data['provenance'])}."]
+    return lines
