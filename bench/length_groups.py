@@ -14,7 +14,7 @@ loop's seconds / the grouped loop's (sums over seeds); the accuracy of each mode
 over the seeds and the paired differences (grouped − random, same seed).
 
     HF_HUB_OFFLINE=1 python bench/length_groups.py [--seeds 0 1 2]
-    # -> bench/results/length_groups.json (~15 min)
+    # -> bench/results/length_groups.json (~20 min)
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ Each model is then loaded as a server would load it (the teacher and the float32
 `transformers`, the artifact in an ONNX Runtime session, each with its own tokenizer) and run
 over the whole test split in batches of 32 (padded to the longest in the batch, ≤ 64 tokens),
 on the same cores; passes alternate between the models for `--rounds` rounds and each model's
-fastest pass counts (keep the machine otherwise idle: a test run beside it slowed a pass by
-40 %). `served_speedup` = the teacher's pass / the served student's; `served_acc_delta` = the
+fastest pass counts (keep the machine otherwise idle: with a test run beside it, a served
+student's pass went from 1.4 s to 2.2 s). `served_speedup` = the teacher's pass / the served student's; `served_acc_delta` = the
 served student's test accuracy − the teacher's. The float32 PyTorch student is timed beside
 them, to show what the cut and what int8 + ONNX Runtime each give.
 
     HF_HUB_OFFLINE=1 python bench/serving.py
-    # -> bench/results/serving.json (~9 min; ~11 min more the first time: the teacher's tuning)
+    # -> bench/results/serving.json (~6 min; ~10 min more the first time: the teacher's tuning)
 """
 
 from __future__ import annotations

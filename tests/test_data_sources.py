@@ -215,12 +215,15 @@ def test_length_grouped_batches_cover_each_epoch_once_in_random_order() -> None:
     for batches in epochs:
         assert len(batches) == len(sampler) == -(-len(lengths) // 32)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        assert sum(len(b) < 32 for b in batches) <= 1  # only one short batch
+        # Only the last batch may be short: accelerate would drop a short one met earlier.
+        assert all(len(b) == 32 for b in batches[:-1]) and len(batches[-1]) < 32
         # The batches come in random order, not from short to long: the mean length of a
         # batch is unrelated to its step.
         means = torch.tensor([sum(lengths[i] for i in b) / len(b) for b in batches])
         steps = torch.arange(len(batches), dtype=torch.float)
-        assert abs(torch.corrcoef(torch.stack([means, steps]))[0, 1]) < 0.2
+        # (Over 200 shuffle seeds |r| has an RMS of 0.10 and a maximum of 0.31; a pass from
+        # short to long gives r near 1.)
+        assert abs(torch.corrcoef(torch.stack([means, steps]))[0, 1]) < 0.4
         # ... nor sorted within its window: the next batch is as often shorter as longer.
         assert 0.35 < (means[1:] > means[:-1]).float().mean() < 0.65
     assert epochs[0] != epochs[1]  # a new order every pass

@@ -98,14 +98,20 @@ class LengthGroupedBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         step = self.batch_size * self.accumulate
+        # The examples that do not fill a step (random ones) come last, as a plain shuffle's
+        # short batch does: accelerate tops up a short *last* batch across processes and
+        # would drop one met earlier.
+        whole = len(order) - len(order) % step
+        order, rest = order[:whole], order[whole:]
         steps = []
         for start in range(0, len(order), step * self.window):
             window = sorted(order[start:start + step * self.window],
                             key=self.lengths.__getitem__)
             steps += [window[i:i + step] for i in range(0, len(window), step)]
-        for k in torch.randperm(len(steps), generator=self.generator).tolist():
-            for i in range(0, len(steps[k]), self.batch_size):
-                yield steps[k][i:i + self.batch_size]
+        steps = [steps[k] for k in torch.randperm(len(steps), generator=self.generator).tolist()]
+        for examples in steps + ([rest] if rest else []):
+            for i in range(0, len(examples), self.batch_size):
+                yield examples[i:i + self.batch_size]
 
 
 def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: int,

@@ -128,5 +128,4 @@ def _quantize_int8(path: Path) -> None:
         # same speed (Rotten Tomatoes, 1,280 examples).
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8,
                          per_channel=True)
-    for leftover in path.parent.glob("fp32-*"):  # the float graph and its weights
-        leftover.unlink()
+    source.unlink()  # the float graph (external weights were refused above)
