@@ -10,7 +10,7 @@ checkpoints at their default interval, no validation) and timed by its own `trai
 
 Rounds alternate ours / bare (ABAB…), so drift of the machine's speed hits both; the ratio is
 the sum of our times over the sum of the floor's. Also measured here, in the same process:
-- the bare loop under bf16 autocast (the floor for `bf16_floor_speedup`, bench/textbrewer.py);
+- the bare loop under bf16 autocast (the floor for `bf16_floor_speedup`, bench/textbrewer_job.py);
 - model-FLOPs utilisation: the matmul FLOPs each step does (teacher forward, student forward
   and backward, attention included, counted from the real padded batches) per second, over
   this machine's fp32 matmul peak measured here (a 2048² product on every thread);
