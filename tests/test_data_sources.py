@@ -172,7 +172,8 @@ def test_tokenize_split(split: Split, tokenizer) -> None:
 
 def test_loader_pads_per_batch(split: Split, tokenizer) -> None:
     ds = tokenize_split(split, tokenizer, max_length=64)
-    batches = list(make_loader(ds, pad_collator(tokenizer), batch_size=4, shuffle=False, seed=0))
+    batches = list(make_loader(ds, pad_collator(tokenizer), batch_size=4, shuffle=False, seed=0,
+                               group_by_length=False))
     assert [len(b["labels"]) for b in batches] == [4, 4, 4, 3]
     for b in batches:
         assert all(t.dtype == torch.long for t in b.values())
@@ -254,7 +255,9 @@ def test_length_grouped_batches_pad_less_than_random_ones() -> None:
     assert sum(lengths) / padded(grouped) > 0.9  # nearly every padded position is a token
 
 
-def test_loader_groups_by_length_only_when_shuffling(split: Split, tokenizer) -> None:
+def test_loader_batch_orders(split: Split, tokenizer) -> None:
+    """Shuffled: length-grouped by default, or exactly a plain shuffle; unshuffled: longest
+    first by default (every example once), or the stored order."""
     ds = tokenize_split(split, tokenizer, max_length=16)
     collate = pad_collator(tokenizer)
     grouped = make_loader(ds, collate, batch_size=4, shuffle=True, seed=0)
@@ -263,8 +266,15 @@ def test_loader_groups_by_length_only_when_shuffling(split: Split, tokenizer) ->
     reference = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate,
                                             generator=torch.Generator().manual_seed(0))
     assert [b["idx"].tolist() for b in plain] == [b["idx"].tolist() for b in reference]
-    ordered = make_loader(ds, collate, batch_size=4, shuffle=False, seed=0)
+    ordered = make_loader(ds, collate, batch_size=4, shuffle=False, seed=0,
+                          group_by_length=False)
     assert torch.cat([b["idx"] for b in ordered]).tolist() == list(range(len(ds)))
+    longest_first = make_loader(ds, collate, batch_size=4, shuffle=False, seed=0)
+    order = torch.cat([b["idx"] for b in longest_first]).tolist()
+    assert sorted(order) == list(range(len(ds)))
+    lengths = [len(ds[i]["input_ids"]) for i in order]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
+    assert [b["input_ids"].shape[1] for b in longest_first] == lengths[::4]  # no extra padding
 
 
 def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
@@ -272,7 +282,7 @@ def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
     tokenizer.padding_side = "left"
     try:
         batch = next(iter(make_loader(ds, pad_collator(tokenizer), batch_size=5, shuffle=False,
-                                      seed=0)))
+                                      seed=0, group_by_length=False)))
     finally:
         tokenizer.padding_side = "right"
     assert batch["attention_mask"][:, -1].eq(1).all()

@@ -174,3 +174,31 @@ def serving(data: dict[str, Any]) -> list[str]:
                   f"≤ {data['max_length']} tokens, {data['threads']} threads, fastest of "
                   f"{len(teacher['pass_seconds'])} alternating passes; {cpu(data['provenance'])}."]
     return lines
+
+
+def textbrewer_job(data: dict[str, Any]) -> list[str]:
+    """bench/textbrewer_job.py: the default distill job against TextBrewer's GeneralDistiller
+    and a bare bf16-autocast loop: seconds and test accuracy per seed."""
+    runs, setup = data["runs"], data["setup"]
+    ours = sum(r["seconds"] for r in runs["ours"])
+    labels = {"ours": "`distill` defaults (bf16 auto, teacher cache, length-grouped batches)",
+              "textbrewer": f"TextBrewer {setup['textbrewer']} `GeneralDistiller` (fp32)",
+              "bare_bf16": "bare PyTorch loop, bf16 autocast"}
+    lines = [row("job (3 epochs)", "seconds per seed", "vs ours", "test accuracy per seed",
+                 "mean"),
+             row("---", "---:", "---:", "---:", "---:")]
+    for name, label in labels.items():
+        rows = runs[name]
+        accuracy = [r["accuracy"] for r in rows if "accuracy" in r]
+        lines.append(row(
+            label, ", ".join(f"{r['seconds']:.0f}" for r in rows),
+            f"{sum(r['seconds'] for r in rows) / ours:.2f}×",
+            ", ".join(f"{a:.4f}" for a in accuracy) or "—",
+            f"{sum(accuracy) / len(accuracy):.4f}" if accuracy else "—"))
+    sd = data["acc_delta_sd"]
+    return lines + ["", f"Seeds {', '.join(map(str, setup['seeds']))}: ours − TextBrewer "
+                        f"{data['acc_delta']:+.4f} test accuracy on average"
+                        + (f" (paired, sd {sd:.4f})" if sd is not None else "")
+                        + f"; {setup['train_examples']:,} training examples "
+                        f"({setup['steps_per_epoch']} steps of {setup['batch']} an epoch), "
+                        f"{setup['test_examples']:,} test examples; {cpu(data['provenance'])}."]

@@ -55,7 +55,7 @@ def calibration(model: PreTrainedModel, tokenizer, data: str | None, examples: i
             raise DistillError(f"--data: {exc}") from None
     loader = make_loader(kind.tokenize(task_data, "train", tokenizer, cfg),
                          kind.collate(tokenizer), kind.calibration_batch_size, shuffle=False,
-                         seed=0)
+                         seed=0, group_by_length=False)
     batches = first_batches(loader, examples)
     if task is None:  # nothing to compute a task loss with: the `hidden` score needs none
         batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]

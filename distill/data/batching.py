@@ -4,7 +4,9 @@
 
 A shuffled loader groups examples of similar length (`LengthGroupedBatches`): a batch is
 padded to its longest example, and in random batches of Rotten Tomatoes snippets (27 tokens on
-average, up to 64) only 52 % of the padded positions are real tokens; grouped, 98 %.
+average, up to 64) only 52 % of the padded positions are real tokens; grouped, 98 %. An
+unshuffled loader (the inference passes: teacher cache, validation, test) goes longest first
+(`by_length`) unless asked for the stored order (a calibration sample's first examples).
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: 
         shuffle: reshuffle every pass. The order comes from a generator seeded with `seed`, so
             two loaders built with the same seed yield the same sequence of epochs.
         seed: the shuffle seed.
-        group_by_length: when shuffling, batch examples of similar length together
-            (`LengthGroupedBatches`); False: uniformly random batches.
+        group_by_length: batch examples of similar length together: when shuffling, in
+            shuffled groups (`LengthGroupedBatches`); otherwise longest first (`by_length`:
+            for inference passes, whose results do not depend on the order). False:
+            uniformly random batches, or the split's stored order.
         accumulate: batches per optimizer step (gradient accumulation): the examples of a
             step are grouped together.
     """
@@ -138,8 +142,20 @@ def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: 
         batches = LengthGroupedBatches(lengths, batch_size, generator, accumulate)
         return DataLoader(ds, batch_sampler=batches, generator=generator, collate_fn=collate,
                           num_workers=0)
+    if group_by_length:
+        lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]  # type: ignore[arg-type]
+        return DataLoader(ds, batch_sampler=by_length(lengths, batch_size), collate_fn=collate,
+                          num_workers=0)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate, num_workers=0)
+
+
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of `batch_size` example indices, longest examples first (a stable sort: equal
+    lengths keep their stored order). An inference pass over them pads little, and its
+    largest batch, the one that sets the memory peak, comes first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def loader_batch_size(loader: DataLoader) -> int | None:

@@ -47,7 +47,8 @@ def first_batches(loader: Iterable[dict[str, torch.Tensor]], examples: int
 def calibration_batches(ctx: RunContext, examples: int) -> list[dict[str, torch.Tensor]]:
     """The first `examples` training examples (a fixed set: the split is already shuffled),
     in batches of the task's calibration size (32 texts, or 8 blocks of a language model)."""
-    return first_batches(ctx.loader("train", ctx.task.calibration_batch_size), examples)
+    return first_batches(ctx.loader("train", ctx.task.calibration_batch_size,
+                                    group_by_length=False), examples)
 
 
 def cut(model: PreTrainedModel, step: ShrinkStep, batches: list[dict[str, torch.Tensor]],
