@@ -33,6 +33,7 @@ from tables.encoder import (  # noqa: E402
     progressive_steps,
     progressive_vs_oneshot,
     serving,
+    textbrewer_job,
 )
 from tables.format import source_line  # noqa: E402
 from tables.language_models import (  # noqa: E402
@@ -92,6 +93,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
                        lm_recipe),
     "gemma3_recipe": ("bench/results/gemma3_recipe.json", "bench/smollm2_recipe.py", lm_recipe),
     "serving": ("bench/results/serving.json", "bench/serving.py", serving),
+    "textbrewer_job": ("bench/results/textbrewer_job.json", "bench/textbrewer_job.py",
+                       textbrewer_job),
     "bench_summary": ("bench/results/summary.json", "bench/suite.py", bench_summary),
 }
 
