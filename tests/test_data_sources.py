@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_recipe
 from data_files import make_rows, parse, reason, write_rows
+from distill import recipe_from_dict
 from distill.data.batching import LengthGroupedBatches, make_loader, pad_collator
 from distill.data.tables import (Split, TaskData, TokenizedSplit, builtin_datasets,
                                  load_task_data, tokenize_split)
 from distill.errors import DistillError
 from distill.config.recipe import DataConfig
+from distill.models.loading import load_tokenizer
+from distill.run.context import RunContext
+from distill.stages.shrink import calibration_batches
+from distill.tasks import get_task
+from distill.train.loop import make_accelerator
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -293,3 +300,25 @@ def test_loader_left_padding_and_missing_pad(split: Split, tokenizer) -> None:
 
     with pytest.raises(DistillError, match="pad"):
         pad_collator(NoPad())
+
+
+def test_calibration_keeps_the_stored_order_and_inference_goes_longest_first(
+        tiny_bert: Path, tmp_path: Path) -> None:
+    """A shrink calibrates on the split's first examples (longest first would pick the longest
+    ones); the passes that only run a model see every example once, longest first."""
+    rows = ["text,label"] + [f"{' '.join(['good'] * (1 + 7 * i % 13))},{('neg', 'pos')[i % 2]}"
+                             for i in range(60)]
+    data = tmp_path / "varied.csv"
+    data.write_text("\n".join(rows) + "\n")
+    recipe = recipe_from_dict(tiny_recipe(tiny_bert, data))
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path, data=load_task_data(recipe.data),
+                     tokenizer=load_tokenizer(str(tiny_bert)), accelerator=make_accelerator(),
+                     teacher_source=str(tiny_bert), task=get_task("sequence-classification"))
+    train = ctx.tokenized("train")
+    calibration = [ids[mask.bool()].tolist() for b in calibration_batches(ctx, 10)
+                   for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert calibration == [train[i]["input_ids"] for i in range(len(calibration))]
+    order = [i for b in ctx.loader("train", 8) for i in b["idx"].tolist()]
+    lengths = [len(train[i]["input_ids"]) for i in order]
+    assert sorted(order) == list(range(len(train)))
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 5

@@ -99,5 +99,11 @@ def bench_summary(data: dict[str, Any]) -> list[str]:
         source = f" (`{f['source'].removeprefix('bench/results/')}`)"
         lines.append(row(f"`{name}`", value, f["target"] or "—", met, f["meaning"] + source))
     machines = sorted({f["machine"] for f in data["figures"].values() if "machine" in f})
-    return lines + ["", f"Measured on {'; '.join(machines)}; each figure is a ratio of two "
-                        "runs side by side in one process."]
+    lines += ["", f"Measured on {'; '.join(machines)}; each figure is a ratio of two "
+                  "runs side by side in one process."]
+    seconds = data.get("seconds") or {}
+    if seconds:  # each script's time in the suite run that last ran it
+        times = ", ".join(f"`{script}.py` {minutes(t)}" for script, t in seconds.items())
+        lines += ["", f"Run times (`suite.py`, the run that last measured each script): "
+                      f"{times}; {minutes(sum(seconds.values()))} in all."]
+    return lines
