@@ -27,9 +27,9 @@ from pathlib import Path
 from rich.console import Console
 
 from distill import load_recipe, run_recipe
-from distill.run.preflight import preflight
 from distill.data.batching import make_loader
-from minilm_stages import ALPHA, BATCH, LAYERS, LR, RECIPE, TEMPERATURE, tuned_teacher
+from minilm_stages import (ALPHA, BATCH, LAYERS, LR, RECIPE, TEMPERATURE, train_split,
+                           tuned_teacher)
 from provenance import RESULTS, ROOT, write_result
 
 MODES = {"grouped": True, "random": False}
@@ -37,9 +37,7 @@ MODES = {"grouped": True, "random": False}
 
 def real_token_share(group_by_length: bool, seed: int) -> float:
     """Real tokens / padded positions over one epoch of the training loader."""
-    recipe = load_recipe(RECIPE, ["stages=[{kind: finetune}]"])
-    checked = preflight(recipe)
-    train = checked.task.tokenize(checked.data, "train", checked.tokenizer, recipe.data)
+    _, checked, train = train_split()
     loader = make_loader(train, checked.task.collate(checked.tokenizer), BATCH, shuffle=True,
                          seed=seed, group_by_length=group_by_length)
     real = padded = 0

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from torch.utils.data import DataLoader
 
 from distill import load_recipe, run_recipe
+from distill.config.recipe import Recipe
 from distill.data.batching import make_loader
 from distill.files import cache_root
-from distill.run.preflight import preflight
+from distill.run.preflight import Checked, preflight
 from provenance import ROOT
 
 RECIPE = ROOT / "recipes/minilm-rotten-tomatoes.yaml"
@@ -47,14 +49,27 @@ class Setup:
         return make_loader(self.train, self.collate, BATCH, shuffle=True, seed=seed)
 
 
+def default_distill(**settings: object) -> str:
+    """The default recipe's distill stage (recipes/minilm-rotten-tomatoes.yaml, stage 1) as a
+    YAML flow mapping for a `stages=[...]` override, with `settings` added or replaced."""
+    stage = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))["stages"][1] | settings
+    return yaml.safe_dump(stage, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def train_split(overrides: list[str] = ()) -> tuple[Recipe, Checked, object]:
+    """The recipe (with `overrides`), its pre-flight result and the tokenized training split,
+    as a run reads them. The stages are replaced by one finetune stage first: it passes
+    pre-flight with a base model (it trains the head)."""
+    recipe = load_recipe(RECIPE, ["stages=[{kind: finetune}]", *overrides])
+    checked = preflight(recipe)
+    return recipe, checked, checked.task.tokenize(checked.data, "train", checked.tokenizer,
+                                                  recipe.data)
+
+
 def prepare(out: Path, overrides: list[str] = ()) -> Setup:
     """Load the data and teacher as the recipe's run does; save the teacher under `out`."""
-    # A finetune stage passes pre-flight with a base model (it trains the head).
-    recipe = load_recipe(RECIPE, [f"teacher.model={TEACHER}", "stages=[{kind: finetune}]",
-                                  *overrides])
-    checked = preflight(recipe)
+    recipe, checked, train = train_split([f"teacher.model={TEACHER}", *overrides])
     task, tokenizer = checked.task, checked.tokenizer
-    train = task.tokenize(checked.data, "train", tokenizer, recipe.data)
     torch.manual_seed(0)
     teacher, _ = task.load_model(TEACHER, checked.data)
     teacher.eval().requires_grad_(False)

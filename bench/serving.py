@@ -14,9 +14,10 @@ Each model is then loaded as a server would load it (the teacher and the float32
 over the whole test split in batches of 32 (padded to the longest in the batch, ≤ 64 tokens),
 on the same cores; passes alternate between the models for `--rounds` rounds and each model's
 fastest pass counts (keep the machine otherwise idle: with a test run beside it, a served
-student's pass went from 1.4 s to 2.2 s). `served_speedup` = the teacher's pass / the served student's; `served_acc_delta` = the
-served student's test accuracy − the teacher's. The float32 PyTorch student is timed beside
-them, to show what the cut and what int8 + ONNX Runtime each give.
+student's pass went from 1.4 s to 2.2 s). `served_speedup` = the teacher's pass / the served
+student's; `served_acc_delta` = the served student's test accuracy − the teacher's. The
+float32 PyTorch student is timed beside them, to show what the cut and what int8 + ONNX
+Runtime each give.
 
     HF_HUB_OFFLINE=1 python bench/serving.py
     # -> bench/results/serving.json (~6 min; ~10 min more the first time: the teacher's tuning)
@@ -36,13 +37,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from distill import load_recipe, run_recipe
 from distill.run.preflight import preflight
 from distill.serve.runtime import OnnxModel
-from minilm_stages import RECIPE, tuned_teacher
+from minilm_stages import RECIPE, default_distill, tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 BATCH = 32
-# The default recipe's distill stage.
-STUDENT = ("{kind: distill, epochs: 3, batch_size: 32, learning_rate: 1.0e-4, "
-           "student: {layers: [0, 2, 4]}, loss: {alpha: 0.5, temperature: 2.0}}")
 
 
 def batches(tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -68,7 +66,7 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", default=STUDENT,
+    ap.add_argument("--student", default=default_distill(),
                     help="the stage that makes the student (a YAML flow mapping)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-serving")

@@ -50,17 +50,15 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
 
 from distill import load_recipe, run_recipe
 from distill.compress.depth import keep_layers
-from distill.run.preflight import preflight
 from floor import bare
-from minilm_stages import RECIPE, tuned_teacher
+from minilm_stages import (ALPHA, BATCH, LAYERS, LR, RECIPE, TEMPERATURE, default_distill,
+                           train_split, tuned_teacher)
 from provenance import RESULTS, ROOT, write_result
 from serving import batches, one_pass
 
-BATCH, LR, WEIGHT_DECAY, WARMUP, CLIP = 32, 1e-4, 0.01, 0.1, 1.0
-ALPHA, TEMPERATURE, EPOCHS, LAYERS = 0.5, 2.0, 3, [0, 2, 4]
-# The default recipe's distill stage, every other setting left at its default.
-OURS = ("{kind: distill, epochs: 3, learning_rate: 1.0e-4, student: {layers: [0, 2, 4]}, "
-        "loss: {alpha: 0.5, temperature: 2.0}, seed: %d}")
+# The default recipe's distill stage (ALPHA, TEMPERATURE, LR, BATCH, LAYERS: its settings);
+# what TextBrewer gets of the toolkit's defaults: weight decay, warm-up, clipping.
+EPOCHS, WEIGHT_DECAY, WARMUP, CLIP = 3, 0.01, 0.1, 1.0
 
 
 class Data:
@@ -68,12 +66,8 @@ class Data:
     them."""
 
     def __init__(self, teacher: Path, examples: int) -> None:
-        self.recipe = load_recipe(RECIPE, [f"teacher.model={teacher}",
-                                           f"data.max_train_examples={examples}",
-                                           "stages=[{kind: finetune}]"])
-        checked = preflight(self.recipe)
-        self.train = checked.task.tokenize(checked.data, "train", checked.tokenizer,
-                                           self.recipe.data)
+        self.recipe, checked, self.train = train_split([f"teacher.model={teacher}",
+                                                        f"data.max_train_examples={examples}"])
         self.collate = checked.task.collate(checked.tokenizer)
         self.test = checked.data.test
 
@@ -99,7 +93,7 @@ def ours(data: Data, teacher: Path, seed: int, out: Path, console: Console) -> d
     """Our default distill job; its seconds and the kept student's test accuracy."""
     recipe = load_recipe(RECIPE, [f"teacher.model={teacher}",
                                   f"data.max_train_examples={len(data.train)}",
-                                  f"stages=[{OURS % seed}]"])
+                                  f"stages=[{default_distill(seed=seed)}]"])
     start = time.perf_counter()
     report = run_recipe(recipe, output=out, force=True, console=console)
     seconds = time.perf_counter() - start
@@ -188,7 +182,7 @@ def main() -> None:
                   "epochs": EPOCHS, "batch": BATCH, "train_examples": len(data.train),
                   "steps_per_epoch": len(data.loader(0)), "test_examples": len(data.test.labels),
                   "seeds": args.seeds, "textbrewer": textbrewer.__version__,
-                  "ours_stage": OURS.replace("%d", "<seed>")},
+                  "ours_stage": default_distill(seed="<seed>")},
         "runs": runs,
         "speedup": round(seconds["textbrewer"] / seconds["ours"], 3),
         "bf16_floor_speedup": round(seconds["bare_bf16"] / sum(

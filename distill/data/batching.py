@@ -137,17 +137,14 @@ def make_loader(ds: Dataset, collate: Callable[[list[dict]], dict], batch_size: 
     """
     generator = torch.Generator().manual_seed(seed)
     # Worker processes would buy nothing here (items are pre-tokenized lists) and cost start-up.
-    if shuffle and group_by_length:
-        lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]  # type: ignore[arg-type]
-        batches = LengthGroupedBatches(lengths, batch_size, generator, accumulate)
-        return DataLoader(ds, batch_sampler=batches, generator=generator, collate_fn=collate,
-                          num_workers=0)
-    if group_by_length:
-        lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]  # type: ignore[arg-type]
-        return DataLoader(ds, batch_sampler=by_length(lengths, batch_size), collate_fn=collate,
-                          num_workers=0)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=collate, num_workers=0)
+    if not group_by_length:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=collate, num_workers=0)
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]  # type: ignore[arg-type]
+    batches = (LengthGroupedBatches(lengths, batch_size, generator, accumulate) if shuffle
+               else by_length(lengths, batch_size))
+    return DataLoader(ds, batch_sampler=batches, generator=generator, collate_fn=collate,
+                      num_workers=0)
 
 
 def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
