@@ -128,7 +128,7 @@ def optimizer_seconds(student: torch.nn.Module, repeats: int = 20) -> dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per round")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (ours, bare)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-floor")

@@ -19,7 +19,7 @@ recomputes the forward in the backward pass, work our loop does not do.
 
 `step_ratio` = our seconds per step / TRL's (the better round of each).
 
-    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 48] [--rounds 3]
+    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 3]
     # -> bench/results/trl_step.json (~5 min)
 """
 
@@ -126,7 +126,7 @@ def trl(work: Path, blocks: int, name: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=48)
+    parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=RESULTS / "trl_step.json")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child process's side
