@@ -59,8 +59,8 @@ FIGURES = [
     Figure("bf16_floor_speedup", "textbrewer_job", lambda d: d["bf16_floor_speedup"], ">=", 1.25,
            "a bare bf16-autocast loop's epoch / our default job's"),
     Figure("lm_cache_speedup", "lm_teacher_cache", lambda d: d["speedup_train_loop"], ">=", 2.0,
-           "SmolLM2 heal loop without / with the top-k cache (20-layer student, full weights, "
-           "fp32); bounded near 1.45 by FLOPs (a teacher forward / a student step)"),
+           "the SmolLM2 recipe's heal loop without / with the top-k cache (20-layer student, "
+           "LoRA, bf16 auto); bounded by FLOPs (flop_bound in its JSON)"),
     Figure("trl_step_ratio", "trl_step", lambda d: d["step_ratio"], "<=", 1.0,
            "our LM distillation step / TRL's, same teacher, student, batch and loss"),
     Figure("served_speedup", "serving", lambda d: d["served_speedup"], ">=", 4.0,
