@@ -95,8 +95,8 @@ def bench(name: str, steps: int | None, rounds: int, console: Console) -> dict:
         r=spec["r"], lora_alpha=2 * spec["r"], target_modules=spec["targets"],
         lora_dropout=0.0, task_type=task))
     if task == "SEQ_CLS":  # PEFT trains the new head too (modules_to_save): so do ours
-        for name, p in ours.named_parameters():
-            p.requires_grad_("lora_" in name or ".classifier." in f".{name}")
+        for param, p in ours.named_parameters():
+            p.requires_grad_("lora_" in param or ".classifier." in f".{param}")
     trainable = {"ours": sum(p.numel() for p in ours.parameters() if p.requires_grad),
                  "peft": sum(p.numel() for p in theirs.parameters() if p.requires_grad)}
     assert trainable["ours"] == trainable["peft"], trainable  # the same work

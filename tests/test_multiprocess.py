@@ -337,6 +337,9 @@ def test_sharded_launch_refusals(monkeypatch, tmp_path: Path) -> None:
     assert len(problems) == 1 and problems[0].startswith("stages.3.method: adalora")
     spec["stages"][3] |= {"method": "lora", "config": {"r": 4}}
     assert sharding_problems(recipe_from_dict(spec)) == []
+    spec["stages"][3]["compile"] = True  # a compiled forward needs the whole model
+    problems = sharding_problems(recipe_from_dict(spec))
+    assert len(problems) == 1 and problems[0].startswith("stages.3.compile: true")
 
 
 @pytest.mark.slow  # two more runs, one of them in 2 processes (~1 min)

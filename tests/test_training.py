@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_recipe
 from distill import DistillError, recipe_from_dict, run_recipe
+from distill.train.compiling import CompiledForward
 
 
 def run_tiny(tmp_path: Path, recipe: dict, name: str = "run") -> dict:
@@ -77,3 +78,38 @@ def test_hub_id_fails_clearly_offline(tiny_csv: Path, tmp_path: Path,
     with pytest.raises(DistillError, match="could not load model 'distill-test/no-such-model'"):
         run_tiny(tmp_path, recipe)
     assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+def test_compiled_forward_is_installed_for_training_and_taken_out_for_validation() -> None:
+    layer = torch.nn.Linear(2, 2)
+    compiled = CompiledForward(layer, enabled=True)  # compiles lazily: nothing runs here
+    assert "forward" not in vars(layer)
+    with compiled.active():
+        assert layer.forward is compiled.compiled
+        with compiled.paused():  # validation: the class's own forward
+            assert "forward" not in vars(layer)
+        assert layer.forward is compiled.compiled
+    assert "forward" not in vars(layer)  # the model the stage saves and hands on is eager
+    with CompiledForward(layer, enabled=False).active():
+        assert "forward" not in vars(layer)
+
+
+def test_compile_trains_what_eager_trains(tiny_bert: Path, tiny_csv: Path,
+                                          tmp_path: Path) -> None:
+    """`compile: true`: the training steps run a graph dynamo compiled, and the losses are
+    eager training's up to the compiled kernels' rounding."""
+    from torch._dynamo.utils import counters
+
+    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    losses = {}
+    for compile in (False, True):
+        counters.clear()
+        stage = recipe["stages"][0] | {"epochs": 1, "log_every": 1, "compile": compile}
+        run_tiny(tmp_path, recipe | {"stages": [stage]}, f"compile-{compile}")
+        folder = tmp_path / f"compile-{compile}/stages/00-finetune"
+        assert json.loads((folder / "metrics.json").read_text())["compile"] is compile
+        assert (counters["stats"]["unique_graphs"] > 0) is compile
+        losses[compile] = [json.loads(x)["loss"] for x in
+                           (folder / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert len(losses[True]) == 12
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -97,22 +97,27 @@ def topk_cache_precision(data: dict[str, Any]) -> list[str]:
 
 
 def lm_teacher_cache(data: dict[str, Any]) -> list[str]:
-    """bench/lm_teacher_cache.py: a SmolLM2 heal epoch with and without the top-k cache."""
+    """bench/lm_teacher_cache.py: the SmolLM2 recipe's heal epoch with and without the top-k
+    cache, and the FLOP bound on what the cache can buy."""
     label = {"live": "no cache: the teacher runs every batch",
              "cold": "cache empty: filled first, then used",
              "warm": "cache complete: the teacher is never loaded"}
+    heal, live = data["heal"], data["modes"][0]
+    precision = "bf16" if live["precision"]["bf16"] else "fp32"
     lines = [row(f"heal epoch, SmolLM2 30 → {data['student_layers']} layers, "
-                 f"{data['blocks']} × {data['block_tokens']} tokens, batch {data['batch']}, "
-                 f"top-{data['k']} KD, {data['precision']}", "s / step", "loop vs no cache",
-                 "filling the cache", "teacher loaded", "peak memory (RSS)"),
+                 f"{heal['method']} r {heal['config']['r']}, {data['blocks']} × "
+                 f"{data['block_tokens']} tokens, batch {data['batch']}, "
+                 f"top-{heal['loss']['top_k']} KD + CE, {precision}", "s / step",
+                 "loop vs no cache", "filling the cache", "teacher loaded", "peak memory (RSS)"),
              row("---", "---:", "---:", "---:", "---", "---:")]
-    live = data["modes"][0]
     for m in data["modes"]:
         lines.append(row(label[m["mode"]], f"{m['seconds_per_step']:.2f}",
                          f"{live['train_seconds'] / m['train_seconds']:.2f}×",
                          f"{m['cache_seconds']:.1f} s" if m["mode"] == "cold" else "—",
                          "yes" if m["teacher_loaded"] else "no",
                          f"{m['peak_rss_mib']:,.0f} MiB"))
+    lines.append(row("bound: (teacher forward + student step) / student step, matmul FLOPs",
+                     "", f"{data['flop_bound']:.2f}×", "", "", ""))
     return lines
 
 

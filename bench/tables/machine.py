@@ -107,3 +107,45 @@ def bench_summary(data: dict[str, Any]) -> list[str]:
         lines += ["", f"Run times (`suite.py`, the run that last measured each script): "
                       f"{times}; {minutes(sum(seconds.values()))} in all."]
     return lines
+
+
+def compile_step(data: dict[str, Any]) -> list[str]:
+    """bench/compile_step.py: a training step eager against `torch.compile`d."""
+    names = {"minilm-l6-student": "MiniLM-L6 → 3 layers, batch 32 × ≤ 64 tokens",
+             "smollm2-20l-lora": "SmolLM2 → 20 layers, LoRA r 16, batch 4 × 128 tokens"}
+    lines = [row("training step", "precision", "eager", "compiled", "compiled / eager",
+                 "first steps: eager / compiling", "break-even"),
+             row("---", "---", "---:", "---:", "---:", "---:", "---:")]
+    for r in data["runs"]:
+        even = r["break_even_steps"]
+        lines.append(row(names.get(r["model"], r["model"]), r["precision"],
+                         f"{r['step_seconds']['eager'] * 1e3:.0f} ms",
+                         f"{r['step_seconds']['compiled'] * 1e3:.0f} ms",
+                         f"{r['step_ratio']:.2f}×",
+                         f"{r['warmup_seconds']['eager']:.0f} s / "
+                         f"{r['warmup_seconds']['compiled']:.0f} s",
+                         f"{even:,} steps" if even is not None else "never"))
+    first = data["runs"][0]
+    return lines + ["", f"PyTorch {data['torch']}, each row in a fresh process with an empty "
+                        f"inductor cache; {first['warmup_steps']} warm-up steps, then "
+                        f"{first['rounds']} alternating rounds; on {cpu(data['provenance'])}."]
+
+
+def input_pipeline(data: dict[str, Any]) -> list[str]:
+    """bench/input_pipeline.py: padding left for packing, and the loader's share of a step."""
+    lines = [row("recipe", "stage", "data", "examples", "batch",
+                 "real tokens / positions: length-grouped (default)", "random batches"),
+             row("---", "---", "---", "---:", "---:", "---:", "---:")]
+    for r in data["padding"]:
+        dataset = r["dataset"] if isinstance(r["dataset"], str) else " + ".join(r["dataset"])
+        lines.append(row(f"`{r['recipe']}`", r["stage"], f"`{dataset}`", r["examples"],
+                         r["batch_size"], ", ".join(f"{x:.1%}" for x in r["grouped"]),
+                         ", ".join(f"{x:.1%}" for x in r["random"])))
+    load = data["loading"]
+    return lines + ["", f"Seeds 0, 1, 2; packing could save at most "
+                        f"{data['max_packing_saving']:.1%} of a step's positions. Loading a "
+                        f"batch of the default recipe's training loader: "
+                        f"{load['loader_seconds_per_batch'] * 1e3:.2f} ms against "
+                        f"{load['step_seconds'] * 1e3:.0f} ms for the cheapest step on it "
+                        f"({load['loader_share']:.2%} of the two); on "
+                        f"{cpu(data['provenance'])}."]

@@ -119,6 +119,11 @@ class TrainArgs:
     # bf16 only where it is clearly faster (distill/train/precision.py: faster with AMX or
     # AVX-512 BF16, far slower on AVX2-only CPUs); true/false force it.
     bf16: bool | Literal["auto"] = "auto"
+    # torch.compile the trained model's forward for the training steps (validation stays
+    # eager). It pays on long runs only: the first step compiles for a minute or two (2 CPU
+    # cores), after which a SmolLM2 LoRA heal step under bf16 took 0.78x the eager one and a
+    # MiniLM student's 0.96x (bench/results/compile_step.json). One process or DDP only.
+    compile: bool = False
     # Write a log line every N optimizer steps.
     log_every: int = field(default=10, metadata=value_range(1))
     # Evaluate on the validation split every epoch and keep the best weights.

@@ -132,13 +132,21 @@ def preflight(recipe: Recipe, run_dir: Path | None = None, sharded: bool = False
 
 def sharding_problems(recipe: Recipe) -> list[str]:
     """Stages an FSDP or DeepSpeed launch cannot train: methods whose per-step hook reads
-    whole gradients."""
-    return [f"stages.{i}.method: {stage.method} reallocates ranks from whole gradients after "
-            "each step, and an FSDP or DeepSpeed launch partitions them; launch with "
-            "--multi_gpu (DDP)"
-            for i, stage in enumerate(recipe.stages)
-            if isinstance(stage, AdaptStage) and stage.method in peft_methods.available()
-            and peft_methods.get_method(stage.method).reads_gradients]
+    whole gradients, and `compile: true` (it compiles the whole model's forward)."""
+    problems = [f"stages.{i}.method: {stage.method} reallocates ranks from whole gradients "
+                "after each step, and an FSDP or DeepSpeed launch partitions them; launch "
+                "with --multi_gpu (DDP)"
+                for i, stage in enumerate(recipe.stages)
+                if isinstance(stage, AdaptStage) and stage.method in peft_methods.available()
+                and peft_methods.get_method(stage.method).reads_gradients]
+    for i, stage in enumerate(recipe.stages):
+        args, path = ((stage.heal, f"stages.{i}.heal") if isinstance(stage, ShrinkStage)
+                      else (stage, f"stages.{i}"))
+        if getattr(args, "compile", False):
+            problems.append(f"{path}.compile: true compiles the whole model, which an FSDP "
+                            "or DeepSpeed launch shards; set it to false or launch with "
+                            "--multi_gpu (DDP)")
+    return problems
 
 
 def check_output_location(run_dir: Path) -> None:

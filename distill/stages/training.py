@@ -209,7 +209,7 @@ def kd_train(ctx: RunContext, model: nn.Module, teacher: FrozenTeacher | None,
         console=ctx.console, **validation)
     summary = {"loss": vars(loss.w) | {"top_k": loss_cfg.top_k}, "steps": result.steps,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "train_seconds": round(result.seconds, 2), "bf16": bf16,
+               "train_seconds": round(result.seconds, 2), "bf16": bf16, "compile": args.compile,
                "precision": precision.record(),
                f"best_validation_{ctx.task.metric}": result.best_metric,
                "best_epoch": result.best_epoch, "history": result.history, "seed": seed}

@@ -44,6 +44,7 @@ from transformers import get_linear_schedule_with_warmup
 from distill.data.batching import loader_batch_size
 from distill.train import parallel
 from distill.train.checkpoint import load_latest, save_checkpoint
+from distill.train.compiling import CompiledForward
 from distill.errors import DistillError
 from distill.files import json_lines
 from distill.train.precision import autocast as bf16_autocast
@@ -306,6 +307,10 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     _check_global_batch(train_loader, accelerator, desc, console)
     # Fused AdamW for whole parameters (one process, DDP); FSDP and DeepSpeed keep the default.
     make_optimizer = _optimizer_factory(args, fused=strategy.name == "data-parallel")
+    if args.compile and strategy.shards_gradients:
+        raise DistillError(f"{desc}: compile: true needs whole weights; a {strategy.name} "
+                           "launch shards them: set compile: false or launch with --multi_gpu")
+    compiled = CompiledForward(keep, args.compile)  # the training steps' forward, not eval's
     unit, optimizer, train_loader = strategy.setup(unit, keep, make_optimizer,
                                                    train_loader, args.max_grad_norm)
 
@@ -383,7 +388,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
         drawn[0] = now
         return True
 
-    with progress:
+    with progress, compiled.active():
         task = progress.add_task(desc, total=total_steps, loss="—",
                                  completed=result.steps)
         while micro < micro_total:
@@ -448,7 +453,8 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
             skip = 0
             epoch += 1
             if evaluate is not None and args.keep_best:
-                value = evaluate()
+                with compiled.paused():
+                    value = evaluate()
                 if accelerator.num_processes > 1:  # one verdict, or keep_best would differ
                     value = broadcast_object_list([value], from_process=0)[0]
                 result.history.append({"epoch": epoch, "step": result.steps, metric_name: value})
