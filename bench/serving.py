@@ -9,15 +9,18 @@ task's data uses, written as an ONNX graph with int8 matrix weights (ONNX Runtim
 quantization, a scale per output channel). `--student` takes another student stage (e.g. a
 `shrink` that also narrows the MLPs).
 
-Each model is then loaded as a server would load it (the teacher and the float32 student with
-`transformers`, the artifact in an ONNX Runtime session, each with its own tokenizer) and run
-over the whole test split in batches of 32 (padded to the longest in the batch, ≤ 64 tokens),
-on the same cores; passes alternate between the models for `--rounds` rounds and each model's
-fastest pass counts (keep the machine otherwise idle: with a test run beside it, a served
-student's pass went from 1.4 s to 2.2 s). `served_speedup` = the teacher's pass / the served
-student's; `served_acc_delta` = the served student's test accuracy − the teacher's. The
-float32 PyTorch student is timed beside them, to show what the cut and what int8 + ONNX
-Runtime each give.
+Each pass runs in a fresh process that holds only its model, loaded as a server would load it
+(the teacher and the float32 student with `transformers`, the artifact in an ONNX Runtime
+session, each with its own tokenizer): it runs the whole test split once untimed, then once
+timed, in batches of 32 (padded to the longest in the batch, ≤ 64 tokens) on the same cores.
+One process per model, not one for all: PyTorch's OpenMP threads keep spinning after its own
+passes, and an ONNX Runtime session sharing their process ran 1.35x slower (2.5 s a pass
+against 1.85 s alone, here). Passes alternate between the models for `--rounds` rounds and
+each model's fastest pass counts (keep the machine otherwise idle: with a test run beside it,
+a served student's pass went from 1.4 s to 2.2 s). `served_speedup` = the teacher's pass /
+the served student's; `served_acc_delta` = the served student's test accuracy − the
+teacher's. The float32 PyTorch student is timed beside them, to show what the cut and what
+int8 + ONNX Runtime each give.
 
     HF_HUB_OFFLINE=1 python bench/serving.py
     # -> bench/results/serving.json (~6 min; ~10 min more the first time: the teacher's tuning)
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +46,9 @@ from minilm_stages import RECIPE, default_distill, tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 BATCH = 32
+TEACHER = "teacher (PyTorch fp32)"
+STUDENT = "student (PyTorch fp32)"
+SERVED = "served student (ONNX Runtime int8, trimmed vocabulary)"
 
 
 def batches(tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -64,6 +72,27 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
     return seconds, torch.cat(predictions)
 
 
+def scored_split():
+    """The default recipe's test split (texts, labels), as a run reads it."""
+    return preflight(load_recipe(RECIPE, ["stages=[{kind: finetune}]"])).data.test
+
+
+def serve_pass(name: str, folder: Path) -> dict:
+    """One untimed and one timed pass of the model in `folder` over the test split, in this
+    process (which holds nothing else)."""
+    data = scored_split()
+    if name == SERVED:
+        model = OnnxModel(folder / "model.onnx")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    inputs = batches(AutoTokenizer.from_pretrained(folder), data.texts,
+                     load_recipe(RECIPE).data.max_length)
+    one_pass(model.eval(), inputs)  # warm-up
+    seconds, predicted = one_pass(model, inputs)
+    accuracy = float((predicted == torch.tensor(data.labels)).float().mean())
+    return {"seconds": round(seconds, 3), "accuracy": accuracy, "batches": len(inputs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", default=default_distill(),
@@ -71,7 +100,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-serving")
     ap.add_argument("--json", type=Path, default=RESULTS / "serving.json")
+    ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)  # a child: (name, folder)
     args = ap.parse_args()
+    if args.serve:
+        print(json.dumps(serve_pass(args.serve[0], Path(args.serve[1]))))
+        return
     console = Console()
     teacher_dir = tuned_teacher(console)
     stages = (f"[{args.student}, "
@@ -84,35 +117,28 @@ def main() -> None:
     served_dir = args.out / "stages" / "01-export" / "onnx-int8"
     vocabulary = json.loads((args.out / "stages/01-export/metrics.json").read_text())["vocabulary"]
 
-    data = preflight(recipe).data.test
-    max_length = recipe.data.max_length
-    models = {
-        "teacher (PyTorch fp32)": (AutoModelForSequenceClassification.from_pretrained(teacher_dir),
-                                   AutoTokenizer.from_pretrained(teacher_dir)),
-        "student (PyTorch fp32)": (AutoModelForSequenceClassification.from_pretrained(student_dir),
-                                   AutoTokenizer.from_pretrained(student_dir)),
-        "served student (ONNX Runtime int8, trimmed vocabulary)": (
-            OnnxModel(served_dir / "model.onnx"), AutoTokenizer.from_pretrained(served_dir)),
-    }
-    labels = torch.tensor(data.labels)
-    inputs = {name: batches(tok, data.texts, max_length) for name, (_, tok) in models.items()}
+    folders = {TEACHER: teacher_dir, STUDENT: student_dir, SERVED: served_dir}
     rows: dict[str, dict] = {}
     for r in range(args.rounds):
-        for name, (model, _) in models.items():
-            seconds, predicted = one_pass(model.eval(), inputs[name])
-            row = rows.setdefault(name, {"pass_seconds": [],
-                                         "accuracy": float((predicted == labels).float().mean())})
-            row["pass_seconds"].append(round(seconds, 3))
-            console.print(f"round {r}: {name}: {seconds:.2f} s, accuracy {row['accuracy']:.4f}")
-    for name, row in rows.items():
-        row["ms_per_batch"] = round(1000 * min(row["pass_seconds"]) / len(inputs[name]), 2)
+        for name, folder in folders.items():
+            out = subprocess.run([sys.executable, __file__, "--serve", name, str(folder)],
+                                 check=True, capture_output=True, text=True).stdout
+            one = json.loads(out.strip().splitlines()[-1])
+            row = rows.setdefault(name, {"pass_seconds": [], "accuracy": one["accuracy"],
+                                         "batches": one["batches"]})
+            row["pass_seconds"].append(one["seconds"])
+            console.print(f"round {r}: {name}: {one['seconds']:.2f} s, accuracy "
+                          f"{one['accuracy']:.4f}")
+    for row in rows.values():
+        row["ms_per_batch"] = round(1000 * min(row["pass_seconds"]) / row.pop("batches"), 2)
     teacher, student, served = rows.values()
     speedup = min(teacher["pass_seconds"]) / min(served["pass_seconds"])
     result = {
         "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
                    "stage 0)",
         "student": {"stage": args.student, "vocabulary": vocabulary},
-        "split": "test", "examples": len(labels), "batch": BATCH, "max_length": max_length,
+        "split": "test", "examples": len(scored_split().labels), "batch": BATCH,
+        "max_length": load_recipe(RECIPE).data.max_length,
         "threads": torch.get_num_threads(), "job_seconds": round(job_seconds, 1),
         "models": rows,
         "cut_speedup": round(min(teacher["pass_seconds"]) / min(student["pass_seconds"]), 3),

@@ -97,10 +97,18 @@ def test_compiled_forward_is_installed_for_training_and_taken_out_for_validation
 def test_compile_trains_what_eager_trains(tiny_bert: Path, tiny_csv: Path,
                                           tmp_path: Path) -> None:
     """`compile: true`: the training steps run a graph dynamo compiled, and the losses are
-    eager training's up to the compiled kernels' rounding."""
+    eager training's up to the compiled kernels' rounding (dropout off: compiled code draws
+    its masks from another generator)."""
+    import shutil
+
     from torch._dynamo.utils import counters
 
-    recipe = tiny_recipe(tiny_bert, tiny_csv)
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = tiny_recipe(model, tiny_csv)
     losses = {}
     for compile in (False, True):
         counters.clear()
@@ -112,4 +120,4 @@ def test_compile_trains_what_eager_trains(tiny_bert: Path, tiny_csv: Path,
         losses[compile] = [json.loads(x)["loss"] for x in
                            (folder / "log.jsonl").read_text().splitlines() if '"train"' in x]
     assert len(losses[True]) == 12
-    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
