@@ -172,7 +172,10 @@ def serving(data: dict[str, Any]) -> list[str]:
                   f"({vocab['params_before'] / 1e6:.1f} M → {vocab['params_after'] / 1e6:.1f} M "
                   f"parameters); {data['examples']:,} test examples, batch {data['batch']}, "
                   f"≤ {data['max_length']} tokens, {data['threads']} threads, fastest of "
-                  f"{len(teacher['pass_seconds'])} alternating passes; {cpu(data['provenance'])}."]
+                  f"{len(teacher['pass_seconds'])} alternating passes, each in a fresh process "
+                  f"(the served student's median pass: "
+                  f"{data['served_speedup_median']:.2f}× the teacher's median); "
+                  f"{cpu(data['provenance'])}."]
     return lines
 
 
