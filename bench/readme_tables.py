@@ -49,6 +49,8 @@ from tables.language_models import (  # noqa: E402
 from tables.machine import (  # noqa: E402
     bench_summary,
     bf16_speed,
+    compile_step,
+    input_pipeline,
     launch_modes,
     qlora_memory,
     test_suite,
@@ -96,6 +98,9 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "textbrewer_job": ("bench/results/textbrewer_job.json", "bench/textbrewer_job.py",
                        textbrewer_job),
     "bench_summary": ("bench/results/summary.json", "bench/suite.py", bench_summary),
+    "compile_step": ("bench/results/compile_step.json", "bench/compile_step.py", compile_step),
+    "input_pipeline": ("bench/results/input_pipeline.json", "bench/input_pipeline.py",
+                       input_pipeline),
 }
 
 

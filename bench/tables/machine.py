@@ -100,7 +100,7 @@ def bench_summary(data: dict[str, Any]) -> list[str]:
         lines.append(row(f"`{name}`", value, f["target"] or "—", met, f["meaning"] + source))
     machines = sorted({f["machine"] for f in data["figures"].values() if "machine" in f})
     lines += ["", f"Measured on {'; '.join(machines)}; each figure is a ratio of two "
-                  "runs side by side in one process."]
+                  "things run side by side in one run of its script."]
     seconds = data.get("seconds") or {}
     if seconds:  # each script's time in the suite run that last ran it
         times = ", ".join(f"`{script}.py` {minutes(t)}" for script, t in seconds.items())

@@ -122,7 +122,7 @@ class TrainArgs:
     # torch.compile the trained model's forward for the training steps (validation stays
     # eager). It pays on long runs only: the first step compiles for a minute or two (2 CPU
     # cores), after which a SmolLM2 LoRA heal step under bf16 took 0.78x the eager one and a
-    # MiniLM student's 0.96x (bench/results/compile_step.json). One process or DDP only.
+    # MiniLM student's 0.98x (bench/results/compile_step.json). One process or DDP only.
     compile: bool = False
     # Write a log line every N optimizer steps.
     log_every: int = field(default=10, metadata=value_range(1))

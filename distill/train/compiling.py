@@ -6,10 +6,11 @@ parameters, its state dict and any wrapper around it stay what they were); valid
 checkpoints and everything after the stage see the eager model: a model in eval mode or under
 `inference_mode` would compile a second graph, which costs as much as the first.
 
-What it buys is the machine's and the model's (bench/compile_step.py, 2 CPU cores): a LoRA step
-of SmolLM2 cut to 20 layers under bf16 took 0.78x the eager step after ~90 s of compiling; the
-MiniLM-L6 3-layer student's 0.96x, after ~50 s. The first step compiles; a batch of a new shape
-compiles once more (PyTorch's automatic dynamic shapes), then the graph takes any width.
+What it buys is the machine's and the model's (bench/results/compile_step.json, 2 CPU cores): a
+LoRA step of SmolLM2 cut to 20 layers under bf16 took 0.78x the eager step after ~90 s of
+compiling (earned back after ~300 steps); the MiniLM-L6 3-layer student's 0.98x (bf16) and
+1.08x (fp32), after ~50 s. The first step compiles; a batch of a new shape compiles once more
+(PyTorch's automatic dynamic shapes), then the graph takes any width.
 """
 
 from __future__ import annotations
