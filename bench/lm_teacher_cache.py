@@ -142,6 +142,7 @@ def main() -> int:
     if args.mode:
         print(json.dumps(one_mode(args.mode, Path(args.work), args.blocks, args.batch)))
         return 0
+    heal = recipe_heal()
     with tempfile.TemporaryDirectory(prefix="lm-cache-bench-") as folder:
         work = Path(folder)
         prepare(work, LAYERS)
@@ -154,9 +155,8 @@ def main() -> int:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}))
         bound = flop_bound(AutoConfig.from_pretrained(resolve_model_path(TEACHER)),
                            AutoConfig.from_pretrained(work / "student"), BLOCK_TOKENS,
-                           recipe_heal().config["r"])
+                           heal.config["r"])
     live, cold, warm = rows
-    heal = recipe_heal()
     result = {
         "teacher": TEACHER, "student_layers": LAYERS, "blocks": args.blocks,
         "block_tokens": BLOCK_TOKENS, "batch": args.batch,

@@ -307,9 +307,7 @@ def train_loop(unit: nn.Module, train_loader: DataLoader, args: TrainArgs, *,
     _check_global_batch(train_loader, accelerator, desc, console)
     # Fused AdamW for whole parameters (one process, DDP); FSDP and DeepSpeed keep the default.
     make_optimizer = _optimizer_factory(args, fused=strategy.name == "data-parallel")
-    if args.compile and strategy.shards_gradients:
-        raise DistillError(f"{desc}: compile: true needs whole weights; a {strategy.name} "
-                           "launch shards them: set compile: false or launch with --multi_gpu")
+    # Pre-flight refuses compile under FSDP and DeepSpeed (preflight.sharding_problems).
     compiled = CompiledForward(keep, args.compile)  # the training steps' forward, not eval's
     unit, optimizer, train_loader = strategy.setup(unit, keep, make_optimizer,
                                                    train_loader, args.max_grad_norm)
