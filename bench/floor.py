@@ -17,7 +17,7 @@ the sum of our times over the sum of the floor's. Also measured here, in the sam
 - one AdamW step over the student's weights, PyTorch's default multi-tensor form against the
   fused kernel the toolkit uses where it can.
 
-    HF_HUB_OFFLINE=1 python bench/floor.py          # -> bench/results/floor.json (~7 min)
+    HF_HUB_OFFLINE=1 python bench/floor.py          # -> bench/results/floor.json (~2.5 min)
 """
 
 from __future__ import annotations

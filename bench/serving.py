@@ -74,25 +74,21 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
     return seconds, torch.cat(predictions)
 
 
-def scored_split():
-    """The default recipe's test split (texts, labels), as a run reads it."""
-    return preflight(load_recipe(RECIPE, ["stages=[{kind: finetune}]"])).data.test
-
-
 def serve_pass(name: str, folder: Path) -> dict:
-    """One untimed and one timed pass of the model in `folder` over the test split, in this
-    process (which holds nothing else)."""
-    data = scored_split()
+    """One untimed and one timed pass of the model in `folder` over the default recipe's
+    test split (read as a run reads it), in this process (which holds nothing else)."""
+    recipe = load_recipe(RECIPE, ["stages=[{kind: finetune}]"])
+    data = preflight(recipe).data.test
     if name == SERVED:
         model = OnnxModel(folder / "model.onnx")
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
-    inputs = batches(AutoTokenizer.from_pretrained(folder), data.texts,
-                     load_recipe(RECIPE).data.max_length)
+    inputs = batches(AutoTokenizer.from_pretrained(folder), data.texts, recipe.data.max_length)
     one_pass(model.eval(), inputs)  # warm-up
     seconds, predicted = one_pass(model, inputs)
     accuracy = float((predicted == torch.tensor(data.labels)).float().mean())
-    return {"seconds": round(seconds, 3), "accuracy": accuracy, "batches": len(inputs)}
+    return {"seconds": round(seconds, 3), "accuracy": accuracy, "batches": len(inputs),
+            "examples": len(data.labels)}
 
 
 def main() -> None:
@@ -127,12 +123,14 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             one = json.loads(out.strip().splitlines()[-1])
             row = rows.setdefault(name, {"pass_seconds": [], "accuracy": one["accuracy"],
-                                         "batches": one["batches"]})
+                                         "batches": one["batches"],
+                                         "examples": one["examples"]})
             row["pass_seconds"].append(one["seconds"])
             console.print(f"round {r}: {name}: {one['seconds']:.2f} s, accuracy "
                           f"{one['accuracy']:.4f}")
     for row in rows.values():
         row["ms_per_batch"] = round(1000 * min(row["pass_seconds"]) / row.pop("batches"), 2)
+        examples = row.pop("examples")
     teacher, student, served = rows.values()
     speedup = min(teacher["pass_seconds"]) / min(served["pass_seconds"])
     median = statistics.median(teacher["pass_seconds"]) / statistics.median(served["pass_seconds"])
@@ -140,8 +138,8 @@ def main() -> None:
         "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
                    "stage 0)",
         "student": {"stage": args.student, "vocabulary": vocabulary},
-        "split": "test", "examples": len(scored_split().labels), "batch": BATCH,
-        "max_length": load_recipe(RECIPE).data.max_length,
+        "split": "test", "examples": examples, "batch": BATCH,
+        "max_length": recipe.data.max_length,
         "threads": torch.get_num_threads(), "job_seconds": round(job_seconds, 1),
         "models": rows,
         "cut_speedup": round(min(teacher["pass_seconds"]) / min(student["pass_seconds"]), 3),

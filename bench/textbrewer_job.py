@@ -30,7 +30,7 @@ whole). Our job's fixed costs (loading, validation, saving) weigh more on a shor
 this understates our speed-up over a whole-split job.
 
     HF_HUB_OFFLINE=1 python bench/textbrewer_job.py
-    # -> bench/results/textbrewer_job.json (~18 min)
+    # -> bench/results/textbrewer_job.json (~12 min)
 """
 
 from __future__ import annotations

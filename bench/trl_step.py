@@ -20,7 +20,7 @@ recomputes the forward in the backward pass, work our loop does not do.
 `step_ratio` = our seconds per step / TRL's (the better round of each).
 
     HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 3]
-    # -> bench/results/trl_step.json (~5 min)
+    # -> bench/results/trl_step.json (~4 min)
 """
 
 from __future__ import annotations

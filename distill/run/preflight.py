@@ -40,7 +40,7 @@ from distill.models.loading import (
     resolve_model_path,
 )
 from distill.config.recipe import (AdaptStage, DistillStage, EvaluateStage, ExportStage,
-                                   FinetuneStage, Recipe, ShrinkStage)
+                                   FinetuneStage, Recipe, ShrinkStage, TrainArgs)
 from distill.models.weights import checkpoint_shapes
 from distill.tasks import resolve_task
 from distill.tasks.base import Task, TaskData
@@ -142,7 +142,7 @@ def sharding_problems(recipe: Recipe) -> list[str]:
     for i, stage in enumerate(recipe.stages):
         args, path = ((stage.heal, f"stages.{i}.heal") if isinstance(stage, ShrinkStage)
                       else (stage, f"stages.{i}"))
-        if getattr(args, "compile", False):
+        if isinstance(args, TrainArgs) and args.compile:
             problems.append(f"{path}.compile: true compiles the whole model, which an FSDP "
                             "or DeepSpeed launch shards; set it to false or launch with "
                             "--multi_gpu (DDP)")
