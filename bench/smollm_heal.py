@@ -132,15 +132,17 @@ def main() -> int:
     if args.arm:
         print(json.dumps(one_arm(args.arm, Path(args.work), args.steps, args.eval_blocks)))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="smollm-heal-"))
-    rows = []
-    for arm in args.arms.split(","):
-        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--work", str(work),
-                              "--steps", str(args.steps), "--eval-blocks",
-                              str(args.eval_blocks)],
-                             check=True, stdout=subprocess.PIPE, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    # The work folder (each arm's models and run) is this script's own: gone at exit.
+    with tempfile.TemporaryDirectory(prefix="smollm-heal-") as tmp:
+        work = Path(tmp)
+        rows = []
+        for arm in args.arms.split(","):
+            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--work", str(work),
+                                  "--steps", str(args.steps), "--eval-blocks",
+                                  str(args.eval_blocks)],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     teacher = {"mixture_ppl": rows[0]["teacher_mixture_ppl"],
                "bbc_news_ppl": rows[0]["teacher_bbc_news_ppl"]}
     for row in rows:

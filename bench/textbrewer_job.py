@@ -17,7 +17,8 @@ One teacher, one student, one data set, three ways of distilling, each seed in t
 - a bare PyTorch loop under bf16 autocast on the same plain DataLoader (bench/floor.py's
   `bare`: what a user who writes 60 lines gets), timed for its training steps only, on the
   first seed only by default (`--bare-seeds`): its time hardly varies (114-116 s over 3
-  seeds at f4094a1), and timing it once saves `make bench` ~4 minutes.
+  seeds at f4094a1, when the job trained on 2,560 examples), and timing it once saves
+  `make bench` minutes.
 
 Both students are then scored the same way on the whole test split (1,280 reviews, batch 32).
 `speedup` = TextBrewer's job seconds / ours; `acc_delta` = our test accuracy − TextBrewer's,

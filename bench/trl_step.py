@@ -140,19 +140,21 @@ def main() -> int:
         return 0
     import trl as trl_package
 
-    work = Path(tempfile.mkdtemp(prefix="trl-step-bench-"))
-    prepare(work, LAYERS)
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-    for r in range(args.rounds):
-        for side in ("ours", "trl"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--work", str(work),
-                 "--name", f"{side}-{r}", "--blocks", str(args.blocks)],
-                check=True, capture_output=True, text=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
-            row["seconds_per_step"] = round(row["seconds"] / row["steps"], 3)
-            runs[side].append(row)
-            print(side, json.dumps(row), flush=True)
+    # The work folder (prepared models, each side's run) is this script's own: gone at exit.
+    with tempfile.TemporaryDirectory(prefix="trl-step-bench-") as tmp:
+        work = Path(tmp)
+        prepare(work, LAYERS)
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for r in range(args.rounds):
+            for side in ("ours", "trl"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--side", side, "--work", str(work),
+                     "--name", f"{side}-{r}", "--blocks", str(args.blocks)],
+                    check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                row["seconds_per_step"] = round(row["seconds"] / row["steps"], 3)
+                runs[side].append(row)
+                print(side, json.dumps(row), flush=True)
     best = {side: min(r["seconds_per_step"] for r in rows) for side, rows in runs.items()}
     result = {
         "teacher": TEACHER, "student_layers": LAYERS, "blocks": args.blocks,

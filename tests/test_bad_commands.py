@@ -123,6 +123,8 @@ CASES: list[Case] = [
                          "--force"]),
         ("--epochs -1", "--epochs: -1.0 is out of range",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--epochs", "-1", "-o", str(out)]),
+        ("--bf16 maybe", "--bf16 'maybe': choose auto, true or false",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--bf16", "maybe", "-o", str(out)]),
         ("--lr 0", "--lr: 0.0 is out of range",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--lr", "0", "-o", str(out)]),
         ("--batch-size 0", "--batch-size: 0 is out of range",
