@@ -8,11 +8,12 @@ a `shrink` stage narrowing its MLPs from 1536 to 1024 neurons with a 2-epoch KD 
 an `export` stage: the vocabulary trimmed to the tokens the task's data uses, written as an
 ONNX graph with int8 matrix weights (ONNX Runtime's dynamic quantization, a scale per output
 channel). `--student` (repeatable) replaces the stages before the export. The narrowing was
-chosen by exploratory runs of this script (3 rounds each, seed 0; served_speedup,
-served_acc_delta): the 3-layer student alone 4.90x (fastest of 5 passes; 3.62x by the median
-pass), +0.0055 (committed at 1313ece); its MLPs at 768 with a 1-epoch heal 6.47x, -0.0062; at
-1024 with 1 epoch 6.09x, -0.0008; at 1024 with 2 epochs 5.67x, +0.0070 (the recipe's); one
-shrink from the teacher to 3 layers by importance and MLP 768 (3 heal epochs) 6.35x, -0.0211.
+chosen by runs of this script (seed 0; served_speedup, served_acc_delta): the 3-layer student
+alone 4.90x (fastest of 5 passes; 3.62x by the median pass), +0.0055 (committed at 1313ece);
+then exploratory runs of 3 rounds, uncommitted: its MLPs at 768 with a 1-epoch heal 6.47x,
+-0.0062; at 1024 with 1 epoch 6.09x, -0.0008; at 1024 with 2 epochs 5.67x, +0.0070 (the
+recipe's); one shrink from the teacher to 3 layers by importance and MLP 768 (3 heal epochs)
+6.35x, -0.0211.
 
 Each pass runs in a fresh process that holds only its model, loaded as a server would load it
 (the teacher and the float32 student with `transformers`, the artifact in an ONNX Runtime
@@ -29,7 +30,7 @@ rounds. `served_speedup` = the teacher's fastest pass / the served student's;
 student is timed beside them, to show what the cuts and what int8 + ONNX Runtime each give.
 
     HF_HUB_OFFLINE=1 python bench/serving.py
-    # -> bench/results/serving.json (~8 min; ~10 min more the first time: the teacher's tuning)
+    # -> bench/results/serving.json (~10 min; ~10 min more the first time: the teacher's tuning)
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
 
 
 def serve_pass(name: str, folder: Path) -> dict:
-    """One untimed and one timed pass of the model in `folder` over the default recipe's
+    """One untimed and one timed pass of the model in `folder` over the serving recipe's
     test split (read as a run reads it), in this process (which holds nothing else)."""
     recipe = load_recipe(SERVING, ["stages=[{kind: finetune}]"])
     data = get_task(recipe.teacher.task).load_data(recipe.data).test  # as a run splits it
