@@ -4,6 +4,7 @@ checks and report; the CLI."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from typer.testing import CliRunner
 
 from conftest import tiny_recipe
-from distill import export, recipe_from_dict, run_recipe
+from distill import export, load_recipe, recipe_from_dict, run_recipe
 from distill.cli import app
+from distill.config.loading import recipe_to_dict
 from distill.config.recipe import DataConfig
 from distill.serve import formats
 
@@ -150,3 +152,52 @@ def test_missing_onnx_packages_are_named_before_anything_runs(
     assert "need onnxruntime (not installed)" in result.output
     assert "pip install 'distill[serve]'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_serving_recipe_runs_end_to_end(tiny_bert: Path, tiny_csv: Path,
+                                            tmp_path: Path) -> None:
+    """recipes/minilm-serving.yaml's stages, in its order and with its settings, on the tiny
+    model (shortened; sizes and learning rate scaled to the tiny model): distill a depth cut,
+    narrow its MLPs with a heal, export the trimmed int8 graph that a plain ONNX Runtime
+    session serves, predicting as the float32 student does."""
+    shipped = recipe_to_dict(load_recipe(Path(__file__).parent.parent
+                                         / "recipes/minilm-serving.yaml"))
+    assert [s["kind"] for s in shipped["stages"]] == ["finetune", "distill", "shrink", "export"]
+    tune, distill, shrink, export_stage = shipped["stages"]
+    short = {"epochs": 2, "bf16": False, "batch_size": 16, "learning_rate": 2e-3}
+    with open(tiny_csv) as f:  # data with a part of the vocabulary, so that trimming trims
+        rows = list(csv.DictReader(f))[:4] * 20
+    data = tmp_path / "few-words.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    recipe = tiny_recipe(tiny_bert, data)
+    recipe["stages"] = [
+        tune | short, distill | short | {"student": {"layers": [0, 2]}},
+        shrink | {"schedule": [{"intermediate": 40}], "calibration_examples": 16,
+                  "heal": shrink["heal"] | short},
+        export_stage | {"latency": False}]
+    report = run_recipe(recipe_from_dict(recipe), output=tmp_path / "run")
+    assert [s["status"] for s in report["stages"]] == ["done"] * 4
+    student = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "run" / report["stages"][2]["artifact"])
+    assert student.config.num_hidden_layers == 2 and student.config.intermediate_size == 40
+    served = tmp_path / "run/stages/03-export/onnx-int8"
+    record = json.loads((tmp_path / "run/stages/03-export/metrics.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(served)
+    assert record["vocabulary"]["kept_tokens"] == len(tokenizer) < record["vocabulary"]["of"]
+    assert record["exports"]["onnx-int8"]["agreement"] >= 0.9
+    texts = [r["text"] for r in rows[:4]]
+
+    def encode(tok) -> dict[str, torch.Tensor]:  # the graph's inputs, each model's own ids
+        encoded = tok(texts, padding=True, return_tensors="pt")
+        return {k: encoded[k] for k in ("input_ids", "attention_mask")}
+
+    trimmed, full = encode(tokenizer), encode(AutoTokenizer.from_pretrained(tiny_bert))
+    assert not torch.equal(trimmed["input_ids"], full["input_ids"])  # renumbered
+    logits = _ort_logits(served, trimmed)
+    with torch.no_grad():
+        fp32 = student(**full).logits.numpy()
+    spread = np.ptp(fp32[:, 1] - fp32[:, 0])  # how much the inputs move the prediction
+    assert logits.shape == (4, 2) and np.abs(logits - fp32).max() < 0.1 * spread
