@@ -97,6 +97,14 @@ def write_tiny_topics(path: Path, n: int = 180, seed: int = 1) -> Path:
     return path
 
 
+def write_few_words(source: Path, path: Path, reviews: int, repeats: int) -> Path:
+    """A csv of the first `reviews` rows of the csv `source`, repeated `repeats` times: data
+    that uses a part of the tiny vocabulary, so that trimming the vocabulary removes tokens."""
+    header, *rows = source.read_text().splitlines()
+    path.write_text("\n".join([header, *rows[:reviews] * repeats]) + "\n")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _threads(request: pytest.FixtureRequest):
     """One thread for tests on tiny models; all cores for `integration` tests."""

@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, BertConfig, BertForSequenceClassification,
                           PreTrainedTokenizerFast)
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, write_few_words
 from distill import DistillError, recipe_from_dict, run_recipe
 from distill.serve import vocab
 
@@ -114,13 +114,7 @@ def test_bpe_is_refused() -> None:
 
 def test_the_export_stage_serves_a_trimmed_student(tiny_bert: Path, tiny_csv: Path,
                                                    tmp_path: Path) -> None:
-    with open(tiny_csv) as f:  # data with a part of the vocabulary: three reviews, repeated
-        rows = list(csv.DictReader(f))[:3] * 30
-    data = tmp_path / "few-words.csv"
-    with open(data, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    data = write_few_words(tiny_csv, tmp_path / "few-words.csv", reviews=3, repeats=30)
     recipe = tiny_recipe(tiny_bert, data)
     recipe["stages"] = [recipe["stages"][0] | {"epochs": 1},
                         {"kind": "export", "formats": ["bf16", "onnx"], "latency": False,
