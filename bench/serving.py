@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from rich.console import Console
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import load_recipe, run_recipe
+from distill.config.recipe import Recipe
 from distill.serve.runtime import OnnxModel
 from distill.tasks import get_task
 from minilm_stages import flow, tuned_teacher
@@ -69,6 +71,30 @@ def served_stages(students: list[str] | None = None) -> list[str]:
     stages = yaml.safe_load(SERVING.read_text(encoding="utf-8"))["stages"][1:]
     export = stages[-1] | {"latency": False}
     return [*(students or [flow(stage) for stage in stages[:-1]]), flow(export)]
+
+
+@dataclass
+class Served:
+    """One run of the serving stages (`served_stages`) and where its models landed."""
+
+    recipe: Recipe
+    stages: list[str]  # the stages run, the export last
+    student: Path  # the float32 student: the artifact of the stage before the export
+    export: Path  # the export stage's folder (its metrics.json)
+    served: Path  # the int8 ONNX Runtime artifact in it
+
+
+def make_student(teacher_dir: Path, out: Path, console: Console,
+                 students: list[str] | None = None, seed: int | None = None) -> Served:
+    """Runs `served_stages(students)` from the tuned teacher in `teacher_dir` into `out` (a
+    run folder of this bench's own, replaced), with the recipe's seed or `seed`."""
+    stages = served_stages(students)
+    overrides = [f"teacher.model={teacher_dir}", f"stages=[{', '.join(stages)}]"]
+    recipe = load_recipe(SERVING, overrides + ([] if seed is None else [f"seed={seed}"]))
+    report = run_recipe(recipe, output=out, force=True, console=console)
+    export = out / "stages" / f"{len(stages) - 1:02d}-export"
+    return Served(recipe, stages, out / report["stages"][-2]["artifact"], export,
+                  export / "onnx-int8")
 
 
 def batches(tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -124,19 +150,12 @@ def main() -> None:
         return
     console = Console()
     teacher_dir = tuned_teacher(console)
-    stages = served_stages(args.student)
-    export = f"{len(stages) - 1:02d}-export"
-    recipe = load_recipe(SERVING, [f"teacher.model={teacher_dir}",
-                                   f"stages=[{', '.join(stages)}]"])
     start = time.perf_counter()
-    report = run_recipe(recipe, output=args.out, force=True, console=console)
+    run = make_student(teacher_dir, args.out, console, args.student)
     job_seconds = time.perf_counter() - start
-    student_dir = args.out / report["stages"][-2]["artifact"]
-    served_dir = args.out / "stages" / export / "onnx-int8"
-    vocabulary = json.loads((args.out / "stages" / export / "metrics.json").read_text()
-                            )["vocabulary"]
+    vocabulary = json.loads((run.export / "metrics.json").read_text())["vocabulary"]
 
-    folders = {TEACHER: teacher_dir, STUDENT: student_dir, SERVED: served_dir}
+    folders = {TEACHER: teacher_dir, STUDENT: run.student, SERVED: run.served}
     rows: dict[str, dict] = {}
     for r in range(args.rounds):
         for name, folder in folders.items():
@@ -158,10 +177,10 @@ def main() -> None:
     result = {
         "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
                    "stage 0)",
-        "student": {"recipe": str(SERVING.relative_to(ROOT)), "stages": stages[:-1],
+        "student": {"recipe": str(SERVING.relative_to(ROOT)), "stages": run.stages[:-1],
                     "vocabulary": vocabulary},
         "split": "test", "examples": examples, "batch": BATCH,
-        "max_length": recipe.data.max_length,
+        "max_length": run.recipe.data.max_length,
         "threads": torch.get_num_threads(), "job_seconds": round(job_seconds, 1),
         "models": rows,
         "cut_speedup": round(min(teacher["pass_seconds"]) / min(student["pass_seconds"]), 3),

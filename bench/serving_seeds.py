@@ -20,10 +20,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from distill import load_recipe, run_recipe
 from minilm_stages import tuned_teacher
 from provenance import RESULTS, ROOT, write_result
-from serving import BATCH, SERVED, SERVING, STUDENT, TEACHER, serve_pass, served_stages
+from serving import (BATCH, SERVED, SERVING, STUDENT, TEACHER, make_student, serve_pass,
+                     served_stages)
 
 
 def main() -> None:
@@ -34,17 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     teacher_dir = tuned_teacher(console)
-    stages = served_stages()
-    export = f"{len(stages) - 1:02d}-export"
     teacher = serve_pass(TEACHER, teacher_dir)["accuracy"]
     rows = []
     for seed in args.seeds:
-        out = args.out / f"seed{seed}"
-        recipe = load_recipe(SERVING, [f"teacher.model={teacher_dir}",
-                                       f"stages=[{', '.join(stages)}]", f"seed={seed}"])
-        report = run_recipe(recipe, output=out, force=True, console=console)
-        student = serve_pass(STUDENT, out / report["stages"][-2]["artifact"])["accuracy"]
-        served = serve_pass(SERVED, out / "stages" / export / "onnx-int8")["accuracy"]
+        run = make_student(teacher_dir, args.out / f"seed{seed}", console, seed=seed)
+        student = serve_pass(STUDENT, run.student)["accuracy"]
+        served = serve_pass(SERVED, run.served)["accuracy"]
         rows.append({"seed": seed, "student_accuracy": round(student, 4),
                      "served_accuracy": round(served, 4),
                      "served_acc_delta": round(served - teacher, 4)})
@@ -56,7 +51,7 @@ def main() -> None:
         "teacher": "MiniLM-L6 tuned on Rotten Tomatoes (recipes/minilm-rotten-tomatoes.yaml "
                    "stage 0, seed 0)",
         "teacher_accuracy": round(teacher, 4),
-        "student": {"recipe": str(SERVING.relative_to(ROOT)), "stages": stages[:-1]},
+        "student": {"recipe": str(SERVING.relative_to(ROOT)), "stages": served_stages()[:-1]},
         "split": "test", "batch": BATCH, "seeds": rows,
         "served_accuracy_mean": round(statistics.mean(served), 4),
         "served_accuracy_sd": round(statistics.stdev(served), 4) if len(rows) > 1 else None,
