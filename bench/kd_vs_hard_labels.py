@@ -4,7 +4,8 @@ Runs the distill and evaluate stages of `recipes/minilm-rotten-tomatoes.yaml` fr
 teacher, for alpha = 0.5 (KD) and alpha = 1.0 (hard labels only), seeds 0, 1, 2; prints a
 table and writes bench/results/kd_vs_hard_labels.json. One seed's difference is within noise
 on 1,280 test examples, so the means over seeds are what to compare. The default teacher is
-the one `bench/attach_adapters.py` tuned (the same finetune stage, settings and seed).
+the benchmarks' cached one (`minilm_stages.tuned_teacher`: the recipe's own finetune stage,
+settings and seed, on the whole data).
 
     HF_HUB_OFFLINE=1 nice -n 19 python bench/kd_vs_hard_labels.py [--teacher DIR]
 """
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import load_recipe, run_recipe
+from minilm_stages import tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes.yaml"
@@ -28,8 +30,7 @@ RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes.yaml"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path,
-                    default=ROOT / "runs/attach-adapters/stages/00-finetune/model",
-                    help="a tuned teacher (the finetune stage's model of the recipe)")
+                    help="a tuned teacher's folder (default: the benchmarks' cached one)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-kd-vs-hard",
@@ -42,12 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
 
-    if not (args.teacher / "config.json").is_file():
-        console.print(f"[yellow]{args.teacher} not found: tuning the teacher first[/]")
-        recipe = load_recipe(RECIPE, ["stages=[{kind: finetune, epochs: 3, bf16: auto}]",
-                                      *args.overrides])
-        run_recipe(recipe, output=args.out / "teacher", force=True, console=console)
-        args.teacher = args.out / "teacher/stages/00-finetune/model"
+    args.teacher = args.teacher or tuned_teacher(console)
 
     rows = []
     for alpha in args.alphas:

@@ -9,8 +9,9 @@
      B. 2 layers, hidden 256: progressive final (4 heal epochs) vs one cut + 4 epochs
 
 Prints a table and writes bench/results/progressive_vs_oneshot.json. The default teacher is
-the one `bench/attach_adapters.py` tuned (the recipe's own finetune stage, same seed and
-settings, then skips itself: the teacher is already tuned for these labels).
+the benchmarks' cached one (`minilm_stages.tuned_teacher`: the default recipe's tuning, which
+is this recipe's finetune stage, same seed and settings; that stage then skips itself, the
+teacher being tuned for these labels already).
 
     HF_HUB_OFFLINE=1 nice -n 19 python bench/progressive_vs_oneshot.py [--teacher DIR]
     python bench/progressive_vs_oneshot.py --reuse   # re-read finished runs, train nothing
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import load_recipe, run_recipe
+from minilm_stages import tuned_teacher
 from provenance import RESULTS, ROOT, write_result
 
 RECIPE = ROOT / "recipes" / "minilm-progressive.yaml"
@@ -54,7 +56,7 @@ def progressive_steps(run: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path,
-                    default=ROOT / "runs/attach-adapters/stages/00-finetune/model")
+                    help="a tuned teacher's folder (default: the benchmarks' cached one)")
     ap.add_argument("--run", type=Path, default=ROOT / "runs/minilm-progressive",
                     help="the progressive run (made here unless it has finished already)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-progressive-vs-oneshot",
@@ -64,7 +66,7 @@ def main() -> None:
                     help="reuse one-shot runs of an earlier invocation that finished")
     args = ap.parse_args()
     console = Console()
-    teacher_override = [f"teacher.model={args.teacher}"] if args.teacher.is_dir() else []
+    teacher_override = [f"teacher.model={args.teacher or tuned_teacher(console)}"]
     if not (args.run / "report.json").is_file():
         run_recipe(load_recipe(RECIPE, teacher_override), output=str(args.run), force=True,
                    console=console)

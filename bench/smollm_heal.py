@@ -68,7 +68,7 @@ def recipe(arm: str, steps: int, eval_blocks: int) -> dict:
     heal = {"epochs": 1 / len(schedule), "batch_size": BATCH, "eval_batch_size": 8,
             "learning_rate": LR, "bf16": "auto", "log_every": 10, "keep_best": False,
             "checkpoint_every": None} | {k: v for k, v in overrides.items()
-                                          if k not in ("loss", "share")}
+                                         if k not in ("loss", "share")}
     heal["loss"] = loss
     # The same number of blocks for every arm; `share` of them sampled from the teacher.
     # (At least one corpus block: the mixture is still the data whose held-out text is scored.)
