@@ -93,11 +93,13 @@ def explain(exc: BaseException) -> str | None:
 
 
 def _name_flags(message: str, flags: dict[str, str]) -> str:
-    """`message` with each whole recipe key of `flags` replaced by its option."""
+    """`message` with each whole recipe key of `flags` replaced by its option (an item's
+    index too: `stages.0.formats.1` is the option `--format`, given twice or more)."""
     import re
 
     for key in sorted(flags, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w])", flags[key], message)
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?:\.\d+)?(?![\w])", flags[key],
+                         message)
     return message
 
 
@@ -357,7 +359,8 @@ def attach(student: Annotated[str | None, typer.Argument(
 
 @app.command("export")
 @_user_errors(DATA_FLAGS | {"teacher.model": "MODEL", "stages.0.formats": "--format",
-                            "teacher.task": "--task"})
+                            "teacher.task": "--task", "stages.0.split": "--split",
+                            "stages.0.batch_size": "--batch-size"})
 def export_cmd(model: Annotated[str, typer.Argument(
                    help="A saved model: classifier or causal LM directory, built-in name.")],
                fmt: Annotated[list[str] | None, typer.Option(
@@ -373,6 +376,11 @@ def export_cmd(model: Annotated[str, typer.Argument(
                text_column: str = "text", label_column: str = "label",
                data_config: DataConfigOpt = None, data_split: DataSplitOpt = None,
                max_length: int = 128,
+               split: Annotated[str, typer.Option(
+                   help="test or validation: where every artifact is checked.")] = "test",
+               batch_size: Annotated[int, typer.Option(
+                   help="The check's batch size (ONNX int8 scales its activations per batch: "
+                        "give the batch you serve with).")] = 64,
                trim_vocabulary: Annotated[bool, typer.Option(
                    help="Keep only the tokens the data uses (and the special ones).")] = False,
                latency: Annotated[bool, typer.Option(help="Time every artifact.")] = True,
@@ -389,8 +397,9 @@ def export_cmd(model: Annotated[str, typer.Argument(
 
     cfg = DataConfig(dataset=data or "", text_column=text_column, label_column=label_column,
                      max_length=max_length, config=data_config, split=data_split)
-    got = export(model, cfg, fmt, output=output, force=force,
-                 console=console, task=task, latency=latency, trim_vocabulary=trim_vocabulary)
+    got = export(model, cfg, fmt, output=output, force=force, console=console, task=task,
+                 latency=latency, trim_vocabulary=trim_vocabulary, split=split,
+                 batch_size=batch_size)
     metric = next(iter(got["exports"].values()))["metric"]["name"]
     table = Table("artifact", metric, "max |Δlogit|", "agreement", "MB", "batch 1 (ms)",
                   "batch 32 (ms)", title=escape(f"{model} exported ({got['run_dir']})"))

@@ -355,7 +355,8 @@ def _allowed_after_training_failure(rel: Path) -> bool:
     return len(parts) == 2 or parts[2] in ("log.jsonl", "checkpoint", "precision.json")
 
 
-COMMANDS = ("run", "validate", "recipes", "inspect", "shrink", "attach", "eval", "report")
+COMMANDS = ("run", "validate", "recipes", "inspect", "shrink", "attach", "eval", "export",
+            "report")
 
 
 def check(case: Case, env: Env, tmp_path: Path) -> None:

@@ -158,6 +158,27 @@ CASES: list[Case] = [
         ("config of a file", "--data-config: 'en' picks a config of a hub dataset",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--data-config", "en"]),
     ]),
+    # --- distill export
+    *command_cases("export", [
+        ("missing model", "model path not found",
+         lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv), "-o", str(out)]),
+        ("unknown format", "--format: 'tflite' is not allowed; allowed: 'bf16'",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--format", "tflite", "-o",
+                         str(out)]),
+        ("unknown split", "--split: 'train' is not allowed; allowed: 'test', 'validation'",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--split", "train", "-o",
+                         str(out)]),
+        ("batch size 0", "--batch-size: 0 is out of range",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "--batch-size", "0", "-o",
+                         str(out)]),
+        ("pickled model", "pickled",
+         lambda e, out: [e["pickled"], "--data", str(e.csv), "-o", str(out)]),
+        ("-o a folder distill did not make, --force", "is not empty and was not made by distill",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "-o", str(foreign(out)),
+                         "--force"]),
+        ("-o is the model it reads", "which this command reads",
+         lambda e, out: [str(e.bert), "--data", str(e.csv), "-o", str(e.bert), "--force"]),
+    ]),
     # --- distill inspect
     *command_cases("inspect", [
         ("missing model", "model path not found", lambda e, out: [str(e.root / "no-model")]),

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -131,10 +132,15 @@ def test_the_python_api_and_the_cli(tiny_teacher: Path, tiny_csv: Path, tmp_path
     assert "latency_ms" not in got["exports"]["onnx"]
     result = CliRunner().invoke(app, ["export", str(tiny_teacher), "--format", "onnx-int8",
                                       "--data", str(tiny_csv), "--max-length", "16",
+                                      "--split", "validation", "--batch-size", "3",
                                       "--no-latency", "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "onnx-int8" in result.output and "agreement" in result.output
     assert (tmp_path / "cli/stages/00-export/onnx-int8/model.onnx").is_file()
+    stage = yaml.safe_load((tmp_path / "cli/recipe.yaml").read_text())["stages"][0]
+    assert (stage["split"], stage["batch_size"]) == ("validation", 3)
+    rows = json.loads((tmp_path / "cli/stages/00-export/metrics.json").read_text())["exports"]
+    assert rows["onnx-int8"]["metric"]["split"] == "validation"
 
 
 def test_missing_onnx_packages_are_named_before_anything_runs(
