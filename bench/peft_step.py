@@ -7,7 +7,8 @@ For each, two copies of the same weights are wrapped, one by `peft_methods.apply
 the adapter's weights. Rounds alternate ours / PEFT (drift hits both); the ratio is the sum
 of our times over the sum of PEFT's. Also timed, in eval mode at the training batch: a forward
 of the unmerged adapted model (ours, PEFT's) and of ours merged into the weights
-(`merge_and_unload`: what a distill stage hands on), to show what merging buys at serving.
+(`merge_and_unload`: what a distill stage hands on), to show what merging buys at serving:
+the three alternate too, fastest round each.
 
     HF_HUB_OFFLINE=1 python bench/peft_step.py      # -> bench/results/peft_step.json (~4 min)
 """
@@ -74,12 +75,19 @@ def timed(fn, n: int) -> float:
     return time.perf_counter() - start
 
 
-def forward_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> float:
-    model.eval()
+def forward_seconds(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], n: int,
+                    rounds: int) -> dict[str, float]:
+    """Seconds of one eval forward of each model at the batch: the fastest of `rounds`
+    alternating rounds of `n` forwards (drift of the machine's speed hits every model)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    best = dict.fromkeys(models, float("inf"))
     with torch.inference_mode():
-        model(**inputs)  # warm-up
-        return timed(lambda: model(**inputs), n) / n
+        for model in models.values():
+            model.eval()(**inputs)  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                best[name] = min(best[name], timed(lambda: model(**inputs), n) / n)
+    return best
 
 
 def bench(name: str, steps: int | None, rounds: int, console: Console) -> dict:
@@ -109,15 +117,15 @@ def bench(name: str, steps: int | None, rounds: int, console: Console) -> dict:
             times[who].append(timed(fn, steps))
         console.print(f"{name} round {r}: " + ", ".join(
             f"{k} {v[-1] / steps:.3f} s/step" for k, v in times.items()))
-    latency = {"ours_unmerged": forward_seconds(ours, batch, steps),
-               "peft_unmerged": forward_seconds(theirs, batch, steps)}
-    merged = peft_methods.merge_and_unload(ours)
-    latency["ours_merged"] = forward_seconds(merged, batch, steps)
+    merged = peft_methods.merge_and_unload(copy.deepcopy(ours))
+    forwards = max(1, steps // 2)
+    latency = forward_seconds({"ours_unmerged": ours, "peft_unmerged": theirs,
+                               "ours_merged": merged}, batch, forwards, rounds)
     return {"source": spec["source"], "batch": list(spec["batch"]), "r": spec["r"],
             "target_modules": spec["targets"], "trainable_params": trainable,
             "steps_per_round": steps, "rounds": rounds, "seconds": times,
             "step_ratio": sum(times["ours"]) / sum(times["peft"]),
-            "forward_seconds": latency,
+            "forward_seconds": latency, "forwards_per_round": forwards,
             "merged_over_unmerged": latency["ours_merged"] / latency["ours_unmerged"]}
 
 
