@@ -26,6 +26,10 @@ from torch import nn
 
 # The task heads PEFT saves for a classification task (PeftModelForSequenceClassification).
 HEAD_NAMES = ("classifier", "score")
+# What PEFT (0.22 on) lists in a classifier adapter's modules_to_save: the heads and
+# DistilBERT's `pre_classifier`, initialized at random like the head. A model has some of
+# them only, so the others missing from it is no mistake in a saved config.
+CLASSIFIER_MODULES = (*HEAD_NAMES, "pre_classifier")
 
 
 @dataclass(frozen=True)
@@ -236,16 +240,16 @@ def resolve_modules_to_save(model: nn.Module, config: MethodConfig, task_type: s
     keys = config.modules_to_save
     auto = keys is None
     if auto:
-        keys = list(HEAD_NAMES) + ["pooler"] if task_type == "SEQ_CLS" else []
+        keys = list(CLASSIFIER_MODULES) + ["pooler"] if task_type == "SEQ_CLS" else []
     found = [n for n, _ in model.named_modules() if n and module_matches(n, keys)]
     # keep outermost matches only (`classifier` and `classifier.dense` both match otherwise)
     found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
     if not auto:
         heads_found = any(module_matches(n, list(HEAD_NAMES)) for n in found)
         for key in keys:
-            # PEFT's classifier configs list both head names (`classifier`, `score`); a
-            # model has one of them, so the other one missing is not a mistake.
-            if key in HEAD_NAMES and heads_found:
+            # PEFT's classifier configs list every CLASSIFIER_MODULES name; a model has
+            # some of them only.
+            if key in CLASSIFIER_MODULES and heads_found:
                 continue
             if not any(module_matches(n, [key]) for n in found):
                 leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_methods as pm
 from peft_methods.lora import LoraLinear
-from tiny_models import FAMILIES, apply, build, inputs, labels_for, logits
+from tiny_models import FAMILIES, VOCAB, apply, build, inputs, labels_for, logits
 
 TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 # A new-task classifier saves its head and pooler (METHODS.md §3); PEFT needs them named.
@@ -182,6 +182,25 @@ def test_bad_target_names_close_names() -> None:
         apply(build("llama"), "lora", target_modules=r".*\.nothing")
     with pytest.raises(pm.PeftMethodError, match="linear layers"):
         apply(build("llama"), "lora", target_modules=["embed_tokens"])
+
+
+def test_classifier_modules_to_save_as_peft_lists_them() -> None:
+    """PEFT (0.22 on) saves a classifier's adapter with modules_to_save [classifier, score,
+    pre_classifier]: a model has some of them only, which is no mistake; DistilBERT's
+    `pre_classifier`, initialized at random like its head, trains fully by default as in PEFT;
+    a misspelt name is still refused."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    listed = apply(build("bert"), "lora", modules_to_save=["classifier", "score",
+                                                           "pre_classifier"])
+    assert listed.modules_to_save == ["classifier"]
+    distil = apply(DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, num_labels=2)),
+        "lora", target_modules=["q_lin", "v_lin"])
+    assert distil.modules_to_save == ["pre_classifier", "classifier"]
+    with pytest.raises(pm.PeftMethodError, match="'classifer' matches no module; close "
+                                                 "names: classifier"):
+        apply(build("bert"), "lora", modules_to_save=["classifer"])
 
 
 @pytest.mark.parametrize("options, message", [
