@@ -27,7 +27,7 @@ un-narrowed student's: 1.75-1.8 s or 2.4-2.5 s in successive fresh processes, wi
 without `OMP_WAIT_POLICY=PASSIVE`, while the teacher's pass stayed within 8.7-9.7 s). The
 un-narrowed student's slow phase sat near 4x, so 5 rounds were run; the narrowed one's
 slowest of 5 passes was 3.93x the teacher's fastest and its median 5.47x (serving.json at
-cf0f79b), so 3 rounds now (1.5 min less of `make bench`). `served_speedup` = the teacher's
+cf0f79b), so 3 rounds now (a round is ~45 s of `make bench`). `served_speedup` = the teacher's
 fastest pass / the served student's; `served_acc_delta` = the served student's test
 accuracy − the teacher's. The float32 PyTorch student is timed beside them, to show what the
 cuts and what int8 + ONNX Runtime each give.
@@ -121,9 +121,10 @@ def one_pass(model, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, torch
     return seconds, torch.cat(predictions)
 
 
-def serve_pass(name: str, folder: Path) -> dict:
-    """One untimed and one timed pass of the model in `folder` over the serving recipe's
-    test split (read as a run reads it), in this process (which holds nothing else)."""
+def serve_pass(name: str, folder: Path, warm_up: bool = True) -> dict:
+    """One untimed (`warm_up`) and one timed pass of the model in `folder` over the serving
+    recipe's test split (read as a run reads it), in this process (which holds nothing
+    else). Without the warm-up the seconds are no latency; the accuracy is the same."""
     recipe = load_recipe(SERVING, ["stages=[{kind: finetune}]"])
     data = get_task(recipe.teacher.task).load_data(recipe.data).test  # as a run splits it
     if name == SERVED:
@@ -131,8 +132,9 @@ def serve_pass(name: str, folder: Path) -> dict:
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
     inputs = batches(AutoTokenizer.from_pretrained(folder), data.texts, recipe.data.max_length)
-    one_pass(model.eval(), inputs)  # warm-up
-    seconds, predicted = one_pass(model, inputs)
+    if warm_up:
+        one_pass(model.eval(), inputs)
+    seconds, predicted = one_pass(model.eval(), inputs)
     accuracy = float((predicted == torch.tensor(data.labels)).float().mean())
     return {"seconds": round(seconds, 3), "accuracy": accuracy, "batches": len(inputs),
             "examples": len(data.labels)}

@@ -5,8 +5,8 @@ stages (recipes/minilm-serving.yaml after its teacher tuning: the 3-layer distil
 MLP narrowing with its KD heal, the export to ONNX int8 with a trimmed vocabulary) once per
 seed in `--seeds`, each from the same cached teacher (`minilm_stages.tuned_teacher`), and
 scores the teacher, each float32 student and each served artifact as serving.py does: the
-whole test split in batches of 32, each model loaded the way a server loads it. Nothing is
-timed. Not part of `make bench` (about 6 minutes a seed).
+whole test split in batches of 32, each model loaded the way a server loads it, one pass each.
+Nothing is timed. Not part of `make bench` (about 6 minutes a seed).
 
     HF_HUB_OFFLINE=1 python bench/serving_seeds.py
     # -> bench/results/serving_seeds.json (~20 min)
@@ -34,12 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     teacher_dir = tuned_teacher(console)
-    teacher = serve_pass(TEACHER, teacher_dir)["accuracy"]
+    teacher = serve_pass(TEACHER, teacher_dir, warm_up=False)["accuracy"]
     rows = []
     for seed in args.seeds:
         run = make_student(teacher_dir, args.out / f"seed{seed}", console, seed=seed)
-        student = serve_pass(STUDENT, run.student)["accuracy"]
-        served = serve_pass(SERVED, run.served)["accuracy"]
+        student = serve_pass(STUDENT, run.student, warm_up=False)["accuracy"]
+        served = serve_pass(SERVED, run.served, warm_up=False)["accuracy"]
         rows.append({"seed": seed, "student_accuracy": round(student, 4),
                      "served_accuracy": round(served, 4),
                      "served_acc_delta": round(served - teacher, 4)})

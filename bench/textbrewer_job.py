@@ -29,7 +29,7 @@ To fit `make bench`'s budget the three train on the first `--examples` training 
 (default 1,280: 40 steps an epoch, 1/8 of the split; the validation and test splits are
 whole). Our job's fixed costs (loading, validation, saving) weigh more on a shorter job, so
 this understates our speed-up over a whole-split job. (1,920 examples until the serving
-bench grew: speed-up 2.73, ours − TextBrewer +0.0057 at 960a56c; 3.5 min more of `make bench`.)
+bench grew: speed-up 2.73, ours − TextBrewer +0.0057 at 960a56c; 3.4 min more of `make bench`.)
 
     HF_HUB_OFFLINE=1 python bench/textbrewer_job.py
     # -> bench/results/textbrewer_job.json (~8 min)

@@ -23,6 +23,11 @@ def env(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathFactor
     return make_env(tiny_bert, tiny_csv, tmp_path_factory)
 
 
+def exported(e: Env, out: Path, *args: str) -> list[str]:
+    """`distill export` arguments: `args`, then the tiny data and `-o out`."""
+    return [*args, "--data", str(e.csv), "-o", str(out)]
+
+
 CASES: list[Case] = [
     # --- the output folder
     Case("output exists without --force", "already exists; pass --force",
@@ -158,26 +163,21 @@ CASES: list[Case] = [
         ("config of a file", "--data-config: 'en' picks a config of a hub dataset",
          lambda e, out: [str(e.bert), "--data", str(e.csv), "--data-config", "en"]),
     ]),
-    # --- distill export
+    # --- distill export (the model, then options; the tiny data and `-o` follow: `exported`)
     *command_cases("export", [
         ("missing model", "model path not found",
-         lambda e, out: [str(e.root / "no-model"), "--data", str(e.csv), "-o", str(out)]),
+         lambda e, out: exported(e, out, str(e.root / "no-model"))),
         ("unknown format", "--format: 'tflite' is not allowed; allowed: 'bf16'",
-         lambda e, out: [str(e.bert), "--data", str(e.csv), "--format", "tflite", "-o",
-                         str(out)]),
+         lambda e, out: exported(e, out, str(e.bert), "--format", "tflite")),
         ("unknown split", "--split: 'train' is not allowed; allowed: 'test', 'validation'",
-         lambda e, out: [str(e.bert), "--data", str(e.csv), "--split", "train", "-o",
-                         str(out)]),
+         lambda e, out: exported(e, out, str(e.bert), "--split", "train")),
         ("batch size 0", "--batch-size: 0 is out of range",
-         lambda e, out: [str(e.bert), "--data", str(e.csv), "--batch-size", "0", "-o",
-                         str(out)]),
-        ("pickled model", "pickled",
-         lambda e, out: [e["pickled"], "--data", str(e.csv), "-o", str(out)]),
+         lambda e, out: exported(e, out, str(e.bert), "--batch-size", "0")),
+        ("pickled model", "pickled", lambda e, out: exported(e, out, e["pickled"])),
         ("-o a folder distill did not make, --force", "is not empty and was not made by distill",
-         lambda e, out: [str(e.bert), "--data", str(e.csv), "-o", str(foreign(out)),
-                         "--force"]),
+         lambda e, out: exported(e, foreign(out), str(e.bert), "--force")),
         ("-o is the model it reads", "which this command reads",
-         lambda e, out: [str(e.bert), "--data", str(e.csv), "-o", str(e.bert), "--force"]),
+         lambda e, out: exported(e, e.bert, str(e.bert), "--force")),
     ]),
     # --- distill inspect
     *command_cases("inspect", [
