@@ -18,12 +18,17 @@ class RecipeError(DistillError):
     Args:
         problems: one line per problem, each naming the dotted key, the bad value and what is
             allowed.
+        source: the recipe file, named in the message.
+        command: the CLI command whose options built the recipe (`distill export`), named
+            instead of a recipe the user never wrote.
     """
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
+    def __init__(self, problems: list[str], source: str | None = None,
+                 command: str | None = None) -> None:
         self.problems = list(problems)
         self.source = source
-        head = f"invalid recipe{f' {source}' if source else ''}"
+        head = (f"{command}: invalid options" if command
+                else f"invalid recipe{f' {source}' if source else ''}")
         if len(self.problems) == 1:
             message = f"{head}: {self.problems[0]}"
         else:

@@ -58,8 +58,8 @@ NO_GGUF_READER = {
     "bart": "neither llama.cpp nor transformers has a GGUF architecture for BART",
     "gptj": 'llama.cpp writes "gptj", which transformers does not read',
 }
-T5_MISREAD = ("transformers 5.23 rebuilds a T5 GGUF as a gated-ReLU T5 with scaled decoder "
-              "outputs, whatever the file holds")
+T5_MISREAD = ("transformers (5.23 to 5.25 at least) rebuilds a T5 GGUF as a gated-ReLU T5 "
+              "with scaled decoder outputs, whatever the file holds")
 
 
 DECODERS = [name for name in GGUF_FAMILIES if name != "t5"]

@@ -45,7 +45,7 @@ def attach_recipe(student: str, method: str, data: DataConfig, options: dict[str
     raw = recipe_to_dict(Recipe(name=name or f"attach-{method}", teacher=ModelSpec(model=student),
                                 data=data, stages=[AdaptStage()]))
     raw["stages"] = [stage]
-    return recipe_from_dict(raw, source="distill attach")
+    return recipe_from_dict(raw, command="distill attach")
 
 
 def attach(student: str, method: str, data: DataConfig, options: dict[str, Any] | None = None,

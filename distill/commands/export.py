@@ -32,7 +32,7 @@ def export_recipe(model: str, data: DataConfig, formats: list[str] | None = None
     if formats is not None:
         stage["formats"] = formats
     raw["stages"] = [{"kind": "export", "model": "teacher", **stage}]
-    return recipe_from_dict(raw, source="distill export")
+    return recipe_from_dict(raw, command="distill export")
 
 
 def export(model: str, data: DataConfig, formats: list[str] | None = None,

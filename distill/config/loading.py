@@ -84,12 +84,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
-    """Validate raw recipe data; raise `RecipeError` listing every problem."""
+def recipe_from_dict(data: Any, source: str | None = None, command: str | None = None
+                     ) -> Recipe:
+    """Validate raw recipe data; raise `RecipeError` listing every problem (naming `source`,
+    the file, or `command`, the CLI command whose options built the data)."""
     conv = Converter()
     recipe = conv.dataclass(data, Recipe, "")
     if conv.problems:
-        raise RecipeError(conv.problems, source)
+        raise RecipeError(conv.problems, source, command)
     return recipe
 
 
