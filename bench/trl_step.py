@@ -12,15 +12,17 @@ float32, AdamW at 1e-4, gradient clipping at 1.0, the teacher run live on every 
 cache: TRL has none). Each side trains one epoch over the same blocks in a fresh process:
 ours through the recipes' own `kd_train` (what a distill or heal stage runs), TRL's through
 `GKDTrainer.train()`; each side's seconds are its training loop's (TRL: `on_train_begin` to
-`on_train_end`, ours: the loop's own clock), model loading excluded. Rounds alternate the two.
+`on_train_end`, ours: the loop's own clock), model loading excluded. Rounds alternate the two,
+each round swapping who goes first: 2 rounds (3 until ab1f8d3, where ours was faster in each,
+3.63 s against 3.71 s in the best rounds; 2 keep `make bench` near 30 minutes).
 Both use PyTorch's fused AdamW (TRL's default `adamw_torch_fused`, ours on plain CPU weights).
 TRL's activation checkpointing (on by default in its SFT-based configs) is turned off: it
 recomputes the forward in the backward pass, work our loop does not do.
 
 `step_ratio` = our seconds per step / TRL's (the better round of each).
 
-    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 3]
-    # -> bench/results/trl_step.json (~4 min)
+    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 2]
+    # -> bench/results/trl_step.json (~2.5 min)
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def trl(work: Path, blocks: int, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "trl_step.json")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child process's side
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -146,7 +148,9 @@ def main() -> int:
         prepare(work, LAYERS)
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for r in range(args.rounds):
-            for side in ("ours", "trl"):
+            # Each round swaps who goes first (a machine that slows or speeds up over the run
+            # favours neither).
+            for side in ("ours", "trl")[::1 if r % 2 == 0 else -1]:
                 out = subprocess.run(
                     [sys.executable, __file__, "--side", side, "--work", str(work),
                      "--name", f"{side}-{r}", "--blocks", str(args.blocks)],
