@@ -9,11 +9,11 @@ from the metadata must all be right for them to match. Where transformers' reade
 config field from the file, the tiny model uses the value the reader assumes (`GGUF_FAMILIES`).
 The tokenizer must come along too.
 
-Rows (transformers 5.23, gguf 0.19): llama, mistral (llama.cpp writes it as "llama", so it comes
-back a LlamaForCausalLM: the same function), qwen2, qwen3, phi3, gpt2, gemma2, gemma3_text,
-bloom (its per-head QKV stacked as llama.cpp stores it), stablelm, starcoder2.
+Rows (transformers 5.23 and 5.25, gguf 0.19): llama, mistral (llama.cpp writes it as "llama",
+so it comes back a LlamaForCausalLM: the same function), qwen2, qwen3, phi3, gpt2, gemma2,
+gemma3_text, bloom (its per-head QKV stacked as llama.cpp stores it), stablelm, starcoder2.
 
-t5: distill refuses encoder–decoder GGUF files with a clear error, because transformers 5.23
+t5: distill refuses encoder–decoder GGUF files with a clear error, because transformers 5.25
 reads them wrongly: it sets `is_gated_act` on the T5Config it rebuilds, which the config
 recomputes from `feed_forward_proj` (left at "relu"), and the config comes back with
 `scale_decoder_outputs` on (original, tied T5's logit scaling) even for a file with an untied
@@ -22,7 +22,7 @@ T5 v1.0 file (plain ReLU) as a gated FFN whose `wi_0` is left at random init. A 
 expected failure reads the flan-T5 file with transformers directly: it starts passing, and so
 fails, once transformers reads T5 right, which is when the refusal should go.
 
-No row for the families in `NO_GGUF_READER`: transformers 5.23 has no GGUF reader for their
+No row for the families in `NO_GGUF_READER`: transformers 5.25 has no GGUF reader for their
 architecture (none in `GGUF_CONFIG_MAPPING`), whatever llama.cpp writes for them.
 """
 

@@ -10,9 +10,10 @@ and greedy generation on the decoders equals PEFT's in both directions.
 PEFT 0.21.2 predates transformers 5.24, which renamed the models' `past_key_values` argument to
 `cache`: on 5.24 PEFT's prompt-learning `generate` no longer hands its prompt/prefix to the
 cached decoding steps, and its prefix tuning refuses BERT classifiers ("Model does not support
-past key values"), while our outputs are the same on both versions. The locked set (5.23) runs
-every comparison; with 5.24+ (`make test-latest`) exactly those cases are strict expected
-failures (`peft_cache_bug`), so they still run and a fixed PEFT release turns them red.
+past key values"), while our outputs are the same on both versions. PEFT 0.22.0 follows the
+rename and the locked set (transformers 5.25.0, peft 0.22.0) runs every comparison; with PEFT
+<= 0.21.2 on transformers 5.24+ exactly those cases are strict expected failures
+(`peft_cache_bug`), so they still run.
 """
 
 from __future__ import annotations

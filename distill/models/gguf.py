@@ -64,8 +64,8 @@ def gguf_to_hf(gguf_path: str | Path) -> Path:
 
     Raises:
         DistillError: the file is missing, is not a `.gguf`, transformers cannot read it, it
-            is an encoder–decoder file (read wrongly by transformers 5.23), or it leaves some
-            of the model's weights unset.
+            is an encoder–decoder file (read wrongly by transformers 5.23-5.25), or it leaves
+            some of the model's weights unset.
     """
     path = Path(gguf_path).expanduser()
     if not path.is_file():
@@ -115,7 +115,7 @@ def _convert(path: Path, out_dir: Path) -> None:
 
     Decoder-only files (llama, mistral, qwen2, qwen3, phi3, gpt2, gemma2, gemma3, ...: the
     architectures transformers reads from GGUF, tests/test_gguf_families.py) load as causal
-    LMs. Encoder–decoder files (T5) are refused: transformers 5.23 rebuilds them with a gated
+    LMs. Encoder–decoder files (T5) are refused: transformers 5.23-5.25 rebuild them with a gated
     ReLU feed-forward and scaled decoder outputs whatever the file holds (a flan-T5 file loads
     as another function, silently). A file whose tensors leave some of the model's weights
     unset is refused too, rather than saved with those weights at random init.
