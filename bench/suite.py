@@ -62,7 +62,8 @@ FIGURES = [
            "the SmolLM2 recipe's heal loop without / with the top-k cache (20-layer student, "
            "LoRA, bf16 auto); bounded by FLOPs (flop_bound in its JSON)"),
     Figure("trl_step_ratio", "trl_step", lambda d: d["step_ratio"], "<=", 1.0,
-           "our LM distillation step / TRL's, same teacher, student, batch and loss"),
+           "our LM distillation step / TRL's, same teacher, student, batch and loss (median "
+           "of the rounds' ratios)"),
     Figure("served_speedup", "serving", lambda d: d["served_speedup"], ">=", 4.0,
            "fp32 PyTorch teacher latency / the best exported student's, batch 32"),
     Figure("served_acc_delta", "serving", lambda d: d["served_acc_delta"], ">=", -0.01,

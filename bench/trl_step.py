@@ -13,16 +13,21 @@ cache: TRL has none). Each side trains one epoch over the same blocks in a fresh
 ours through the recipes' own `kd_train` (what a distill or heal stage runs), TRL's through
 `GKDTrainer.train()`; each side's seconds are its training loop's (TRL: `on_train_begin` to
 `on_train_end`, ours: the loop's own clock), model loading excluded. Rounds alternate the two,
-each round swapping who goes first: 2 rounds (3 until ab1f8d3, where ours was faster in each,
-3.63 s against 3.71 s in the best rounds; 2 keep `make bench` near 30 minutes).
+each round swapping who goes first.
 Both use PyTorch's fused AdamW (TRL's default `adamw_torch_fused`, ours on plain CPU weights).
 TRL's activation checkpointing (on by default in its SFT-based configs) is turned off: it
 recomputes the forward in the backward pass, work our loop does not do.
 
-`step_ratio` = our seconds per step / TRL's (the better round of each).
+`step_ratio` = the median over rounds of our seconds per step / TRL's in the same round (the
+two runs next to each other in time). This machine's speed drifts in phases of tens of seconds
+to minutes (the same side's epoch took 4.68 to 5.29 s a step within one run): a ratio of the
+best round of each can pair one side's fast phase with the other's slow one, which read 1.033
+at a3283bf with 2 rounds (per round 1.040, 1.033; trl_step.json at 790d8b9) and 0.879 a few
+minutes later with 3 rounds (per round 0.993, 0.979, 0.873; trl_step_3rounds.json). Hence 3
+rounds, each round's ratio, and their median.
 
-    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 2]
-    # -> bench/results/trl_step.json (~2.5 min)
+    HF_HUB_OFFLINE=1 python bench/trl_step.py [--blocks 32] [--rounds 3]
+    # -> bench/results/trl_step.json (~4.5 min)
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,7 +135,7 @@ def trl(work: Path, blocks: int, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=RESULTS / "trl_step.json")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # a child process's side
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -160,13 +166,17 @@ def main() -> int:
                 runs[side].append(row)
                 print(side, json.dumps(row), flush=True)
     best = {side: min(r["seconds_per_step"] for r in rows) for side, rows in runs.items()}
+    paired = [round(o["seconds_per_step"] / t["seconds_per_step"], 3)
+              for o, t in zip(runs["ours"], runs["trl"])]
     result = {
         "teacher": TEACHER, "student_layers": LAYERS, "blocks": args.blocks,
         "block_tokens": BLOCK, "batch": BATCH, "precision": "fp32",
         "loss": "forward KL, full vocabulary, T = 1, alpha = 0 (TRL GKD: lmbda 0, beta 0)",
         "trl_version": trl_package.__version__, "runs": runs,
-        "seconds_per_step": best,
-        "step_ratio": round(best["ours"] / best["trl"], 3),
+        "seconds_per_step": best,  # the best round of each side
+        "best_round_ratio": round(best["ours"] / best["trl"], 3),
+        "round_ratios": paired,
+        "step_ratio": statistics.median(paired),
     }
     path = write_result(args.json, result)
     print(f"step_ratio {result['step_ratio']} -> {path}")
