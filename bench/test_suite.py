@@ -8,7 +8,7 @@ and records the pytest counts, the set-up and test times and the versions instal
 bench/results/test_suite.json (one entry per mode, the others kept), which the README's
 development table is generated from.
 
-    python bench/test_suite.py lock|ci|latest
+    python bench/test_suite.py lock|ci|latest [--log FILE]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=list(MODES))
     ap.add_argument("--json", type=Path, default=RESULTS / "test_suite.json")
+    ap.add_argument("--log", type=Path, help="also keep the set-up's and tests' output here "
+                    "(e.g. with PYTEST_ARGS=--durations=30 in the environment)")
     args = ap.parse_args()
     setup, test, venv = MODES[args.mode]
     with tempfile.TemporaryDirectory(prefix="distill-suite-") as tmp:
@@ -58,6 +60,8 @@ def main() -> int:
         setup_code, setup_seconds = timed(setup, clone, env, log) if setup else (0, 0.0)
         code, seconds = timed(test, clone, env, log) if setup_code == 0 else (setup_code, 0.0)
         text = log.read_text(errors="replace")
+        if args.log:
+            args.log.write_text(text, encoding="utf-8")
         summary = [line for line in text.splitlines() if COUNTS.search(line) and " in " in line]
         counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
                   for n, kind in COUNTS.findall(summary[-1])} if summary else {}
