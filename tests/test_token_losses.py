@@ -214,6 +214,37 @@ def test_masked_positions_change_nothing_and_get_no_gradient(pair) -> None:
     assert torch.equal(token_kd_loss(noisy, te, mask, chunk_size=4), loss.detach())
 
 
+def test_a_chunk_of_padding_only_gets_a_zero_gradient(pair) -> None:
+    """A chunk whose positions are all masked is skipped; its rows of the gradient are zeros
+    (the buffer is not zero-filled up front), the rest as with one chunk."""
+    s, te, mask = pair
+    mask = mask.clone()
+    mask[1] = False  # rows 7..13: exactly the second chunk of 7
+    grads = []
+    for chunk in (N, 10_000):
+        student = s.clone().requires_grad_(True)
+        token_kd_loss(student, te, mask, chunk_size=chunk).backward()
+        grads.append(student.grad)
+    assert torch.equal(grads[0][1], torch.zeros(N, V))
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-6
+
+
+def test_a_token_the_teacher_rules_out_adds_nothing(pair) -> None:
+    """A teacher logit of −inf (p = 0): 0·log 0 = 0, so the loss is finite and matches the
+    float64 formula; the gradient is finite too."""
+    s, te, mask = pair
+    te = te.clone()
+    te[0, 1, 4] = -math.inf
+    student = s.clone().requires_grad_(True)
+    loss = token_kd_loss(student, te, mask, temperature=2.0)
+    loss.backward()
+    rows = [(b, n) for b in range(B) for n in range(N) if mask[b, n]]
+    expected = 4.0 * sum(kl64(softmax64(te[b, n], 2.0), softmax64(s[b, n], 2.0))
+                         for b, n in rows) / len(rows)
+    assert abs(loss.item() - expected) <= 1e-5 * expected
+    assert torch.isfinite(student.grad).all()
+
+
 def test_nothing_to_learn_from_is_zero_not_nan(pair) -> None:
     s, te, _ = pair
     student = s.clone().requires_grad_(True)

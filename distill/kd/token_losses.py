@@ -135,7 +135,8 @@ class _ChunkedSum(torch.autograd.Function):
     """Σ over chunks of `fn(logits[rows of the chunk], *args)`, with the gradient of every
     chunk computed as soon as its value is (the Liger-kernel way): the float32 temporaries of
     one chunk exist at a time, nothing is recomputed, and the gradient is written straight into
-    one buffer of the logits' shape and dtype (no full-size zeros per chunk to add up).
+    one buffer of the logits' shape and dtype (no full-size zeros per chunk to add up). Chunks
+    come in order of their rows.
 
     forward(logits [R, V], fn, chunks: [(start, end, args)], closed_form) -> float32 scalar.
     With `closed_form`, `fn(part, *args, need_grad)` returns (value, gradient or None) itself
@@ -146,9 +147,14 @@ class _ChunkedSum(torch.autograd.Function):
     def forward(ctx, logits: Tensor, fn, chunks: list,  # type: ignore[override]
                 closed_form: bool = False) -> Tensor:
         need = logits.requires_grad
-        grad = torch.zeros_like(logits) if need else None
+        # Every chunk writes its rows; only the rows of no chunk (padding only) are zeroed.
+        grad = torch.empty_like(logits) if need else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        done = 0
         for start, end, args in chunks:
+            if need and start > done:
+                grad[done:start].zero_()
+            done = end
             part = logits[start:end].detach()
             if closed_form:
                 value, part_grad = fn(part, *args, need)
@@ -162,6 +168,8 @@ class _ChunkedSum(torch.autograd.Function):
             else:
                 value = fn(part, *args)
             total += value.detach()
+        if need and done < logits.shape[0]:
+            grad[done:].zero_()
         ctx.save_for_backward(grad) if need else None
         return total
 
@@ -225,8 +233,15 @@ def _forward_kl_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, tempe
         per_row = _kl(torch.cat([log_p_top, log_p_tail[:, None]], dim=-1),
                       torch.cat([log_q_top, log_q_tail[:, None]], dim=-1))
     else:
+        # The whole vocabulary: each [N, V] pass costs as much as the arithmetic (memory), so
+        # p is computed once for the value and the gradient, log p turns into log p − log q in
+        # place, and the row sums are dot products (no [N, V] temporaries for them).
         log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-        per_row = _kl(log_p, log_q)
+        p = log_p.exp()
+        # 0·log 0 = 0: a token the teacher rules out (logit −inf) adds p·(finite) = 0.
+        diff = log_p.clamp_(min=torch.finfo(log_p.dtype).min).sub_(log_q)
+        per_row = torch.linalg.vecdot(p, diff)
+        del diff, log_p
     value = torch.where(mask, per_row, torch.zeros_like(per_row)).sum()
     if not need_grad:
         return value, None
@@ -237,8 +252,9 @@ def _forward_kl_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, tempe
         grad.mul_((1.0 - ratio)[:, None])
         grad.scatter_(-1, idx, log_q_top.exp() - log_p_top.exp())
     else:
-        grad.sub_(log_p.exp_())
-    grad.mul_((mask.to(grad.dtype) / temperature)[:, None])
+        grad.sub_(p)
+    if temperature != 1.0 or not bool(mask.all()):
+        grad.mul_((mask.to(grad.dtype) / temperature)[:, None])
     return value, grad
 
 
