@@ -27,7 +27,8 @@ un-narrowed student's: 1.75-1.8 s or 2.4-2.5 s in successive fresh processes, wi
 without `OMP_WAIT_POLICY=PASSIVE`, while the teacher's pass stayed within 8.7-9.7 s). The
 un-narrowed student's slow phase sat near 4x, so 5 rounds were run; the narrowed one's
 slowest of 5 passes was 3.93x the teacher's fastest and its median 5.47x (serving.json at
-cf0f79b), so 3 rounds now (a round is ~45 s of `make bench`). `served_speedup` = the teacher's
+cf0f79b), so 3 rounds now (a round is 54-59 s of `make bench`: serving.py's time less the
+job's, over 3 rounds, at ab1f8d3 and a3283bf). `served_speedup` = the teacher's
 fastest pass / the served student's; `served_acc_delta` = the served student's test
 accuracy − the teacher's. The float32 PyTorch student is timed beside them, to show what the
 cuts and what int8 + ONNX Runtime each give.
@@ -132,9 +133,10 @@ def serve_pass(name: str, folder: Path, warm_up: bool = True) -> dict:
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
     inputs = batches(AutoTokenizer.from_pretrained(folder), data.texts, recipe.data.max_length)
+    model.eval()
     if warm_up:
-        one_pass(model.eval(), inputs)
-    seconds, predicted = one_pass(model.eval(), inputs)
+        one_pass(model, inputs)
+    seconds, predicted = one_pass(model, inputs)
     accuracy = float((predicted == torch.tensor(data.labels)).float().mean())
     return {"seconds": round(seconds, 3), "accuracy": accuracy, "batches": len(inputs),
             "examples": len(data.labels)}

@@ -233,8 +233,8 @@ def _forward_kl_sum(student: Tensor, teacher: Tensor | TopK, mask: Tensor, tempe
         per_row = _kl(torch.cat([log_p_top, log_p_tail[:, None]], dim=-1),
                       torch.cat([log_q_top, log_q_tail[:, None]], dim=-1))
     else:
-        # The whole vocabulary: each [N, V] pass costs as much as the arithmetic (memory), so
-        # p is computed once for the value and the gradient, log p turns into log p − log q in
+        # The whole vocabulary: few passes over [N, V] and few fresh [N, V] buffers. p is
+        # computed once for the value and the gradient, log p turns into log p − log q in
         # place, and the row sums are dot products (no [N, V] temporaries for them).
         log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
         p = log_p.exp()
