@@ -181,9 +181,16 @@ def run(recipe: Annotated[str | None, typer.Argument(
             "the running one continues from its last checkpoint.")] = None,
         ) -> None:
     """Run a recipe: every stage in order, then print the results table."""
+    import gc
+
     from distill.run.pipeline import resume_recipe, run_recipe
     from distill.config.loading import load_recipe
     from distill.run.report import print_report
+
+    # The imported modules' objects (~400k) live as long as the process: out of the garbage
+    # collector's sight, every full collection skips them (accelerate collects at each stage
+    # end: 0.2-0.3 s a pass with them, microseconds without).
+    gc.freeze()
 
     if resume is not None:
         if recipe is not None or overrides or output is not None or force:
@@ -466,7 +473,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
         raise DistillError(f"{run_dir} was not made by distill (no .distill.json); `distill "
                            "report` re-renders only runs of its own, and writes nothing here")
     with FolderLock(run_dir):
-        write_report(run_dir, data)
+        write_report(run_dir, data, redraw=True)
     print_report(data, console)
 
 

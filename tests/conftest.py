@@ -26,6 +26,15 @@ NEUTRAL = "the film movie story plot actor scene script is was a an and of it".s
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze the objects of the modules imported so far, as `distill run` does (distill/cli.py):
+    the runs of a test process collect garbage at every stage end (accelerate's free_memory),
+    and each collection would walk every module object the test files imported."""
+    import gc
+
+    gc.freeze()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on (for a test's own process group)."""
     with socket.socket() as s:

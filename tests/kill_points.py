@@ -5,7 +5,8 @@ Run as a script in a fresh interpreter so that no torch thread pool exists when 
     python tests/kill_points.py RECIPE.yaml WORKDIR N [N ...]
 
 The parent only imports; every run happens in a forked child, which inherits the imports (a
-second of training per child instead of seconds of imports). For each N:
+second of training per child instead of seconds of imports): the toolkit imports lazily, so
+after the reference run the parent imports every module that run did. For each N:
 
   WORKDIR/kill-N/run   a child runs the recipe and `os._exit`s just before its N-th call of
                        `os.replace` or `shutil.rmtree` (every commit and every deletion of the
@@ -18,6 +19,8 @@ points. `WORKDIR/results.json` holds each N's exit status of the killed and the 
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
 import shutil
@@ -77,9 +80,17 @@ def main(recipe_path: str, workdir: str, points: list[int]) -> None:
             run_recipe(load_recipe(recipe_path), output=run_dir, console=quiet)
             if kill_at is None:
                 (work / "trace.json").write_text(json.dumps(trace))
+                (work / "modules.json").write_text(json.dumps(sorted(sys.modules)))
         return job
 
     results = {"reference": _child(start(work / "reference" / "run", None, []))}
+    if results["reference"] == 0:
+        for name in json.loads((work / "modules.json").read_text()):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - a module only its importer can load; the
+                pass           # child then imports it as the reference did
+        gc.freeze()  # as `distill run` does: collections at stage ends skip the modules
     for n in points:
         run_dir = work / f"kill-{n}" / "run"
         killed = _child(start(run_dir, n, []))

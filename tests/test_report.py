@@ -190,6 +190,53 @@ def test_tradeoff_plot(tmp_path: Path, report: dict) -> None:
     assert plot_tradeoff(tmp_path / "x", {}) is None
 
 
+def test_a_plot_is_drawn_again_only_when_what_it_draws_changed(
+        tmp_path: Path, report: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline writes the report at every stage end: unchanged plots are kept (a run of
+    n stages would otherwise draw its first stage's loss plot n times)."""
+    import distill.run.report as module
+
+    drawn: list[str] = []
+    save = module._save
+    monkeypatch.setattr(module, "_save", lambda fig, path, digest: drawn.append(path.name)
+                        or save(fig, path, digest))
+    _distill_log(tmp_path)
+    _write_log(tmp_path, "02-adapt", [{"type": "train", "step": 1, "loss": 1.0}])
+    write_report(tmp_path, report)
+    every = ["loss_01-distill.png", "loss_02-adapt.png", "tradeoff.png", "adapters.png"]
+    assert drawn == every
+    drawn.clear()
+    write_report(tmp_path, report)
+    assert drawn == []
+    # One stage logs more: only its plot; a model's metric moves: the plots that show it.
+    with (tmp_path / "stages/02-adapt/log.jsonl").open("a") as log:
+        log.write(json.dumps({"type": "train", "step": 2, "loss": 0.5}) + "\n")
+    write_report(tmp_path, report)
+    assert drawn == ["loss_02-adapt.png"]
+    drawn.clear()
+    report["stages"][1]["model"]["metric"]["value"] = 0.85
+    write_report(tmp_path, report)
+    assert drawn == ["tradeoff.png"]
+    drawn.clear()
+    report["stages"][2]["model"]["metric"]["value"] = 0.81  # an adapter: not on the trade-off
+    write_report(tmp_path, report)
+    assert drawn == ["adapters.png"]
+    drawn.clear()
+    report["recipe"] = "renamed"  # every title
+    write_report(tmp_path, report)
+    assert drawn == every
+    drawn.clear()
+    # A plot overwritten by something else, or deleted, is drawn again; `redraw` draws all.
+    (tmp_path / "tradeoff.png").write_bytes(b"not a png")
+    (tmp_path / "loss_01-distill.png").unlink()
+    write_report(tmp_path, report)
+    assert drawn == ["loss_01-distill.png", "tradeoff.png"]
+    drawn.clear()
+    write_report(tmp_path, report, redraw=True)
+    assert drawn == every
+    assert all(_is_png(tmp_path / name) for name in every)
+
+
 def test_report_md_links_only_existing_plots(tmp_path: Path, report: dict) -> None:
     _distill_log(tmp_path)
     write_report(tmp_path, report)

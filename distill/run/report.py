@@ -5,10 +5,15 @@ tolerates a partially filled report -- a failed run still gets one: missing keys
 
     write_report(Path("runs/demo"), report)   # report.json, report.md, loss_*.png, tradeoff.png
     print_report(load_report(Path("runs/demo")))
+
+A run writes its report at every stage end; a plot is drawn again only when what it draws
+changed (each PNG carries a digest of its inputs), so a run of n stages draws each stage's loss
+plot once instead of n times.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -32,7 +37,7 @@ _STAGE_DIR = re.compile(r"^\d{2,}-[\w-]+$")
 
 
 # ----------------------------------------------------------------------------- file IO
-def write_report(run_dir: Path, report: dict) -> None:
+def write_report(run_dir: Path, report: dict, redraw: bool = False) -> None:
     """Write report.json, the plots and report.md into a run directory.
 
     report.json goes first: the machine-readable record must exist even if plotting fails.
@@ -40,6 +45,7 @@ def write_report(run_dir: Path, report: dict) -> None:
     Args:
         run_dir: the run directory (created if missing).
         report: a report following the DESIGN.md schema; may be partially filled.
+        redraw: draw every plot, also those already drawn from the same inputs.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,11 +54,11 @@ def write_report(run_dir: Path, report: dict) -> None:
     report = json.loads(json.dumps(report, default=str), parse_constant=lambda _: None)
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     atomic_write(run_dir / "report.json", text.encode("utf-8"))
-    plots = plot_losses(run_dir, report)
-    tradeoff = plot_tradeoff(run_dir, report)
+    plots = plot_losses(run_dir, report, redraw)
+    tradeoff = plot_tradeoff(run_dir, report, redraw)
     if tradeoff is not None:
         plots.append(tradeoff)
-    adapters = plot_adapters(run_dir, report)
+    adapters = plot_adapters(run_dir, report, redraw)
     if adapters is not None:
         plots.append(adapters)
     markdown = render_markdown(report, plots=[p.name for p in plots])
@@ -321,14 +327,40 @@ def _new_figure(size: tuple[float, float]) -> Any:
     return fig
 
 
-def _save(fig: Any, path: Path) -> Path:
+# Bump when the drawing code changes: plots drawn by an older version are then drawn again.
+_PLOT_VERSION = "1"
+_DIGEST_KEY = "distill-inputs"  # the PNG text chunk holding a plot's input digest
+
+
+def _digest(*inputs: Any) -> str:
+    """sha256 of what a plot draws (JSON-able values or bytes) and of the drawing code's version."""
+    h = hashlib.sha256(_PLOT_VERSION.encode())
+    for item in inputs:
+        if not isinstance(item, bytes):
+            item = json.dumps(item, sort_keys=True, default=str).encode()
+        h.update(len(item).to_bytes(8, "little") + item)
+    return h.hexdigest()
+
+
+def _drawn(path: Path, digest: str) -> bool:
+    """Whether `path` is a PNG this module drew from inputs with this digest."""
+    from PIL import Image  # matplotlib's own dependency; it writes the PNGs
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get(_DIGEST_KEY) == digest
+    except (OSError, SyntaxError, ValueError):  # missing, or not a PNG Pillow can read
+        return False
+
+
+def _save(fig: Any, path: Path, digest: str) -> Path:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={_DIGEST_KEY: digest})
     atomic_write(path, buffer.getvalue())
     return path
 
 
-def _read_log(path: Path) -> tuple[dict[str, list], dict[str, list]]:
+def _read_log(data: bytes) -> tuple[dict[str, list], dict[str, list]]:
     """Train series {name: [(step, value)]} and eval series {metric_name: [(step, value)]}.
 
     Lines that are not JSON objects, lack a step, or hold non-finite values are skipped: a
@@ -336,7 +368,7 @@ def _read_log(path: Path) -> tuple[dict[str, list], dict[str, list]]:
     """
     train: dict[str, list] = {}
     evals: dict[str, list] = {}
-    for _, line in json_lines(path.read_bytes().decode("utf-8", errors="replace")):
+    for _, line in json_lines(data.decode("utf-8", errors="replace")):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
@@ -366,8 +398,10 @@ def _stage_dirs(run_dir: Path, report: dict) -> list[str]:
                   key=lambda n: (int(n.split("-", 1)[0]), n))
 
 
-def plot_losses(run_dir: Path, report: dict) -> list[Path]:
+def plot_losses(run_dir: Path, report: dict, redraw: bool = False) -> list[Path]:
     """One PNG per stage with a log.jsonl: train loss (+ components) and eval metric vs step.
+
+    A stage's PNG drawn from the same log and title is kept unless `redraw`.
 
     Returns:
         The written files, run_dir/loss_<NN>-<kind>.png, in stage order.
@@ -378,8 +412,14 @@ def plot_losses(run_dir: Path, report: dict) -> list[Path]:
         log = run_dir / "stages" / name / "log.jsonl"
         if not log.is_file():
             continue
-        train, evals = _read_log(log)
+        data = log.read_bytes()
+        train, evals = _read_log(data)
         if not train and not evals:
+            continue
+        title = f"{report.get('recipe') or 'run'} — stage {name} training"
+        path, digest = run_dir / f"loss_{name}.png", _digest(title, data)
+        if not redraw and _drawn(path, digest):
+            written.append(path)
             continue
         fig = _new_figure((8, 4.5))
         ax = fig.add_subplot()
@@ -408,13 +448,15 @@ def plot_losses(run_dir: Path, report: dict) -> list[Path]:
         # Below the axes: inside, any spot hides a curve (loss falls while the metric rises).
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5),
                    fontsize="small", frameon=False)
-        ax.set_title(f"{report.get('recipe') or 'run'} — stage {name} training")
-        written.append(_save(fig, run_dir / f"loss_{name}.png"))
+        ax.set_title(title)
+        written.append(_save(fig, path, digest))
     return written
 
 
-def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
+def plot_tradeoff(run_dir: Path, report: dict, redraw: bool = False) -> Path | None:
     """Scatter of metric (y) vs params in millions (x), one labelled point per model.
+
+    A PNG drawn from the same points is kept unless `redraw`.
 
     Returns:
         run_dir/tradeoff.png, or None when no model has both a metric and a parameter count.
@@ -432,6 +474,11 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
     points = [(label, x / 1e6, y) for label, x, y in points if x is not None and y is not None]
     if not points:
         return None
+    title = f"{report.get('recipe') or 'run'} — {names[0]} vs size"
+    base = _num(_dict(_dict(report.get("teacher")).get("metric")).get("value"))
+    path, digest = Path(run_dir) / "tradeoff.png", _digest(title, points, base)
+    if not redraw and _drawn(path, digest):
+        return path
     fig = _new_figure((7, 4.5))
     ax = fig.add_subplot()
     # A faint line in pipeline order shows the path the compression took.
@@ -445,19 +492,20 @@ def plot_tradeoff(run_dir: Path, report: dict) -> Path | None:
     ax.set_xlabel("parameters (millions)")
     better = "lower" if names[0].lower() in ("perplexity", "ppl", "loss") else "higher"
     ax.set_ylabel(f"{names[0]} ({better} is better)")
-    ax.set_title(f"{report.get('recipe') or 'run'} — {names[0]} vs size")
-    base = _num(_dict(_dict(report.get("teacher")).get("metric")).get("value"))
+    ax.set_title(title)
     if base and better == "higher":
         # Retention (metric / teacher's metric) is the same picture on a second scale.
         ret = ax.secondary_yaxis("right", functions=(lambda y: 100 * y / base,
                                                      lambda r: r * base / 100))
         ret.set_ylabel("retention vs teacher (%)")
     ax.grid(alpha=0.3)
-    return _save(fig, Path(run_dir) / "tradeoff.png")
+    return _save(fig, path, digest)
 
 
-def plot_adapters(run_dir: Path, report: dict) -> Path | None:
+def plot_adapters(run_dir: Path, report: dict, redraw: bool = False) -> Path | None:
     """Task metric (y) vs trainable parameters (x, log scale) of each adapter stage.
+
+    A PNG drawn from the same points is kept unless `redraw`.
 
     Returns:
         run_dir/adapters.png, or None when the run has no adapter stage with both numbers.
@@ -472,6 +520,10 @@ def plot_adapters(run_dir: Path, report: dict) -> Path | None:
             metric = _metric_name(m) or metric
     if not points:
         return None
+    title = f"{report.get('recipe') or 'run'} — adapters: quality vs trainable size"
+    path, digest = Path(run_dir) / "adapters.png", _digest(title, points, metric)
+    if not redraw and _drawn(path, digest):
+        return path
     fig = _new_figure((7, 4.5))
     ax = fig.add_subplot()
     for label, x, y in points:
@@ -481,6 +533,6 @@ def plot_adapters(run_dir: Path, report: dict) -> Path | None:
     ax.margins(0.12)
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"{metric} on the adapter task")
-    ax.set_title(f"{report.get('recipe') or 'run'} — adapters: quality vs trainable size")
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, Path(run_dir) / "adapters.png")
+    return _save(fig, path, digest)
