@@ -54,7 +54,10 @@ def main() -> int:
         tested = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True,
                                 capture_output=True, text=True).stdout.strip()
         env = {k: v for k, v in os.environ.items() if k not in ("CI", "VIRTUAL_ENV")}
-        env |= {"PIP_NO_CACHE_DIR": "1", "DISTILL_CACHE": str(Path(tmp) / "cache")}
+        # No cache a new user lacks: pip's, the toolkit's, torch.compile's (/tmp/torchinductor_*
+        # outlives a run: with it warm, a compile test took 6 s instead of 30).
+        env |= {"PIP_NO_CACHE_DIR": "1", "DISTILL_CACHE": str(Path(tmp) / "cache"),
+                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         if args.mode == "ci":
             env["CI"] = "true"
         setup_code, setup_seconds = timed(setup, clone, env, log) if setup else (0, 0.0)
