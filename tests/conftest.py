@@ -27,9 +27,10 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Freeze the objects of the modules imported so far, as `distill run` does (distill/cli.py):
-    the runs of a test process collect garbage at every stage end (accelerate's free_memory),
-    and each collection would walk every module object the test files imported."""
+    """Freeze the objects of the modules imported so far, as the CLI does at set-up
+    (distill/cli.py): the runs of a test process collect garbage at every stage end
+    (accelerate's free_memory), and each collection would walk every module object the test
+    files imported."""
     import gc
 
     gc.freeze()

@@ -90,7 +90,7 @@ def main(recipe_path: str, workdir: str, points: list[int]) -> None:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - a module only its importer can load; the
                 pass           # child then imports it as the reference did
-        gc.freeze()  # as `distill run` does: collections at stage ends skip the modules
+        gc.freeze()  # as the CLI does: collections at stage ends skip the modules
     for n in points:
         run_dir = work / f"kill-{n}" / "run"
         killed = _child(start(run_dir, n, []))
