@@ -1,4 +1,5 @@
-"""Tests of distill.run.report: report.json/report.md, rich tables, loss and trade-off plots."""
+"""Tests of distill.run.report (report.json/report.md, rich tables) and distill.run.plots (loss,
+trade-off and adapter plots)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import pytest
 from rich.console import Console
 
 from distill.errors import DistillError
+from distill.run.plots import plot_losses, plot_tradeoff
 from distill.run.report import (
     load_report,
     models_table,
-    plot_losses,
-    plot_tradeoff,
     print_report,
     render_markdown,
     write_report,
@@ -194,7 +194,7 @@ def test_a_plot_is_drawn_again_only_when_what_it_draws_changed(
         tmp_path: Path, report: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline writes the report at every stage end: unchanged plots are kept (a run of
     n stages would otherwise draw its first stage's loss plot n times)."""
-    import distill.run.report as module
+    import distill.run.plots as module
 
     drawn: list[str] = []
     save = module._save
